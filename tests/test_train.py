@@ -1,0 +1,147 @@
+"""End-to-end training with real DeepSpeed and real processes on CPU (gloo).
+
+Each test trains the `clip-nano` preset on digits shards (real handwritten digits) for a few
+steps. Reference behaviours: an uninterrupted run (for resume), the loss at the start of the
+same run (for ZeRO stages), the previous published checkpoint (for a kill during a save).
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import ROOT, run, torchrun
+from vlp.loading import load_state
+from vlp.train.checkpoint import find_latest, read_meta
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(run_dir, shards, **extra):
+    base = {
+        "run_dir": run_dir, "model.name": "clip-nano", "data.train_shards": f"{shards}/train.json",
+        "data.batch_size": 50, "data.workers": 2, "data.shuffle_buffer": 200, "optim.lr": 3e-3,
+        "optim.warmup_steps": 3, "train.log_every_n_steps": 1, "train.progress_bar": False,
+        "evals.digits.dataset": "digits", "evals.digits.max_samples": 100,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train(run_dir, shards, nproc=1, resume=False, check=True, **extra):
+    args = ["--config", "configs/demo.yaml", *overrides(run_dir, shards, **extra)]
+    if resume:
+        args += ["--resume", "latest"]
+    if nproc == 1:
+        return run([sys.executable, "train.py", *args], check=check)
+    return torchrun(nproc, "train.py", *args, check=check)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def assert_same_weights(a, b, tol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= tol, f"max abs weight difference {worst:.3e}"
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("nproc, zero", [(1, 0), (2, 1)])
+def test_resume_continues_the_same_trajectory(tmp_path, digits_shards_dir, nproc, zero):
+    # 1500 samples: one rank sees an epoch boundary at ~28 steps of 50, two ranks at ~14
+    steps, first = (32, 11) if nproc == 1 else (18, 7)
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(full, digits_shards_dir, nproc, **{"train.steps": steps, "train.zero_stage": zero})
+    train(split, digits_shards_dir, nproc, **{"train.steps": steps, "train.zero_stage": zero,
+                                               "train.stop_after_steps": first})
+    assert read_meta(find_latest(split / "checkpoints"))["step"] == first
+    assert not (split / "model.safetensors").exists()
+    train(split, digits_shards_dir, nproc, resume=True, **{"train.steps": steps, "train.zero_stage": zero})
+    assert read_meta(find_latest(split / "checkpoints"))["epoch"] >= 1  # crossed an epoch boundary
+    assert_same_weights(weights(full), weights(split))
+    assert losses(full) == pytest.approx(losses(split), rel=1e-6)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_two_process_zero_stages_loss_falls(tmp_path, digits_shards_dir, zero):
+    run_dir = tmp_path / f"zero{zero}"
+    train(run_dir, digits_shards_dir, 2, **{"train.steps": 24, "train.zero_stage": zero})
+    ls = losses(run_dir)
+    assert len(ls) == 24
+    assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.3, ls
+    # the consolidated export equals the DeepSpeed checkpoint, consolidated again from its ZeRO shards
+    cfg_a, sd_a = load_state(run_dir)
+    cfg_b, sd_b = load_state(find_latest(run_dir / "checkpoints"))
+    assert cfg_a == cfg_b
+    assert_same_weights(sd_a, sd_b, tol=0.0)
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "killed"
+    args = ["configs/demo.yaml", *overrides(run_dir, digits_shards_dir, **{
+        "train.steps": 6, "train.checkpoint_every_n_steps": 2})]
+    proc = run([sys.executable, str(ROOT / "tests/workers/kill_during_save.py"), *args], check=False)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / ".tmp-step_00000004").is_dir()  # the torn write is there ...
+    latest = find_latest(ckpts)
+    assert latest.name == "step_00000002"  # ... and invisible
+    cfg, sd = load_state(latest)
+    assert sd and all(torch.isfinite(v).all() for v in sd.values())
+    train(run_dir, digits_shards_dir, resume=True, **{"train.steps": 6, "train.checkpoint_every_n_steps": 2})
+    assert read_meta(find_latest(ckpts))["step"] == 6
+    assert not (ckpts / ".tmp-step_00000004").exists()
+
+
+def test_eval_cli_on_trained_run(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "evalrun"
+    train(run_dir, digits_shards_dir, **{"train.steps": 30})
+    proc = run([sys.executable, "-m", "vlp.eval", "zeroshot", "--checkpoint", str(run_dir),
+                "--dataset", "digits", "--output", str(tmp_path / "res.json")])
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert "top-1" in proc.stdout
+    assert res["num_samples"] == 297 and 0.0 <= res["top1"] <= res["top5"] <= 1.0
+    assert res["top1"] > 0.3, res  # 30 steps on digits learn well above the 10% chance level
+    # the checkpoint directory (DeepSpeed format) evaluates the same as the exported weights
+    proc2 = run([sys.executable, "-m", "vlp.eval", "zeroshot", "--checkpoint",
+                 str(find_latest(run_dir / "checkpoints")), "--dataset", "digits"])
+    assert json.loads(proc2.stdout.strip().splitlines()[-1])["top1"] == res["top1"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"data.train_shards": "/nonexistent/shard-{000..003}.tar"}, "/nonexistent/shard-000.tar"),
+    ({"data.train_shards": ""}, "data.train_shards"),
+    ({"optim.learning_rate": 0.1}, "optim.learning_rate"),
+    ({"model.name": "clip-huge"}, "clip-huge"),
+    ({"model.overrides": "{text: {layerz: 2}}"}, "text.layerz"),
+])
+def test_bad_input_fails_fast_with_named_input(tmp_path, digits_shards_dir, extra, needle):
+    proc = train(tmp_path / "bad", digits_shards_dir, check=False, **extra)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "arch"
+    train(run_dir, digits_shards_dir, **{"train.steps": 2})
+    proc = train(run_dir, digits_shards_dir, resume=True, check=False,
+                 **{"train.steps": 4, "model.overrides": "{text: {layers: 3}}"})
+    assert proc.returncode == 2
+    assert "step_00000002" in proc.stderr and "clip-nano" in proc.stderr
+
+
+def test_existing_run_needs_resume(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "again"
+    train(run_dir, digits_shards_dir, **{"train.steps": 2})
+    proc = train(run_dir, digits_shards_dir, check=False, **{"train.steps": 2})
+    assert proc.returncode == 2 and "--resume latest" in proc.stderr

@@ -1,0 +1,50 @@
+"""Run under torchrun: each rank scores its slice of a fixed batch with ClipLoss and saves the
+data-parallel-averaged gradients, to be compared with a one-process full-batch reference."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from vlp.losses import ClipLoss
+
+
+def make_problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x_img = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    x_txt = torch.randn(8, 10, generator=g, dtype=torch.float64)
+    w_img = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    w_txt = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    return x_img, x_txt, w_img, w_txt
+
+
+def loss_and_grads(x_img, x_txt, w_img, w_txt, scale: float = 3.0):
+    w_img = w_img.clone().requires_grad_(True)
+    w_txt = w_txt.clone().requires_grad_(True)
+    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    fi = torch.nn.functional.normalize(x_img @ w_img, dim=-1)
+    ft = torch.nn.functional.normalize(x_txt @ w_txt, dim=-1)
+    loss = ClipLoss()(fi, ft, s)
+    loss.backward()
+    return loss.detach(), w_img.grad, w_txt.grad, s.grad
+
+
+def main() -> None:
+    out, sizes = sys.argv[1], [int(v) for v in sys.argv[2].split(",")]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert len(sizes) == world and sum(sizes) == 8
+    x_img, x_txt, w_img, w_txt = make_problem()
+    lo = sum(sizes[:rank])
+    sl = slice(lo, lo + sizes[rank])
+    loss, g_img, g_txt, g_s = loss_and_grads(x_img[sl], x_txt[sl], w_img, w_txt)
+    for t in (loss, g_img, g_txt, g_s):  # what the data-parallel engine does: average over ranks
+        dist.all_reduce(t)
+        t /= world
+    if rank == 0:
+        torch.save({"loss": loss, "g_img": g_img, "g_txt": g_txt, "g_s": g_s}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

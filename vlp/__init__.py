@@ -1,0 +1,15 @@
+"""vlp: contrastive vision-language pretraining (CLIP and friends) with webdataset and DeepSpeed."""
+
+from vlp.models import create_model, get_model_config, list_models
+
+__version__ = "0.1.0"
+
+
+def load_model(path, device="cpu"):
+    """(model, preprocess config, tokenizer) from a run dir, .safetensors file or checkpoint dir."""
+    from vlp.loading import load_model as _load
+
+    return _load(path, device=device)
+
+
+__all__ = ["create_model", "get_model_config", "list_models", "load_model"]

@@ -1,0 +1,182 @@
+"""One typed config tree for training runs.
+
+YAML presets and dotted command-line overrides are merged onto the dataclasses below with
+OmegaConf in struct mode, so a key that does not exist or a value of the wrong type is refused
+before any work starts, and the error names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key or file."""
+
+
+@dataclass
+class ModelSection:
+    # name of a registered preset (see `vlp.list_models()`)
+    name: str = "clip-tiny"
+    # field overrides applied onto the preset, e.g. {text: {layers: 4}}; validated against the preset
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    # brace-expanded shard list(s): local paths or `pipe:` commands; several joined with "::"
+    train_shards: str = ""
+    # number of samples in the training shards; used for epochs -> steps when set (0 = read manifest)
+    train_num_samples: int = 0
+    batch_size: int = 256  # per rank (micro-batch per GPU)
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    # random resized crop scale range
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    image_key: str = "jpg;png;webp;jpeg"
+    text_key: str = "txt"
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    # final lr as a fraction of the peak lr at the end of the cosine
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EvalEntry:
+    task: str = "zeroshot"
+    dataset: str = "fashion-mnist"
+    split: str = "test"
+    every_n_steps: int = 0  # 0: only at the end of training
+    batch_size: int = 256
+    max_samples: int = 0  # 0: all
+
+
+@dataclass
+class TrainSection:
+    # total optimizer steps; if 0, computed from epochs and data.train_num_samples
+    steps: int = 0
+    epochs: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: int = 0
+    gradient_accumulation_steps: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 0  # 0: only at the end
+    keep_last_n_checkpoints: int = 2
+    # end this invocation after this many optimizer steps (with a checkpoint), e.g. for
+    # time-sliced jobs; resume with --resume latest. 0: run to train.steps
+    stop_after_steps: int = 0
+    compile: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggingSection:
+    wandb: bool = False
+    wandb_project: str = "vlp"
+    wandb_mode: str = "offline"  # online | offline | disabled
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    evals: dict[str, EvalEntry] = field(default_factory=dict)
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    where = f"key '{key}'" if key else "config"
+    return ConfigError(f"{source}: {where}: {msg}")
+
+
+def _schema() -> DictConfig:
+    cfg = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(cfg, True)
+    # open mappings: eval names are the user's; model overrides are checked against the preset
+    OmegaConf.set_struct(cfg.evals, False)
+    OmegaConf.set_struct(cfg.model.overrides, False)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Build the run config: dataclass defaults <- YAML file <- dotted `key=value` overrides."""
+    cfg = _schema()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        except OmegaConfBaseException as e:
+            raise _explain(e, str(path)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override '{item}'") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that types alone cannot express; each error names the key."""
+    def bad(key: str, why: str) -> None:
+        raise ConfigError(f"key '{key}': {why}")
+
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        bad("train.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.data.batch_size <= 0:
+        bad("data.batch_size", "must be positive")
+    if cfg.train.steps < 0 or cfg.train.epochs <= 0 and cfg.train.steps == 0:
+        bad("train.steps", "set train.steps > 0 or train.epochs > 0")
+    if cfg.train.gradient_accumulation_steps < 1:
+        bad("train.gradient_accumulation_steps", "must be >= 1")
+    lo, hi = cfg.data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        bad("data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
+    if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
+        bad("logging.wandb_mode", "must be online, offline or disabled")
+    for name, ev in cfg.evals.items():
+        if ev.task != "zeroshot":
+            bad(f"evals.{name}.task", f"unknown task '{ev.task}' (known: zeroshot)")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_container(d: dict) -> DictConfig:
+    """Re-type a config saved in a checkpoint, refusing keys this version does not know."""
+    cfg = _schema()
+    try:
+        return OmegaConf.merge(cfg, d)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "saved config") from None

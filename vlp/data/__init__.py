@@ -1,0 +1,46 @@
+"""Data: built-in sources, shard building, the deterministic webdataset train loader, transforms.
+
+Names are imported lazily (PEP 562) so that `python -m vlp.data.build` and light users such as
+the caption tables do not pay for importing torch/torchvision up front.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_image_caption_shards": "build",
+    "build_shards": "build",
+    "CLASSNAMES": "captions",
+    "EVAL_TEMPLATES": "captions",
+    "TRAIN_TEMPLATES": "captions",
+    "make_caption": "captions",
+    "DataError": "pipeline",
+    "TrainLoader": "pipeline",
+    "build_train_loader": "pipeline",
+    "expand_shards": "pipeline",
+    "num_samples_from_manifest": "pipeline",
+    "EvalDataset": "sources",
+    "load_digits": "sources",
+    "load_eval_dataset": "sources",
+    "load_fashion_mnist": "sources",
+    "TrainTransform": "transforms",
+    "eval_transform": "transforms",
+    "train_transform": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlp.data' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"vlp.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

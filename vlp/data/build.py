@@ -1,0 +1,282 @@
+"""Write webdataset tar shards (image + caption + class) from built-in sources or your own images.
+
+Shards are first written into a temporary directory next to the output and renamed into place,
+and the JSON manifest is written last; a manifest therefore always describes complete shards, and
+re-running with the same arguments finds it and does nothing.
+
+    python -m vlp.data.build fashion-mnist OUT_DIR [--split train] [--shard-size N] [--format png|jpg]
+    python -m vlp.data.build folder OUT_DIR --images DIR --captions captions.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from vlp.data.captions import make_caption
+from vlp.data.sources import load_source
+
+_PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def encode_image(array: np.ndarray, image_format: str = "png") -> bytes:
+    """uint8 [H, W] or [H, W, 3] array -> PNG or JPEG bytes."""
+    buf = io.BytesIO()
+    img = Image.fromarray(array)
+    if image_format == "png":
+        img.save(buf, format="PNG", compress_level=1)
+    elif image_format == "jpg":
+        img.save(buf, format="JPEG", quality=95)
+    else:
+        raise ValueError(f"unknown image format '{image_format}' (expected png or jpg)")
+    return buf.getvalue()
+
+
+def _shard_pattern(out_dir: Path, split: str, num_shards: int) -> str:
+    last = max(num_shards - 1, 0)
+    return f"{out_dir}/{split}-{{{0:06d}..{last:06d}}}.tar"
+
+
+def _existing_manifest(out_dir: Path, split: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest already on disk if it was made with `params` and all its shards exist."""
+    path = out_dir / f"{split}.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("params") != params:
+        return None
+    if not all(Path(s["url"]).is_file() for s in manifest.get("shards", [])):
+        return None
+    return manifest
+
+
+def _write_shards(
+    samples: Iterable[dict[str, Any]],
+    out_dir: Path,
+    split: str,
+    shard_size: int,
+    total: int | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Write samples with ShardWriter into a temp dir, then rename the shards into out_dir."""
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{split}-tmp-", dir=out_dir))
+    counts: list[int] = []
+    try:
+        # integer mtime: byte-identical shards for identical inputs, and no per-member pax header
+        with wds.ShardWriter(
+            str(tmp_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False, mtime=0
+        ) as writer:
+            for sample in tqdm(samples, total=total, desc=f"shards {split}", unit="img", disable=not progress):
+                if writer.count >= shard_size or not counts:
+                    counts.append(0)
+                writer.write(sample)
+                counts[-1] += 1
+        shards = []
+        for i, n in enumerate(counts):
+            name = f"{split}-{i:06d}.tar"
+            os.replace(tmp_dir / name, out_dir / name)
+            shards.append({"url": str((out_dir / name).resolve()), "num_samples": n})
+        # remove stale shards from an earlier, larger build of this split
+        for stale in out_dir.glob(f"{split}-*.tar"):
+            if stale.name not in {Path(s["url"]).name for s in shards}:
+                stale.unlink()
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return shards
+
+
+def _write_manifest(out_dir: Path, split: str, manifest: dict[str, Any]) -> None:
+    tmp = out_dir / f".{split}.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / f"{split}.json")
+
+
+def _finish(out_dir: Path, split: str, source: str, params: dict, shards: list, extra: dict) -> dict[str, Any]:
+    manifest = {
+        "source": source,
+        "split": split,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "shards": shards,
+        "pattern": _shard_pattern(out_dir.resolve(), split, len(shards)),
+        "params": params,
+        **extra,
+    }
+    _write_manifest(out_dir, split, manifest)
+    return manifest
+
+
+def build_shards(
+    source: str,
+    out_dir: str | Path,
+    split: str = "train",
+    shard_size: int = 10000,
+    seed: int = 0,
+    max_samples: int = 0,
+    image_format: str = "png",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write `source` ('fashion-mnist' | 'digits') as shards `{out_dir}/{split}-NNNNNN.tar`.
+
+    Samples are written in a seeded random order (so each shard mixes all classes) with keys
+    `{source}_{split}_{original index}`, a seeded caption (`txt`) and the class id (`cls`).
+    Returns the manifest, also saved as `{out_dir}/{split}.json`.
+    """
+    out = Path(out_dir)
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"unknown image format '{image_format}' (expected png or jpg)")
+    params = {"shard_size": shard_size, "seed": seed, "max_samples": max_samples, "image_format": image_format}
+    existing = _existing_manifest(out, split, {"source": source, **params})
+    if existing is not None:
+        return existing
+    images, labels = load_source(source, split)
+    n = len(labels) if max_samples <= 0 else min(max_samples, len(labels))
+    order = np.random.RandomState(seed).permutation(len(labels))[:n]
+    rng = random.Random(seed)
+    tag = source.replace("-", "")
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for idx in order:
+            label = int(labels[idx])
+            yield {
+                "__key__": f"{tag}_{split}_{int(idx):06d}",
+                image_format: encode_image(images[idx], image_format),
+                "txt": make_caption(label, rng, source).encode("utf-8"),
+                "cls": str(label).encode("ascii"),
+            }
+
+    shards = _write_shards(samples(), out, split, shard_size, n, progress)
+    return _finish(out, split, source, {"source": source, **params}, shards, {})
+
+
+def read_captions_file(path: str | Path) -> list[tuple[str, str]]:
+    """(file, caption) pairs from a CSV with a `file,caption` header or JSONL with those keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"captions file '{p}' not found")
+    pairs: list[tuple[str, str]] = []
+    if p.suffix in (".jsonl", ".json"):
+        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "file" not in row or "caption" not in row:
+                raise ValueError(f"{p}:{lineno}: JSONL rows need 'file' and 'caption' keys")
+            pairs.append((str(row["file"]), str(row["caption"])))
+        return pairs
+    with p.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+            raise ValueError(f"{p}: CSV needs a header with columns 'file' and 'caption'")
+        for row in reader:
+            pairs.append((row["file"], row["caption"]))
+    return pairs
+
+
+def build_image_caption_shards(
+    folder: str | Path,
+    captions_file: str | Path,
+    out_dir: str | Path,
+    split: str = "train",
+    shard_size: int = 10000,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Shards from your own images: `file` paths are relative to `folder`.
+
+    Image bytes are stored as-is under their real format's extension (jpg/png/webp; others are
+    re-encoded to png). Unreadable or missing images and empty captions are skipped and counted
+    in the manifest's `skipped`.
+    """
+    root, out = Path(folder), Path(out_dir)
+    cap_path = Path(captions_file)
+    params = {"source": "folder", "folder": str(root.resolve()), "captions": str(cap_path.resolve()),
+              "mtime": cap_path.stat().st_mtime if cap_path.exists() else None, "shard_size": shard_size}
+    existing = _existing_manifest(out, split, params)
+    if existing is not None:
+        return existing
+    pairs = read_captions_file(cap_path)
+    skipped = 0
+
+    def samples() -> Iterator[dict[str, Any]]:
+        nonlocal skipped
+        for i, (name, caption) in enumerate(pairs):
+            try:
+                data = (root / name).read_bytes()
+                with Image.open(io.BytesIO(data)) as img:
+                    img.verify()
+                    fmt = img.format
+            except Exception:  # any unreadable file is skipped, never fatal
+                skipped += 1
+                continue
+            if not caption.strip():
+                skipped += 1
+                continue
+            ext = _PIL_FORMAT_EXT.get(fmt or "")
+            if ext is None:  # e.g. BMP/TIFF: re-encode so the loader can read it
+                with Image.open(io.BytesIO(data)) as img:
+                    buf = io.BytesIO()
+                    img.convert("RGB").save(buf, format="PNG")
+                data, ext = buf.getvalue(), "png"
+            yield {"__key__": f"{i:09d}", ext: data, "txt": caption.strip().encode("utf-8")}
+
+    shards = _write_shards(samples(), out, split, shard_size, len(pairs), progress)
+    return _finish(out, split, "folder", params, shards, {"skipped": skipped})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script `vlp-shards`."""
+    ap = argparse.ArgumentParser(prog="vlp-shards", description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", choices=["fashion-mnist", "digits", "folder"])
+    ap.add_argument("out_dir")
+    ap.add_argument("--split", default="train", help="train | test (folder: any name)")
+    ap.add_argument("--shard-size", type=int, default=10000)
+    ap.add_argument("--max-samples", type=int, default=0, help="0 = all")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", dest="image_format", choices=["png", "jpg"], default="png")
+    ap.add_argument("--images", help="folder source: image directory")
+    ap.add_argument("--captions", help="folder source: CSV (file,caption) or JSONL")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.source == "folder":
+            if not args.images or not args.captions:
+                ap.error("the folder source needs --images and --captions")
+            manifest = build_image_caption_shards(
+                args.images, args.captions, args.out_dir, split=args.split,
+                shard_size=args.shard_size, progress=not args.no_progress,
+            )
+        else:
+            manifest = build_shards(
+                args.source, args.out_dir, split=args.split, shard_size=args.shard_size, seed=args.seed,
+                max_samples=args.max_samples, image_format=args.image_format, progress=not args.no_progress,
+            )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlp-shards: error: {e}", file=sys.stderr)
+        return 2
+    extra = f", {manifest['skipped']} skipped" if manifest.get("skipped") else ""
+    print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards{extra}: {manifest['pattern']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Typed model configs. A checkpoint stores `asdict(CLIPConfig)`, so it can rebuild its model alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class PreprocessConfig:
+    """What an image must look like on the way in; saved beside every checkpoint."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"  # bicubic | bilinear
+    resize_mode: str = "shortest"  # shortest side to image_size, then center crop
+
+
+@dataclass
+class VisionTowerConfig:
+    """A timm image model by name, created with no pretrained weights and no classifier head."""
+
+    timm_model: str = "vit_base_patch32_clip_224"
+    # extra keyword arguments for timm.create_model (patch_size, embed_dim, depth, num_heads, ...)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextTowerConfig:
+    """Causal transformer over BPE tokens, pooled at the end-of-text token."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    eot_token_id: int = 49407
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+
+
+def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass `obj` with (nested) `overrides` applied.
+
+    Unknown keys raise ValueError naming the dotted key, so a typo never passes silently.
+    Dict-valued fields (e.g. timm_kwargs) are merged key by key.
+    """
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ValueError(
+                f"unknown model config key '{dotted}' (known: {', '.join(sorted(known))})"
+            )
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"model config key '{dotted}' expects a mapping, got {type(value).__name__}")
+            changes[key] = apply_overrides(current, value, prefix=f"{dotted}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            changes[key] = {**current, **value}
+        elif isinstance(current, tuple):
+            changes[key] = tuple(value)
+        else:
+            changes[key] = value
+    return replace(obj, **changes)
+
+
+def config_to_dict(cfg: CLIPConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
+    """Inverse of `config_to_dict`; unknown keys are refused by `apply_overrides`."""
+    return apply_overrides(CLIPConfig(), d)

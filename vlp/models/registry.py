@@ -1,0 +1,144 @@
+"""Named model presets. Each preset is a small function returning a fresh CLIPConfig."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vlp.models.clip import CLIP
+from vlp.models.config import (
+    CLIPConfig,
+    PreprocessConfig,
+    TextTowerConfig,
+    VisionTowerConfig,
+    apply_overrides,
+)
+
+ConfigFn = Callable[[], CLIPConfig]
+_REGISTRY: dict[str, ConfigFn] = {}
+
+FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
+FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
+# sklearn 8x8 digits scaled to [0, 1]
+DIGITS_MEAN = (0.3053, 0.3053, 0.3053)
+DIGITS_STD = (0.3760, 0.3760, 0.3760)
+
+
+def register_model(name: str) -> Callable[[ConfigFn], ConfigFn]:
+    """Decorator registering a function that returns a CLIPConfig under `name`."""
+
+    def deco(fn: ConfigFn) -> ConfigFn:
+        if name in _REGISTRY:
+            raise ValueError(f"model preset '{name}' is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
+    """Preset config with nested `overrides` applied (unknown keys raise ValueError naming the key)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model '{name}'; known models: {', '.join(list_models())}")
+    cfg = _REGISTRY[name]()
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def create_model(name: str, **overrides: Any) -> CLIP:
+    """Build a randomly initialised CLIP from a preset name (+ overrides)."""
+    return CLIP(get_model_config(name, **overrides))
+
+
+def _vit_text(width: int, heads: int, layers: int = 12) -> TextTowerConfig:
+    return TextTowerConfig(context_length=77, vocab_size=49408, width=width, heads=heads, layers=layers)
+
+
+# ---- tiny presets for CPU demos and tests ---------------------------------------------------------
+
+
+@register_model("clip-nano")
+def clip_nano() -> CLIPConfig:
+    """Seconds-fast model for unit tests: 8x8 digits upsampled to 16 px."""
+    return CLIPConfig(
+        embed_dim=64,
+        vision=VisionTowerConfig(
+            timm_model="vit_base_patch32_clip_224",
+            timm_kwargs=dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2),
+        ),
+        text=TextTowerConfig(context_length=16, width=64, heads=2, layers=2),
+        preprocess=PreprocessConfig(
+            image_size=16, mean=DIGITS_MEAN, std=DIGITS_STD, interpolation="bilinear"
+        ),
+    )
+
+
+@register_model("clip-tiny")
+def clip_tiny() -> CLIPConfig:
+    """CPU demo on 28x28 Fashion-MNIST (gray repeated to RGB): 49 patches of 4 px, ~3M tower params."""
+    return CLIPConfig(
+        embed_dim=128,
+        vision=VisionTowerConfig(
+            timm_model="vit_base_patch32_clip_224",
+            timm_kwargs=dict(img_size=28, patch_size=4, embed_dim=192, depth=4, num_heads=3),
+        ),
+        text=TextTowerConfig(context_length=32, width=128, heads=4, layers=3),
+        preprocess=PreprocessConfig(
+            image_size=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, interpolation="bilinear"
+        ),
+    )
+
+
+# ---- open_clip-equivalent architectures (GELU, OpenAI mean/std, bicubic 224) ----------------------
+
+
+@register_model("ViT-B-32")
+def vit_b_32() -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=512,
+        vision=VisionTowerConfig(
+            "vit_base_patch32_clip_224",
+            dict(img_size=224, patch_size=32, embed_dim=768, depth=12, num_heads=12),
+        ),
+        text=_vit_text(width=512, heads=8),
+    )
+
+
+@register_model("ViT-B-16")
+def vit_b_16() -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=512,
+        vision=VisionTowerConfig(
+            "vit_base_patch16_clip_224",
+            dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+        ),
+        text=_vit_text(width=512, heads=8),
+    )
+
+
+@register_model("ViT-L-14")
+def vit_l_14() -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=768,
+        vision=VisionTowerConfig(
+            "vit_large_patch14_clip_224",
+            dict(img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16),
+        ),
+        text=_vit_text(width=768, heads=12),
+    )
+
+
+# ---- CNN image tower example ----------------------------------------------------------------------
+
+
+@register_model("convnext-tiny-clip")
+def convnext_tiny_clip() -> CLIPConfig:
+    """timm ConvNeXt-T (pooled + head norm, 768-d) with a ViT-B-32-sized text tower."""
+    return CLIPConfig(
+        embed_dim=512,
+        vision=VisionTowerConfig("convnext_tiny", {}),
+        text=_vit_text(width=512, heads=8),
+    )

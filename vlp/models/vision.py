@@ -1,0 +1,52 @@
+"""Image tower: any timm model by name, used as a pooled-feature extractor.
+
+Keeping the timm model intact (as `.trunk`) means every timm architecture works unchanged and
+its own helpers (forward_features, forward_intermediates, grad checkpointing) stay reachable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from vlp.models.config import VisionTowerConfig
+
+
+class VisionTower(nn.Module):
+    """timm model with no classifier head; `forward` returns pooled features `[B, num_features]`."""
+
+    def __init__(self, cfg: VisionTowerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        # num_classes=0 makes timm return pre-logits pooled features (ViT: class token after the
+        # final norm; ConvNeXt: pooled + head norm), which is exactly what a CLIP projection needs.
+        self.trunk: nn.Module = timm.create_model(
+            cfg.timm_model, pretrained=False, num_classes=0, **cfg.timm_kwargs
+        )
+        num_features = getattr(self.trunk, "num_features", None)
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"timm model '{cfg.timm_model}' does not expose an integer num_features")
+        self.num_features: int = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Unpooled trunk output (tokens for ViTs, a feature map for CNNs)."""
+        return self.trunk.forward_features(images)
+
+    def forward_intermediates(self, images: torch.Tensor, **kwargs: Any) -> Any:
+        """Pass-through to timm's `forward_intermediates` (layer outputs for probing / dense tasks)."""
+        fn = getattr(self.trunk, "forward_intermediates", None)
+        if fn is None:
+            raise NotImplementedError(f"{type(self.trunk).__name__} has no forward_intermediates")
+        return fn(images, **kwargs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        fn = getattr(self.trunk, "set_grad_checkpointing", None)
+        if fn is None:
+            raise NotImplementedError(f"{type(self.trunk).__name__} does not support grad checkpointing")
+        fn(enable)

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine glue, task module, checkpoints, trainer loop."""

@@ -1,0 +1,165 @@
+"""Resumable DeepSpeed checkpoints with atomic publication, and the final safetensors export.
+
+A checkpoint is written into `checkpoints/.tmp-<tag>/` and renamed to `checkpoints/<tag>/`
+only when every rank has finished; `checkpoints/latest` is then replaced atomically. A kill
+at any moment leaves the previous checkpoint and `latest` intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from vlp.models.config import CLIPConfig, config_to_dict
+
+from .engine import barrier
+
+META = "meta.json"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names it and why."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain values, so they load with weights_only=True."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": (version, torch.tensor(words, dtype=torch.int64), gauss),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls. Returns the published checkpoint directory."""
+    root = Path(root)
+    tag = tag_for(step)
+    tmp_tag = f".tmp-{tag}"
+    tmp_dir, final_dir = root / tmp_tag, root / tag
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # debris of an earlier killed save
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"vlp_step": step}, save_latest=False)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp_dir / f"rng_rank{_rank():05d}.pt")
+    if _rank() == 0:
+        atomic_write_bytes(tmp_dir / META, json.dumps({**meta, "step": step}, indent=1).encode())
+    barrier()
+    if _rank() == 0:
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
+        atomic_write_bytes(root / LATEST, tag.encode())
+        _prune(root, keep_last)
+    barrier()
+    return final_dir
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None if there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / META).is_file():
+            return cand
+    done = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+    return done[-1] if done else None
+
+
+def read_meta(ckpt_dir: Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / META
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' has no {META}: not a complete vlp checkpoint")
+    return json.loads(path.read_text())
+
+
+def check_compatible(ckpt_dir: Path, model_cfg: CLIPConfig, model_name: str) -> dict[str, Any]:
+    """Refuse, before any expensive work, a checkpoint written for another model."""
+    meta = read_meta(ckpt_dir)
+    if meta.get("model_config") != json.loads(json.dumps(config_to_dict(model_cfg))):
+        raise CheckpointError(
+            f"checkpoint '{ckpt_dir}' was written for model '{meta.get('model_name')}' with a different "
+            f"architecture than the configured model '{model_name}'; resume with the same model config"
+        )
+    return meta
+
+
+def load_checkpoint(engine, ckpt_dir: Path) -> int:
+    """Collective: restores weights, optimizer, schedule and this rank's RNG. Returns the step."""
+    ckpt_dir = Path(ckpt_dir)
+    _, client = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    if client is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint '{ckpt_dir}'")
+    rng_file = ckpt_dir / f"rng_rank{_rank():05d}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh streams then
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return int(client["vlp_step"])
+
+
+def export_weights(state_dict: dict[str, torch.Tensor], model_cfg: CLIPConfig, model_name: str, out_dir: Path) -> Path:
+    """Write model.safetensors + model_config.json + preprocess.json atomically (rank 0)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = config_to_dict(model_cfg)
+    meta = {"format": "vlp", "model_name": model_name, "model_config": json.dumps(cfg_dict)}
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    path = out_dir / "model.safetensors"
+    tmp = out_dir / f".model.safetensors.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    doc = {"model_name": model_name, **cfg_dict}
+    atomic_write_bytes(out_dir / "model_config.json", json.dumps(doc, indent=1).encode())
+    atomic_write_bytes(out_dir / "preprocess.json", json.dumps(cfg_dict["preprocess"], indent=1).encode())
+    return path

@@ -1,0 +1,39 @@
+"""Command line of `train.py` / `vlp-train`: --config, --resume and dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Pretrain a vision-language model. Launch with torchrun for several processes.",
+        epilog="example: torchrun --nproc_per_node=8 train.py --config configs/clip_vit_b16.yaml "
+               "data.train_shards='/data/laion/{000000..041455}.tar' optim.lr=5e-4",
+    )
+    parser.add_argument("--config", help="YAML preset (see configs/)")
+    parser.add_argument("--resume", help="'latest' (the run dir's newest checkpoint, if any) or a checkpoint directory")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+    args = parser.parse_args(argv)
+
+    from vlp.config import ConfigError, load_config
+    from vlp.data.pipeline import DataError
+    from vlp.train.checkpoint import CheckpointError
+    from vlp.train.trainer import TrainError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from vlp.train.trainer import Trainer
+
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError, TrainError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""All process-group and DeepSpeed glue lives here.
+
+`python train.py` alone is a one-process group (gloo on CPU); under torchrun the environment
+variables torchrun sets are used as they are. NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group; safe to call twice."""
+    if "RANK" not in os.environ:  # plain `python train.py`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` holds on every rank (keeps ranks in lockstep at epoch ends)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
+    t, o = cfg.train, cfg.optim
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        # our optimizer is torch's AdamW with param groups; DeepSpeed's ZeRO wraps it
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return ds
+
+
+def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str]) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases, embeddings and the logit scale."""
+    decay, plain = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if name in no_decay or p.ndim < 2 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1, then cosine down to `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_engine(task: nn.Module, cfg: DictConfig, total_steps: int, no_decay: set[str]):
+    """deepspeed.initialize on the task module with our optimizer and schedule."""
+    import deepspeed
+
+    o = cfg.optim
+    groups = param_groups(task, o.weight_decay, no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, o.warmup_steps, total_steps, o.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=task, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+    )
+    return engine
+
+
+def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """fp32 copy of `module`'s full weights on rank 0 (None elsewhere); all ranks must call.
+
+    Under ZeRO-3 the partitions are gathered; under bf16/fp16 the fp32 master weights are
+    taken from the optimizer so no precision is lost.
+    """
+    import deepspeed
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    stage = engine.zero_optimization_stage()
+    params = list(module.parameters())
+    out: dict[str, torch.Tensor] | None = None
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if rank == 0:
+                out = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    elif rank == 0:
+        out = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return out

@@ -1,0 +1,25 @@
+"""The module handed to deepspeed.initialize: model + loss, returning {"loss": ..., **metrics}."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlp.losses import ClipLoss
+
+
+class CLIPTask(nn.Module):
+    """Wraps a CLIP model and its contrastive loss; the model itself stays free of distributed code."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss if loss is not None else ClipLoss()
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(image, text)
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{n}" for n in self.model.no_weight_decay()}

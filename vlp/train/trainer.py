@@ -1,0 +1,248 @@
+"""The training loop: config -> model, data, engine -> steps, checkpoints, evals -> export.
+
+Everything that can be checked cheaply (config, shard paths, step budget, a resumed
+checkpoint's model) is checked in `Trainer.__init__` before DeepSpeed starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from vlp.config import to_container, to_yaml
+from vlp.data.pipeline import build_train_loader, expand_shards, num_samples_from_manifest
+from vlp.data.tokenizer import get_tokenizer
+from vlp.models import create_model, get_model_config
+from vlp.models.config import config_to_dict
+
+from . import checkpoint as ckpt
+from .engine import DistInfo, all_ranks_true, barrier, build_engine, full_state_dict, init_distributed
+from .logger import MetricsLogger
+from .task import CLIPTask
+
+
+class TrainError(ValueError):
+    """A run that cannot start as configured; the message names the input and the problem."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_total_steps(cfg: DictConfig, world_size: int, shards: str) -> int:
+    if cfg.train.steps > 0:
+        return int(cfg.train.steps)
+    n = cfg.data.train_num_samples or num_samples_from_manifest(shards)
+    if not n:
+        raise TrainError(
+            f"cannot turn train.epochs={cfg.train.epochs} into steps: the number of samples in "
+            f"'{shards}' is unknown; set train.steps or data.train_num_samples"
+        )
+    per_step = cfg.data.batch_size * world_size * cfg.train.gradient_accumulation_steps
+    return max(1, math.floor(cfg.train.epochs * n / per_step))
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed()
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # -- cheap checks first: nothing below starts workers or allocates the optimizer
+        overrides = to_container(cfg)["model"]["overrides"]
+        try:
+            self.model_cfg = get_model_config(cfg.model.name, **overrides)
+        except ValueError as e:
+            raise TrainError(f"model: {e}") from None
+        if not cfg.data.train_shards:
+            raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
+        expand_shards(cfg.data.train_shards)  # raises DataError naming a missing path
+        self.total_steps = resolve_total_steps(cfg, self.dist.world_size, cfg.data.train_shards)
+        self.resume_dir = self._resolve_resume(resume)
+        if self.resume_dir is not None:
+            ckpt.check_compatible(self.resume_dir, self.model_cfg, cfg.model.name)
+        # -- build
+        seed_everything(cfg.train.seed)  # same init on every rank
+        self.model = create_model(cfg.model.name, **overrides)
+        self.tokenizer = get_tokenizer(self.model_cfg.text)
+        self.task = CLIPTask(self.model)
+        self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
+        seed_everything(cfg.train.seed + 1000 * self.dist.rank)
+        self.step, self.epoch, self.in_epoch = 0, 0, 0
+        if self.resume_dir is not None:
+            self.step = ckpt.load_checkpoint(self.engine, self.resume_dir)
+            meta = ckpt.read_meta(self.resume_dir)
+            self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step, self.dist.is_main)
+        if self.resume_dir is not None:
+            self.log.write(f"resumed from {self.resume_dir} at step {self.step}")
+
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        if resume is None:
+            if ckpt.find_latest(self.ckpt_root) is not None:
+                raise TrainError(
+                    f"run directory '{self.run_dir}' already holds checkpoints; pass --resume latest "
+                    "to continue it or choose another run_dir"
+                )
+            return None
+        if resume == "latest":
+            return ckpt.find_latest(self.ckpt_root)  # None: nothing yet, start fresh
+        path = Path(resume)
+        if not (path / ckpt.META).is_file():
+            raise TrainError(f"--resume '{resume}' is not a vlp checkpoint directory (no {ckpt.META})")
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.dist
+        gas = cfg.train.gradient_accumulation_steps
+        global_batch = cfg.data.batch_size * d.world_size * gas
+        micro = 0
+        skipped: dict[int, int] = {}
+        window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+        results: dict[str, Any] = {}
+        stop_at = self.total_steps
+        if cfg.train.stop_after_steps > 0:
+            stop_at = min(self.total_steps, self.step + cfg.train.stop_after_steps)
+        while self.step < stop_at:
+            loader = build_train_loader(
+                cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess,
+                rank=d.rank, world_size=d.world_size, epoch=self.epoch, seed=cfg.train.seed,
+                skip_batches=self.in_epoch,
+            )
+            it = iter(loader)
+            fresh_epoch, got_any = self.in_epoch == 0, False
+            while self.step < stop_at:
+                t_wait = time.perf_counter()
+                batch = next(it, None)
+                if not all_ranks_true(batch is not None, d.device):
+                    break
+                got_any = True
+                window["wait"] += time.perf_counter() - t_wait
+                skipped[batch.get("worker", 0)] = int(batch.get("skipped", 0))
+                out = self.engine(batch["image"].to(d.device, non_blocking=True),
+                                  batch["text"].to(d.device, non_blocking=True))
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                self.in_epoch += 1
+                micro += 1
+                window["loss"] += float(out["loss"].detach())
+                window["n"] += 1
+                if micro % gas:
+                    continue
+                self.step += 1
+                window["steps"] += 1
+                self.log.advance()
+                if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
+                    self._log_window(window, global_batch, float(out["logit_scale"]), skipped)
+                if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
+                    self.save()
+                results.update(self._scheduled_evals(final=False))
+            else:
+                break
+            del it, loader
+            if fresh_epoch and not got_any:
+                raise TrainError(f"epoch {self.epoch} produced no batch on some rank: '{cfg.data.train_shards}' "
+                                 f"has too few samples for batch_size={cfg.data.batch_size} x {d.world_size} ranks")
+            self.epoch, self.in_epoch = self.epoch + 1, 0
+        latest = ckpt.find_latest(self.ckpt_root)
+        if latest is None or ckpt.read_meta(latest)["step"] != self.step:
+            self.save()
+        if self.step < self.total_steps:
+            self.log.write(f"stopped at step {self.step} of {self.total_steps}; continue with --resume latest")
+            self.log.close()
+            return results
+        self.export()
+        results.update(self._scheduled_evals(final=True))
+        self.log.close()
+        return results
+
+    def _log_window(self, w: dict[str, Any], global_batch: int, logit_scale: float, skipped: dict[int, int]) -> None:
+        d = self.dist
+        stats = torch.tensor([w["loss"], w["n"], sum(skipped.values())], dtype=torch.float64)
+        if dist.is_initialized() and d.world_size > 1:
+            dist.all_reduce(stats)
+        elapsed = time.perf_counter() - w["t0"]
+        metrics = {
+            "loss": stats[0].item() / max(1.0, stats[1].item()),
+            "lr": self.engine.get_lr()[0],
+            "logit_scale": logit_scale,
+            "samples_per_s": w["steps"] * global_batch / max(elapsed, 1e-9),
+            "data_wait_frac": w["wait"] / max(elapsed, 1e-9),
+            "epoch": self.epoch,
+            "skipped_samples": int(stats[2].item()),
+        }
+        self.log.log(self.step, metrics, show={
+            "loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}",
+            "samples/s": f"{metrics['samples_per_s']:.0f}",
+        })
+        w.update(loss=0.0, n=0, t0=time.perf_counter(), wait=0.0, steps=0)
+
+    def _scheduled_evals(self, final: bool) -> dict[str, Any]:
+        from vlp.eval.zeroshot import run_zeroshot
+
+        out: dict[str, Any] = {}
+        for name, ev in self.cfg.evals.items():
+            due = final or (ev.every_n_steps and self.step % ev.every_n_steps == 0)
+            if not due:
+                continue
+            self.model.eval()
+            res = run_zeroshot(self.engine.module.model, self.tokenizer, ev.dataset, split=ev.split,
+                               batch_size=ev.batch_size, max_samples=ev.max_samples,
+                               device=self.dist.device, preprocess=self.model_cfg.preprocess)
+            self.model.train()
+            metrics = {f"eval/{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
+            self.log.log(self.step, metrics)
+            self.log.write(f"[step {self.step}] eval {name} ({ev.dataset}): "
+                           + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
+            out[name] = res
+        return out
+
+    # ------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "model_name": self.cfg.model.name,
+            "model_config": json.loads(json.dumps(config_to_dict(self.model_cfg))),
+            "run_config": to_container(self.cfg),
+            "epoch": self.epoch,
+            "batches_in_epoch": self.in_epoch,
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._meta(),
+                                    self.cfg.train.keep_last_n_checkpoints)
+        self.log.write(f"checkpoint: {path}")
+        return path
+
+    def export(self) -> None:
+        """Consolidated fp32 weights of the model (not the task) beside its config, on rank 0."""
+        if self.cfg.train.precision == "fp32":
+            sd = full_state_dict(self.engine, self.engine.module.model)
+        else:  # low-precision params: take the fp32 master weights from the last checkpoint
+            barrier()
+            sd = None
+            if self.dist.is_main:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+                latest = ckpt.find_latest(self.ckpt_root)
+                full = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_root), tag=latest.name)
+                sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+        if self.dist.is_main:
+            path = ckpt.export_weights(sd, self.model_cfg, self.cfg.model.name, self.run_dir)
+            self.log.write(f"weights: {path}")
+        barrier()
