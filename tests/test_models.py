@@ -156,7 +156,9 @@ def test_forward_convnext() -> None:
     assert fmap.shape == (2, 768, 2, 2)
 
 
-def test_vit_tower_is_clip_layout(nano: CLIP) -> None:
+def test_vit_tower_is_clip_layout() -> None:
+    # the small presets mean-pool; the CLIP layout (class-token pooling) is the ViT-B/L one
+    nano = create_model("clip-nano", vision={"timm_kwargs": {"global_pool": "token", "class_token": True}})
     trunk = nano.visual.trunk
     assert trunk.patch_embed.proj.bias is None  # CLIP's conv1 has no bias
     assert isinstance(trunk.norm_pre, nn.LayerNorm) and trunk.norm_pre.eps == 1e-5
@@ -217,9 +219,10 @@ def test_no_weight_decay(nano: CLIP) -> None:
         "text.token_embedding.weight",
         "text.positional_embedding",
         "visual.trunk.pos_embed",
-        "visual.trunk.cls_token",
     ):
         assert name in nwd
+    with_cls = create_model("clip-nano", vision={"timm_kwargs": {"global_pool": "token", "class_token": True}})
+    assert "visual.trunk.cls_token" in with_cls.no_weight_decay()
     for name in ("image_proj.weight", "text_proj.weight", "text.blocks.0.attn.qkv.weight"):
         assert name not in nwd
 

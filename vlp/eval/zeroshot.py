@@ -72,27 +72,34 @@ def _world() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate_zeroshot(model: nn.Module, tokenizer, data: EvalDataset, pre: PreprocessConfig,
-                      batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+def zeroshot_predictions(model: nn.Module, tokenizer, data: EvalDataset, pre: PreprocessConfig,
+                         batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N, num_classes] cosine logits for every image of `data`, in order, on every rank."""
     rank, world = _world()
     was_training = model.training
     model.eval()
     classifier = build_classifier(model, tokenizer, data.classnames, data.templates, device)
     n = len(data)
-    # every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively)
+    # contiguous slices per rank; every rank runs the same number of forward passes because
+    # ZeRO-3 gathers weights collectively
     per_rank = -(-n // world)
     mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
-    steps = -(-per_rank // batch_size)
     logits = zeroshot_logits(model, classifier, data, pre, mine, batch_size, device)
-    for _ in range(steps - -(-len(mine) // batch_size)):  # idle ranks keep step with the others
+    for _ in range(-(-per_rank // batch_size) - -(-len(mine) // batch_size)):
         zeroshot_logits(model, classifier, data, pre, [0], 1, device)
     if world > 1:
         parts: list = [None] * world
         dist.all_gather_object(parts, logits.cpu())
         logits = torch.cat(parts)
     model.train(was_training)
-    labels = torch.as_tensor(data.labels[:n], dtype=torch.long)
-    return classification_metrics(logits.cpu(), labels, len(data.classnames))
+    return logits.cpu()
+
+
+def evaluate_zeroshot(model: nn.Module, tokenizer, data: EvalDataset, pre: PreprocessConfig,
+                      batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
+    logits = zeroshot_predictions(model, tokenizer, data, pre, batch_size, device)
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    return classification_metrics(logits, labels, len(data.classnames))
 
 
 _DATASETS: dict[tuple[str, str, int], EvalDataset] = {}
