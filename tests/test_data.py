@@ -264,3 +264,12 @@ def test_real_tokenizer_batch(digits_shards_dir: Path) -> None:
     bs = list(loader)
     assert len(bs) == 4 and bs[0]["text"].shape == (25, 77) and bs[0]["text"].dtype == torch.long
     assert loader.num_samples is None  # a bare tar path has no manifest
+
+
+def test_pipe_shards_stream_the_same_samples(digits_shards_dir: Path) -> None:
+    local = f"{digits_shards_dir}/train-{{000000..000007}}.tar"
+    piped = f"pipe:cat {digits_shards_dir}/train-{{000000..000007}}.tar"
+    a, b = batches(local, batch_size=50), batches(piped, batch_size=50)
+    assert len(a) == len(b) == 1500 // 50
+    assert keys(a) == keys(b)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))

@@ -6,6 +6,7 @@ same run (for ZeRO stages), the previous published checkpoint (for a kill during
 """
 
 import json
+import math
 import sys
 
 import pytest
@@ -17,21 +18,17 @@ from vlp.loading import load_state
 from vlp.train.checkpoint import find_latest, read_meta
 
 pytestmark = pytest.mark.slow
+CONFIG = "tests/configs/digits_nano.yaml"
 
 
 def overrides(run_dir, shards, **extra):
-    base = {
-        "run_dir": run_dir, "model.name": "clip-nano", "data.train_shards": f"{shards}/train.json",
-        "data.batch_size": 50, "data.workers": 2, "data.shuffle_buffer": 200, "optim.lr": 3e-3,
-        "optim.warmup_steps": 3, "train.log_every_n_steps": 1, "train.progress_bar": False,
-        "evals.digits.dataset": "digits", "evals.digits.max_samples": 100,
-    }
+    base = {"run_dir": run_dir, "data.train_shards": f"{shards}/train.json"}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def train(run_dir, shards, nproc=1, resume=False, check=True, **extra):
-    args = ["--config", "configs/demo.yaml", *overrides(run_dir, shards, **extra)]
+    args = ["--config", CONFIG, *overrides(run_dir, shards, **extra)]
     if resume:
         args += ["--resume", "latest"]
     if nproc == 1:
@@ -73,10 +70,12 @@ def test_resume_continues_the_same_trajectory(tmp_path, digits_shards_dir, nproc
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_two_process_zero_stages_loss_falls(tmp_path, digits_shards_dir, zero):
     run_dir = tmp_path / f"zero{zero}"
-    train(run_dir, digits_shards_dir, 2, **{"train.steps": 24, "train.zero_stage": zero})
+    train(run_dir, digits_shards_dir, 2, **{"train.steps": 48, "train.zero_stage": zero})
     ls = losses(run_dir)
-    assert len(ls) == 24
-    assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.3, ls
+    assert len(ls) == 48
+    start, end = sum(ls[:4]) / 4, sum(ls[-8:]) / 8
+    # falls, and ends below chance (ln of the global batch of 2 x 50): the pairs are being matched
+    assert end < start - 0.3 and end < math.log(100) - 0.05, ls
     # the consolidated export equals the DeepSpeed checkpoint, consolidated again from its ZeRO shards
     cfg_a, sd_a = load_state(run_dir)
     cfg_b, sd_b = load_state(find_latest(run_dir / "checkpoints"))
@@ -86,7 +85,7 @@ def test_two_process_zero_stages_loss_falls(tmp_path, digits_shards_dir, zero):
 
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path, digits_shards_dir):
     run_dir = tmp_path / "killed"
-    args = ["configs/demo.yaml", *overrides(run_dir, digits_shards_dir, **{
+    args = [CONFIG, *overrides(run_dir, digits_shards_dir, **{
         "train.steps": 6, "train.checkpoint_every_n_steps": 2})]
     proc = run([sys.executable, str(ROOT / "tests/workers/kill_during_save.py"), *args], check=False)
     assert proc.returncode == 17, proc.stderr[-3000:]
@@ -103,13 +102,17 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, digits_shards_dir
 
 def test_eval_cli_on_trained_run(tmp_path, digits_shards_dir):
     run_dir = tmp_path / "evalrun"
-    train(run_dir, digits_shards_dir, **{"train.steps": 30})
+    train(run_dir, digits_shards_dir, **{"train.steps": 30, "evals.digits.max_samples": 0})
     proc = run([sys.executable, "-m", "vlp.eval", "zeroshot", "--checkpoint", str(run_dir),
                 "--dataset", "digits", "--output", str(tmp_path / "res.json")])
     res = json.loads((tmp_path / "res.json").read_text())
     assert "top-1" in proc.stdout
     assert res["num_samples"] == 297 and 0.0 <= res["top1"] <= res["top5"] <= 1.0
-    assert res["top1"] > 0.3, res  # 30 steps on digits learn well above the 10% chance level
+    # the exported weights, loaded in a new process, score exactly what the live model scored
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    live = [r for r in rows if "eval/digits/top1" in r][-1]
+    assert live["eval/digits/top1"] == pytest.approx(res["top1"], abs=1e-9)
+    assert live["eval/digits/top5"] == pytest.approx(res["top5"], abs=1e-9)
     # the checkpoint directory (DeepSpeed format) evaluates the same as the exported weights
     proc2 = run([sys.executable, "-m", "vlp.eval", "zeroshot", "--checkpoint",
                  str(find_latest(run_dir / "checkpoints")), "--dataset", "digits"])
@@ -145,3 +148,11 @@ def test_existing_run_needs_resume(tmp_path, digits_shards_dir):
     train(run_dir, digits_shards_dir, **{"train.steps": 2})
     proc = train(run_dir, digits_shards_dir, check=False, **{"train.steps": 2})
     assert proc.returncode == 2 and "--resume latest" in proc.stderr
+
+
+def test_wandb_offline_logging_without_network(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "wb"
+    train(run_dir, digits_shards_dir, **{"train.steps": 3, "logging.wandb": True, "logging.wandb_mode": "offline"})
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline_runs, "wandb wrote no offline run"
+    assert any(offline_runs[0].glob("*.wandb"))

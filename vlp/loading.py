@@ -40,12 +40,22 @@ def _from_safetensors(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
 
 
 def _from_deepspeed(ckpt_dir: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     meta = json.loads((ckpt_dir / "meta.json").read_text())
     cfg = config_from_dict(meta["model_config"])
-    full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-    sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    files = sorted(ckpt_dir.glob("*mp_rank_00_model_states.pt"))  # ZeRO-3 prefixes zero_pp_rank_N_
+    if not files:
+        raise LoadError(f"DeepSpeed checkpoint '{ckpt_dir}' has no model states file")
+    states = torch.load(files[0], map_location="cpu", weights_only=True)
+    ds = states.get("ds_config") or {}
+    plain = ds.get("zero_optimization", {}).get("stage", 0) == 0 and not any(
+        ds.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+    if plain:  # no ZeRO, fp32: the module state is the full model
+        full = states["module"]
+    else:  # partitioned or low-precision params: fp32 master weights from the optimizer shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    sd = {k[len("model."):]: v.float() for k, v in full.items() if k.startswith("model.")}
     return cfg, sd
 
 

@@ -92,9 +92,7 @@ def expand_shards(spec: str) -> list[str]:
         manifest = _manifest_path(part)
         if manifest is not None:
             urls.extend(_manifest_urls(manifest))
-        elif part.startswith("pipe:"):
-            urls.append(part)
-        else:
+        else:  # pipe: commands too: 'pipe:aws s3 cp s3://b/{000..999}.tar -' is one command per shard
             urls.extend(braceexpand.braceexpand(part))
     for url in urls:
         if not url.startswith("pipe:") and not Path(url).is_file():

@@ -80,6 +80,7 @@ class Trainer:
         self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
         seed_everything(cfg.train.seed + 1000 * self.dist.rank)
         self.step, self.epoch, self.in_epoch = 0, 0, 0
+        self._evaluated: dict[str, int] = {}  # eval name -> step it last ran at
         if self.resume_dir is not None:
             self.step = ckpt.load_checkpoint(self.engine, self.resume_dir)
             meta = ckpt.read_meta(self.resume_dir)
@@ -198,8 +199,9 @@ class Trainer:
         out: dict[str, Any] = {}
         for name, ev in self.cfg.evals.items():
             due = final or (ev.every_n_steps and self.step % ev.every_n_steps == 0)
-            if not due:
+            if not due or self._evaluated.get(name) == self.step:
                 continue
+            self._evaluated[name] = self.step
             self.model.eval()
             res = run_zeroshot(self.engine.module.model, self.tokenizer, ev.dataset, split=ev.split,
                                batch_size=ev.batch_size, max_samples=ev.max_samples,
@@ -237,11 +239,9 @@ class Trainer:
             barrier()
             sd = None
             if self.dist.is_main:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                from vlp.loading import load_state
 
-                latest = ckpt.find_latest(self.ckpt_root)
-                full = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_root), tag=latest.name)
-                sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+                _, sd = load_state(ckpt.find_latest(self.ckpt_root))
         if self.dist.is_main:
             path = ckpt.export_weights(sd, self.model_cfg, self.cfg.model.name, self.run_dir)
             self.log.write(f"weights: {path}")
