@@ -31,6 +31,7 @@ def test_dotted_overrides_apply_with_types():
     ("train.zero_stage=5", "train.zero_stage"),
     ("train.precision=fp8", "train.precision"),
     ("evals.x.task=captioning", "evals.x.task"),
+    ("train.precision=bf16", "train.precision"),  # at ZeRO stage 0
 ])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -156,3 +156,53 @@ def test_wandb_offline_logging_without_network(tmp_path, digits_shards_dir):
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline_runs, "wandb wrote no offline run"
     assert any(offline_runs[0].glob("*.wandb"))
+
+
+def test_bf16_run_exports_fp32_master_weights(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "bf16"
+    train(run_dir, digits_shards_dir, **{"train.steps": 4, "train.precision": "bf16", "train.zero_stage": 1})
+    sd = weights(run_dir)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    # the masters carry bits a bf16 copy of the module would have rounded away
+    w = sd["image_proj.weight"]
+    assert not torch.equal(w, w.bfloat16().float())
+
+
+def test_corrupt_samples_are_skipped_counted_and_reported(tmp_path, digits_shards_dir):
+    import tarfile
+
+    import webdataset as wds
+
+    bad_dir = tmp_path / "bad_shards"
+    bad_dir.mkdir()
+    shards = sorted(digits_shards_dir.glob("train-*.tar"))
+    for i, src in enumerate(shards):  # each shard: a corrupt png and a caption-less sample up front
+        with wds.TarWriter(str(bad_dir / src.name)) as out:
+            out.write({"__key__": f"broken_{i}", "png": b"\x89PNG\r\n\x1a\n not really a png", "txt": "a three"})
+            out.write({"__key__": f"nocaption_{i}", "png": _png()})
+            with tarfile.open(src) as tf:
+                members = {}
+                for m in tf.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    members.setdefault(key, {})[ext] = tf.extractfile(m).read()
+            for key, fields in members.items():
+                out.write({"__key__": key, **fields})
+    spec = f"{bad_dir}/train-{{000000..{len(shards) - 1:06d}}}.tar"
+    run_dir = tmp_path / "bad"
+    proc = train(run_dir, digits_shards_dir, **{"data.train_shards": spec, "train.steps": 36})
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epoch0 = [r for r in rows if r.get("epoch_end") == 0]
+    assert epoch0 and epoch0[0]["skipped_samples_epoch"] == 2 * len(shards)
+    assert "epoch 0: skipped 16 samples" in proc.stdout
+    assert (run_dir / "model.safetensors").is_file()
+
+
+def _png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(buf, format="png")
+    return buf.getvalue()

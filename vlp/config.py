@@ -149,6 +149,10 @@ def validate(cfg: DictConfig) -> None:
         bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
         bad("train.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if cfg.train.precision != "fp32" and cfg.train.zero_stage == 0:
+        # at stage 0 DeepSpeed keeps the fp32 master weights in unnamed lists that cannot be
+        # consolidated into a named fp32 export
+        bad("train.precision", f"{cfg.train.precision} needs train.zero_stage >= 1 (ZeRO keeps named fp32 master weights)")
     if cfg.data.batch_size <= 0:
         bad("data.batch_size", "must be positive")
     if cfg.train.steps < 0 or cfg.train.epochs <= 0 and cfg.train.steps == 0:

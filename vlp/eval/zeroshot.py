@@ -56,10 +56,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 def zeroshot_logits(model: nn.Module, classifier: torch.Tensor, data: EvalDataset, pre: PreprocessConfig,
                     indices: list[int], batch_size: int, device: torch.device | str) -> torch.Tensor:
     transform = eval_transform(pre)
+    dtype = next(model.parameters()).dtype  # bf16/fp16 models under mixed precision
     out = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        images = torch.stack([transform(data.image(i)) for i in chunk]).to(device)
+        images = torch.stack([transform(data.image(i)) for i in chunk]).to(device, dtype)
         feats = F.normalize(model.encode_image(images).float(), dim=-1)
         out.append(feats @ classifier.t())
     return torch.cat(out) if out else torch.zeros(0, classifier.shape[0], device=device)

@@ -53,6 +53,13 @@ def resolve_total_steps(cfg: DictConfig, world_size: int, shards: str) -> int:
     return max(1, math.floor(cfg.train.epochs * n / per_step))
 
 
+def _sum_over_ranks(n: int, device: torch.device) -> int:
+    t = torch.tensor([n], dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t.item())
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, resume: str | None = None) -> None:
         self.cfg = cfg
@@ -78,9 +85,12 @@ class Trainer:
         self.tokenizer = get_tokenizer(self.model_cfg.text)
         self.task = CLIPTask(self.model)
         self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
+        # DeepSpeed bf16/fp16 casts the module; images must follow (the loss itself runs in fp32)
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         seed_everything(cfg.train.seed + 1000 * self.dist.rank)
         self.step, self.epoch, self.in_epoch = 0, 0, 0
         self._evaluated: dict[str, int] = {}  # eval name -> step it last ran at
+        self.skipped_before = 0  # skipped samples of finished epochs, this rank
         if self.resume_dir is not None:
             self.step = ckpt.load_checkpoint(self.engine, self.resume_dir)
             meta = ckpt.read_meta(self.resume_dir)
@@ -135,7 +145,7 @@ class Trainer:
                 got_any = True
                 window["wait"] += time.perf_counter() - t_wait
                 skipped[batch.get("worker", 0)] = int(batch.get("skipped", 0))
-                out = self.engine(batch["image"].to(d.device, non_blocking=True),
+                out = self.engine(batch["image"].to(d.device, self.input_dtype, non_blocking=True),
                                   batch["text"].to(d.device, non_blocking=True))
                 self.engine.backward(out["loss"])
                 self.engine.step()
@@ -149,7 +159,8 @@ class Trainer:
                 window["steps"] += 1
                 self.log.advance()
                 if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
-                    self._log_window(window, global_batch, float(out["logit_scale"]), skipped)
+                    self._log_window(window, global_batch, float(out["logit_scale"]),
+                                     self.skipped_before + sum(skipped.values()))
                 if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
                     self.save()
                 results.update(self._scheduled_evals(final=False))
@@ -159,6 +170,8 @@ class Trainer:
             if fresh_epoch and not got_any:
                 raise TrainError(f"epoch {self.epoch} produced no batch on some rank: '{cfg.data.train_shards}' "
                                  f"has too few samples for batch_size={cfg.data.batch_size} x {d.world_size} ranks")
+            self._end_epoch(sum(skipped.values()))
+            skipped.clear()
             self.epoch, self.in_epoch = self.epoch + 1, 0
         latest = ckpt.find_latest(self.ckpt_root)
         if latest is None or ckpt.read_meta(latest)["step"] != self.step:
@@ -172,9 +185,18 @@ class Trainer:
         self.log.close()
         return results
 
-    def _log_window(self, w: dict[str, Any], global_batch: int, logit_scale: float, skipped: dict[int, int]) -> None:
+    def _end_epoch(self, skipped_here: int) -> None:
+        """Report the samples this epoch dropped as undecodable or incomplete (all ranks)."""
+        n = _sum_over_ranks(skipped_here, self.dist.device)
+        self.skipped_before += skipped_here
+        self.log.log(self.step, {"epoch_end": self.epoch, "skipped_samples_epoch": n})
+        if n:
+            self.log.write(f"epoch {self.epoch}: skipped {n} samples that could not be decoded or had no "
+                           f"image or caption (details in the data loader's warnings)")
+
+    def _log_window(self, w: dict[str, Any], global_batch: int, logit_scale: float, skipped: int) -> None:
         d = self.dist
-        stats = torch.tensor([w["loss"], w["n"], sum(skipped.values())], dtype=torch.float64)
+        stats = torch.tensor([w["loss"], w["n"], skipped], dtype=torch.float64, device=d.device)
         if dist.is_initialized() and d.world_size > 1:
             dist.all_reduce(stats)
         elapsed = time.perf_counter() - w["t0"]
