@@ -206,3 +206,20 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(buf, format="png")
     return buf.getvalue()
+
+
+def test_resume_on_another_world_size(tmp_path, digits_shards_dir):
+    zero1 = tmp_path / "zero1"
+    train(zero1, digits_shards_dir, 2, **{"train.steps": 8, "train.stop_after_steps": 4, "train.zero_stage": 1})
+    # ZeRO-partitioned optimizer state cannot move to another world size or stage: refused up front
+    proc = train(zero1, digits_shards_dir, 1, resume=True, check=False, **{"train.steps": 8, "train.zero_stage": 1})
+    assert proc.returncode == 2 and "written by 2 ranks" in proc.stderr and "Traceback" not in proc.stderr
+    proc = train(zero1, digits_shards_dir, 2, resume=True, check=False, **{"train.steps": 8})
+    assert proc.returncode != 0 and "train.zero_stage=1" in proc.stderr  # torchrun reports exit 1
+    run_dir = tmp_path / "elastic"
+    train(run_dir, digits_shards_dir, 2, **{"train.steps": 8, "train.stop_after_steps": 4})
+    # without ZeRO the full state is in one file: resume on 1 rank, restarting the epoch
+    proc = train(run_dir, digits_shards_dir, 1, resume=True, **{"train.steps": 8})
+    assert "written by 2 ranks, resuming on 1" in proc.stdout
+    assert read_meta(find_latest(run_dir / "checkpoints"))["step"] == 8
+    assert (run_dir / "model.safetensors").is_file()

@@ -78,7 +78,17 @@ class Trainer:
         self.total_steps = resolve_total_steps(cfg, self.dist.world_size, cfg.data.train_shards)
         self.resume_dir = self._resolve_resume(resume)
         if self.resume_dir is not None:
-            ckpt.check_compatible(self.resume_dir, self.model_cfg, cfg.model.name)
+            meta = ckpt.check_compatible(self.resume_dir, self.model_cfg, cfg.model.name)
+            saved_stage = meta["run_config"]["train"]["zero_stage"]
+            if saved_stage != cfg.train.zero_stage:
+                raise TrainError(f"checkpoint '{self.resume_dir}' was written with ZeRO stage {saved_stage}; "
+                                 f"resume with train.zero_stage={saved_stage}")
+            if meta["world_size"] != self.dist.world_size and cfg.train.zero_stage > 0:
+                raise TrainError(
+                    f"checkpoint '{self.resume_dir}' was written by {meta['world_size']} ranks with ZeRO "
+                    f"stage {cfg.train.zero_stage}; DeepSpeed cannot re-partition its optimizer state for "
+                    f"{self.dist.world_size} ranks. Resume on {meta['world_size']} ranks (or from a ZeRO stage 0 run)"
+                )
         # -- build
         seed_everything(cfg.train.seed)  # same init on every rank
         self.model = create_model(cfg.model.name, **overrides)
@@ -91,16 +101,25 @@ class Trainer:
         self.step, self.epoch, self.in_epoch = 0, 0, 0
         self._evaluated: dict[str, int] = {}  # eval name -> step it last ran at
         self.skipped_before = 0  # skipped samples of finished epochs, this rank
+        self._resume_note = ""
         if self.resume_dir is not None:
             self.step = ckpt.load_checkpoint(self.engine, self.resume_dir)
             meta = ckpt.read_meta(self.resume_dir)
             self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
+            if meta["world_size"] != self.dist.world_size:
+                # the position counts per-rank batches of the old split; it does not map onto a
+                # new world size, so the interrupted epoch is read again from its start
+                self.in_epoch = 0
+                self._resume_note = (f"checkpoint was written by {meta['world_size']} ranks, resuming on "
+                                     f"{self.dist.world_size}: epoch {self.epoch} restarts from its beginning")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step, self.dist.is_main)
         if self.resume_dir is not None:
             self.log.write(f"resumed from {self.resume_dir} at step {self.step}")
+            if self._resume_note:
+                self.log.write(f"warning: {self._resume_note}")
 
     def _resolve_resume(self, resume: str | None) -> Path | None:
         if resume is None:
