@@ -223,3 +223,13 @@ def test_resume_on_another_world_size(tmp_path, digits_shards_dir):
     assert "written by 2 ranks, resuming on 1" in proc.stdout
     assert read_meta(find_latest(run_dir / "checkpoints"))["step"] == 8
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_resume_from_checkpoint_dir_uses_its_saved_config(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "saved"
+    train(run_dir, digits_shards_dir, **{"train.steps": 6, "train.stop_after_steps": 3, "optim.lr": 1e-3})
+    ckpt_dir = find_latest(run_dir / "checkpoints")
+    run([sys.executable, "train.py", "--resume", str(ckpt_dir)])
+    meta = read_meta(find_latest(run_dir / "checkpoints"))
+    assert meta["step"] == 6 and meta["run_config"]["optim"]["lr"] == 1e-3
+    assert (run_dir / "model.safetensors").is_file()

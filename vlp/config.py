@@ -118,9 +118,10 @@ def _schema() -> DictConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Build the run config: dataclass defaults <- YAML file <- dotted `key=value` overrides."""
-    cfg = _schema()
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> DictConfig:
+    """Build the run config: dataclass defaults <- `base` (a saved config) <- YAML file <- overrides."""
+    cfg = _schema() if base is None else from_container(base)
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -13,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: torchrun --nproc_per_node=8 train.py --config configs/clip_vit_b16.yaml "
                "data.train_shards='/data/laion/{000000..041455}.tar' optim.lr=5e-4",
     )
-    parser.add_argument("--config", help="YAML preset (see configs/)")
+    parser.add_argument("--config", help="YAML preset (see configs/); optional with --resume CHECKPOINT_DIR, "
+                        "whose saved config is used then")
     parser.add_argument("--resume", help="'latest' (the run dir's newest checkpoint, if any) or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
@@ -24,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     from vlp.train.trainer import TrainError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        base = None
+        if args.config is None and args.resume not in (None, "latest"):
+            from vlp.train.checkpoint import read_meta
+
+            base = read_meta(args.resume)["run_config"]
+        cfg = load_config(args.config, args.overrides, base=base)
         from vlp.train.trainer import Trainer
 
         trainer = Trainer(cfg, resume=args.resume)
