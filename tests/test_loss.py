@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from tests.helpers import ROOT, torchrun
 from tests.workers.loss_grad import loss_and_grads, make_problem
-from vlp.losses import ClipLoss
+from vlp.losses import ClipLoss, SigLipLoss
 
 
 def test_single_process_matches_open_clip_and_hand_computation():
@@ -24,15 +24,61 @@ def test_single_process_matches_open_clip_and_hand_computation():
     torch.testing.assert_close(ours, by_hand, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sizes", ["4,4", "5,3"])
-def test_two_process_gradients_equal_full_batch(tmp_path, sizes):
-    out = tmp_path / "grads.pt"
-    torchrun(2, str(ROOT / "tests/workers/loss_grad.py"), str(out), sizes, timeout=180)
-    got = torch.load(out, weights_only=True)
-    ref_loss, ref_img, ref_txt, ref_s = loss_and_grads(*make_problem())
-    for name, a, b in [("loss", got["loss"], ref_loss), ("grad image", got["g_img"], ref_img),
-                       ("grad text", got["g_txt"], ref_txt), ("grad scale", got["g_s"], ref_s)]:
-        rel = ((a - b).norm() / b.norm()).item()
-        assert rel <= 1e-5, f"{name}: relative error {rel:.2e} with sizes {sizes}"
+def test_sigmoid_loss_matches_open_clip_and_hand_computation():
+    from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
+    g = torch.Generator().manual_seed(2)
+    img = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    ours = SigLipLoss()(img, txt, scale, bias)
+    ref = OpenSigLipLoss()(img, txt, scale, bias)
+    logits = scale * img @ txt.t() + bias
+    signs = 2 * torch.eye(6) - 1
+    by_hand = -torch.log(torch.sigmoid(signs * logits)).sum() / 6
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SigLipLoss()(img, txt, scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip"])
+@pytest.mark.parametrize("sizes", ["4,4", "5,3"])
+def test_two_process_gradients_equal_full_batch(tmp_path, sizes, loss):
+    out = tmp_path / "grads.pt"
+    torchrun(2, str(ROOT / "tests/workers/loss_grad.py"), str(out), sizes, loss, timeout=180)
+    got = torch.load(out, weights_only=True)
+    ref = dict(zip(["loss", "g_img", "g_txt", "g_s", "g_b"], loss_and_grads(*make_problem(), loss)))
+    names = ["loss", "g_img", "g_txt", "g_s"] + (["g_b"] if loss == "siglip" else [])
+    for name in names:
+        a, b = got[name], ref[name]
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel <= 1e-5, f"{loss} {name}: relative error {rel:.2e} with sizes {sizes}"
+
+
+
+@pytest.mark.parametrize("tile", [1, 4, 7, 64])
+def test_tiled_logsumexp_equals_dense_in_value_and_gradients(tile):
+    from vlp.losses import tiled_logsumexp
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, generator=g, dtype=torch.float64)
+    dense = ((s * x @ y.t()).logsumexp(dim=1) * w).sum()
+    grads_dense = torch.autograd.grad(dense, (x, y, s))
+    tiled = (tiled_logsumexp(x, y, s, tile) * w).sum()
+    grads_tiled = torch.autograd.grad(tiled, (x, y, s))
+    torch.testing.assert_close(tiled, dense, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_tiled, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_tiled_clip_loss_equals_plain_single_process():
+    g = torch.Generator().manual_seed(4)
+    img = F.normalize(torch.randn(10, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(10, 8, generator=g), dim=-1)
+    scale = torch.tensor(20.0)
+    torch.testing.assert_close(ClipLoss(tile_size=4)(img, txt, scale), ClipLoss()(img, txt, scale))

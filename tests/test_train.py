@@ -233,3 +233,23 @@ def test_resume_from_checkpoint_dir_uses_its_saved_config(tmp_path, digits_shard
     meta = read_meta(find_latest(run_dir / "checkpoints"))
     assert meta["step"] == 6 and meta["run_config"]["optim"]["lr"] == 1e-3
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_siglip_two_process_training(tmp_path, digits_shards_dir):
+    run_dir = tmp_path / "siglip"
+    train(run_dir, digits_shards_dir, 2, **{"train.steps": 30, "model.name": "siglip-nano", "loss.name": "siglip",
+                                             "train.zero_stage": 1})
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ls = [r["loss"] for r in rows if "loss" in r]
+    assert sum(ls[-5:]) / 5 < sum(ls[:3]) / 3 - 0.5, ls
+    cfg, sd = load_state(run_dir)
+    assert cfg.init_logit_bias == -10.0 and "logit_bias" in sd and sd["logit_bias"].item() != -10.0
+    proc = train(tmp_path / "mismatch", digits_shards_dir, check=False, **{"loss.name": "siglip"})
+    assert proc.returncode == 2 and "loss.name=siglip" in proc.stderr
+
+
+def test_tiled_loss_trains_the_same_weights(tmp_path, digits_shards_dir):
+    plain, tiled = tmp_path / "plain", tmp_path / "tiled"
+    train(plain, digits_shards_dir, 2, **{"train.steps": 6})
+    train(tiled, digits_shards_dir, 2, **{"train.steps": 6, "loss.tile_size": 7})
+    assert_same_weights(weights(plain), weights(tiled), tol=1e-5)

@@ -28,6 +28,15 @@ class ModelSection:
 
 
 @dataclass
+class LossSection:
+    # clip: softmax InfoNCE over the gathered global batch; siglip: pairwise sigmoid, ring exchange
+    name: str = "clip"
+    # clip only: > 0 computes the log-sum-exp in column tiles of this size with an exact
+    # recomputing backward, so the loss holds O(local batch x tile) instead of O(local x global)
+    tile_size: int = 0
+
+
+@dataclass
 class DataSection:
     # brace-expanded shard list(s): local paths or `pipe:` commands; several joined with "::"
     train_shards: str = ""
@@ -95,6 +104,7 @@ class LoggingSection:
 class RunConfig:
     run_dir: str = "runs/default"
     model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -146,6 +156,10 @@ def validate(cfg: DictConfig) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"key '{key}': {why}")
 
+    if cfg.loss.name not in ("clip", "siglip"):
+        bad("loss.name", f"unknown loss '{cfg.loss.name}' (known: clip, siglip)")
+    if cfg.loss.tile_size < 0 or (cfg.loss.tile_size and cfg.loss.name != "clip"):
+        bad("loss.tile_size", "must be >= 0, and is only used with loss.name=clip")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
     if cfg.train.zero_stage not in (0, 1, 2, 3):

@@ -1,12 +1,12 @@
-"""Run under torchrun: each rank scores its slice of a fixed batch with ClipLoss and saves the
-data-parallel-averaged gradients, to be compared with a one-process full-batch reference."""
+"""Run under torchrun: each rank scores its slice of a fixed batch with a contrastive loss and
+saves the data-parallel-averaged gradients, to be compared with a one-process full-batch reference."""
 
 import sys
 
 import torch
 import torch.distributed as dist
 
-from vlp.losses import ClipLoss
+from vlp.losses import build_loss
 
 
 def make_problem(seed: int = 0):
@@ -18,31 +18,35 @@ def make_problem(seed: int = 0):
     return x_img, x_txt, w_img, w_txt
 
 
-def loss_and_grads(x_img, x_txt, w_img, w_txt, scale: float = 3.0):
+def loss_and_grads(x_img, x_txt, w_img, w_txt, loss: str = "clip", scale: float = 3.0, bias: float = -2.0):
     w_img = w_img.clone().requires_grad_(True)
     w_txt = w_txt.clone().requires_grad_(True)
     s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
     fi = torch.nn.functional.normalize(x_img @ w_img, dim=-1)
     ft = torch.nn.functional.normalize(x_txt @ w_txt, dim=-1)
-    loss = ClipLoss()(fi, ft, s)
-    loss.backward()
-    return loss.detach(), w_img.grad, w_txt.grad, s.grad
+    # clip_tiled: tiles of 3 columns, so every rank sees several tiles and a ragged last one
+    fn = build_loss("clip", tile_size=3) if loss == "clip_tiled" else build_loss(loss)
+    value = fn(fi, ft, s, b)
+    value.backward()
+    grad_b = b.grad if b.grad is not None else torch.zeros((), dtype=torch.float64)
+    return value.detach(), w_img.grad, w_txt.grad, s.grad, grad_b
 
 
 def main() -> None:
-    out, sizes = sys.argv[1], [int(v) for v in sys.argv[2].split(",")]
+    out, sizes, loss = sys.argv[1], [int(v) for v in sys.argv[2].split(",")], sys.argv[3]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert len(sizes) == world and sum(sizes) == 8
     x_img, x_txt, w_img, w_txt = make_problem()
     lo = sum(sizes[:rank])
     sl = slice(lo, lo + sizes[rank])
-    loss, g_img, g_txt, g_s = loss_and_grads(x_img[sl], x_txt[sl], w_img, w_txt)
-    for t in (loss, g_img, g_txt, g_s):  # what the data-parallel engine does: average over ranks
+    results = loss_and_grads(x_img[sl], x_txt[sl], w_img, w_txt, loss)
+    for t in results:  # what the data-parallel engine does: average over ranks
         dist.all_reduce(t)
         t /= world
     if rank == 0:
-        torch.save({"loss": loss, "g_img": g_img, "g_txt": g_txt, "g_s": g_s}, out)
+        torch.save(dict(zip(["loss", "g_img", "g_txt", "g_s", "g_b"], results)), out)
     dist.destroy_process_group()
 
 

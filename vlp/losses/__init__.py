@@ -1,3 +1,20 @@
-from .contrastive import ClipLoss, all_gather_with_grad, local_sizes
+from torch import nn
 
-__all__ = ["ClipLoss", "all_gather_with_grad", "local_sizes"]
+from .contrastive import ClipLoss, all_gather_with_grad, local_sizes
+from .sigmoid import SigLipLoss
+from .tiled import tiled_logsumexp
+
+LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
+
+
+def build_loss(name: str, tile_size: int = 0) -> nn.Module:
+    """The training loss named in the config (`loss.name`, `loss.tile_size`)."""
+    if name == "clip":
+        return ClipLoss(tile_size=tile_size)
+    if name == "siglip":
+        return SigLipLoss()
+    raise ValueError(f"unknown loss '{name}' (known: {', '.join(LOSSES)})")
+
+
+__all__ = ["LOSSES", "ClipLoss", "SigLipLoss", "all_gather_with_grad", "build_loss", "local_sizes",
+           "tiled_logsumexp"]

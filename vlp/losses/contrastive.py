@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .tiled import tiled_logsumexp
+
 
 class _AllGather(torch.autograd.Function):
     """all_gather whose backward returns the summed gradient of this rank's slice."""
@@ -70,12 +72,14 @@ class ClipLoss(nn.Module):
     local/mean-local so the average is still the exact global mean.
     """
 
-    def __init__(self, group=None) -> None:
+    def __init__(self, group=None, tile_size: int = 0) -> None:
         super().__init__()
         self.group = group
+        self.tile_size = tile_size  # > 0: tiled log-sum-exp, loss memory O(local x tile)
 
     def forward(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n_local = image_features.shape[0]
         sizes = local_sizes(n_local, image_features.device, self.group)
@@ -85,10 +89,17 @@ class ClipLoss(nn.Module):
         offset = sum(sizes[:rank])
         # equal-weighting of ranks by the gradient average must still give the global mean
         weight = n_local * len(sizes) / sum(sizes)
+        # logit_bias is accepted for a uniform loss signature; a softmax is invariant to it
         # fp32 logits: the softmax over a large batch is where low precision hurts
         img = image_features.float()
         txt = text_features.float()
         scale = logit_scale.float()
+        if self.tile_size > 0:
+            positive = scale * (img * txt).sum(dim=-1)  # local rows pair with local columns
+            lse_i2t = tiled_logsumexp(img, all_txt.float(), scale, self.tile_size)
+            lse_t2i = tiled_logsumexp(txt, all_img.float(), scale, self.tile_size)
+            loss = ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
+            return loss * weight
         logits_per_image = scale * img @ all_txt.float().t()
         logits_per_text = scale * txt @ all_img.float().t()
         labels = torch.arange(n_local, device=img.device) + offset

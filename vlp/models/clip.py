@@ -22,6 +22,7 @@ _NO_DECAY_FRAGMENTS = (
     "reg_token",
     "class_embedding",
     "logit_scale",
+    "logit_bias",
 )
 
 
@@ -38,6 +39,9 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         # shape [1], not 0-dim: DeepSpeed's initial parameter broadcast cannot view 0-dim tensors as bytes
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        self.logit_bias = None
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
         self._init_projections()
 
     @torch.no_grad()
@@ -62,6 +66,8 @@ class CLIP(nn.Module):
         self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"logit_scale": self.clamped_logit_scale()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias.reshape(())
         if images is not None:
             out["image_features"] = self.encode_image(images, normalize=True)
         if tokens is not None:

@@ -51,6 +51,8 @@ class CLIPConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    # a learnable logit bias (SigLIP's b, init -10); None: the model has none
+    init_logit_bias: float | None = None
 
 
 def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from vlp.models.clip import CLIP
@@ -97,6 +99,21 @@ def clip_tiny() -> CLIPConfig:
             image_size=28, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, interpolation="bilinear"
         ),
     )
+
+
+@register_model("siglip-tiny")
+def siglip_tiny() -> CLIPConfig:
+    """clip-tiny with SigLIP's learnable logit bias and its initial temperature (t=10, b=-10).
+
+    Train it with loss.name=siglip.
+    """
+    return replace(clip_tiny(), init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+
+
+@register_model("siglip-nano")
+def siglip_nano() -> CLIPConfig:
+    """clip-nano with SigLIP's logit bias, for fast tests of the sigmoid loss."""
+    return replace(clip_nano(), init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
 
 # ---- open_clip-equivalent architectures (GELU, OpenAI mean/std, bicubic 224) ----------------------

@@ -18,8 +18,11 @@ class CLIPTask(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(image, text)
-        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
-        return {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        metrics = {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+        if "logit_bias" in out:
+            metrics["logit_bias"] = out["logit_bias"].detach()
+        return metrics
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}

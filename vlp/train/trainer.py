@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from vlp.config import to_container, to_yaml
 from vlp.data.pipeline import build_train_loader, expand_shards, num_samples_from_manifest
 from vlp.data.tokenizer import get_tokenizer
+from vlp.losses import build_loss
 from vlp.models import create_model, get_model_config
 from vlp.models.config import config_to_dict
 
@@ -72,6 +73,9 @@ class Trainer:
             self.model_cfg = get_model_config(cfg.model.name, **overrides)
         except ValueError as e:
             raise TrainError(f"model: {e}") from None
+        if cfg.loss.name == "siglip" and self.model_cfg.init_logit_bias is None:
+            raise TrainError(f"loss.name=siglip needs a model with a logit bias; '{cfg.model.name}' has none "
+                             "(use a siglip-* preset or model.overrides={init_logit_bias: -10.0})")
         if not cfg.data.train_shards:
             raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
         expand_shards(cfg.data.train_shards)  # raises DataError naming a missing path
@@ -93,7 +97,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same init on every rank
         self.model = create_model(cfg.model.name, **overrides)
         self.tokenizer = get_tokenizer(self.model_cfg.text)
-        self.task = CLIPTask(self.model)
+        self.task = CLIPTask(self.model, build_loss(cfg.loss.name, cfg.loss.tile_size))
         self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
         # DeepSpeed bf16/fp16 casts the module; images must follow (the loss itself runs in fp32)
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
