@@ -12,4 +12,11 @@ def load_model(path, device="cpu"):
     return _load(path, device=device)
 
 
-__all__ = ["create_model", "get_model_config", "list_models", "load_model"]
+def load_backbone(path, **kwargs):
+    """Image tower of a checkpoint as a timm-style backbone (see `vlp.backbone.load_backbone`)."""
+    from vlp.backbone import load_backbone as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["create_model", "load_backbone", "get_model_config", "list_models", "load_model"]

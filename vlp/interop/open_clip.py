@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from vlp.models.clip import CLIP
-from vlp.models.registry import create_model
+from vlp.models.config import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    CLIPConfig,
+    PreprocessConfig,
+    TextTowerConfig,
+    VisionTowerConfig,
+)
+from vlp.models.registry import create_model, list_models
 
 # Per residual block (same names in both towers): open_clip suffix -> timm Block suffix.
 _BLOCK_MAP = {
@@ -134,13 +142,15 @@ def vlp_to_open_clip_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    from vlp.loading import safe_torch_load
+
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         obj: Any = load_file(str(path), device="cpu")
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_torch_load(path)  # weights_only=True; a code-running pickle raises LoadError naming it
     # unwrap training-checkpoint containers
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
@@ -171,3 +181,138 @@ def load_open_clip_checkpoint(path: str | Path, preset_name: str, **overrides: A
         model = create_model(preset_name, **overrides)
         model.load_state_dict(sd, strict=True)
     return model
+
+
+# ---- model configs and folders --------------------------------------------------------------------
+
+_OC_UNSUPPORTED = ("ls_init_value", "attentional_pool", "no_ln_pre", "final_ln_after_pool",
+                   "timm_model_name", "hf_model_name", "output_tokens", "pos_embed_type", "act_kwargs",
+                   "norm_kwargs", "patch_dropout", "proj_bias", "embed_cls", "no_causal_mask", "pad_id")
+
+
+def vlp_config_from_open_clip(model_cfg: Mapping[str, Any], preprocess: Mapping[str, Any] | None = None) -> CLIPConfig:
+    """vlp CLIPConfig equal to an open_clip ViT CLIP model config (refuses features vlp lacks)."""
+    v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+    bad = [k for k in _OC_UNSUPPORTED if model_cfg.get(k) or v.get(k) or t.get(k)]
+    bad += [f"vision pool_type={v['pool_type']}" for _ in [0] if v.get("pool_type", "tok") != "tok"]
+    bad += [f"text pool_type={t['pool_type']}" for _ in [0] if t.get("pool_type", "argmax") != "argmax"]
+    if bad or isinstance(v.get("layers"), (list, tuple)):
+        raise ValueError(f"open_clip config not representable in vlp (ViT CLIP, GELU, token pooling): {bad}")
+    size = v.get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    width, patch = v.get("width", 768), v.get("patch_size", 16)
+    heads = width // v.get("head_width", 64)
+    pre = dict(preprocess or {})
+    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"  # OpenAI's checkpoints: QuickGELU
+    vision_kw = dict(img_size=size, patch_size=patch, embed_dim=width, depth=v.get("layers", 12),
+                     num_heads=heads, mlp_ratio=v.get("mlp_ratio", 4.0))
+    if act != "gelu":
+        vision_kw["act_layer"] = act
+    return CLIPConfig(
+        embed_dim=model_cfg["embed_dim"],
+        vision=VisionTowerConfig("vit_base_patch32_clip_224", vision_kw),
+        text=TextTowerConfig(context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
+                             width=t.get("width", 512), heads=t.get("heads", 8), layers=t.get("layers", 12),
+                             mlp_ratio=t.get("mlp_ratio", 4.0), act=act),
+        preprocess=PreprocessConfig(image_size=size, mean=tuple(pre.get("mean", OPENAI_MEAN)),
+                                    std=tuple(pre.get("std", OPENAI_STD)),
+                                    interpolation=pre.get("interpolation", "bicubic")),
+    )
+
+
+def open_clip_config_from_vlp(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """open_clip model config (`model_cfg`) of a vlp CLIP with a class-token CLIP-layout ViT."""
+    kw = cfg.vision.timm_kwargs
+    if "visual.trunk.cls_token" not in sd or kw.get("global_pool", "token") != "token":
+        raise ValueError("open_clip's VisionTransformer pools a class token; this image tower has none")
+    w = sd["visual.trunk.patch_embed.proj.weight"]
+    width = w.shape[0]
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.trunk.blocks."))
+    mlp = sd["visual.trunk.blocks.0.mlp.fc1.weight"].shape[0] / width
+    t = cfg.text
+    if t.act != kw.get("act_layer", "gelu"):
+        raise ValueError(f"open_clip uses one activation for both towers; this model has text {t.act}, "
+                         f"image {kw.get('act_layer', 'gelu')}")
+    return {
+        "embed_dim": cfg.embed_dim,
+        **({"quick_gelu": True} if t.act == "quick_gelu" else {}),
+        "vision_cfg": {"image_size": cfg.preprocess.image_size, "layers": layers, "width": width,
+                       "patch_size": w.shape[-1], "head_width": width // int(kw.get("num_heads", 12)),
+                       "mlp_ratio": mlp},
+        "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                     "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio},
+    }
+
+
+def export_open_clip(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Folder loadable by `open_clip.create_model_and_transforms("local-dir:" + out_dir)`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = cfg.preprocess
+    doc = {"model_cfg": open_clip_config_from_vlp(cfg, sd),
+           "preprocess_cfg": {"mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation,
+                              "resize_mode": p.resize_mode, "size": p.image_size}}
+    oc_sd = {k: v.contiguous() for k, v in vlp_to_open_clip_state_dict(dict(sd)).items()}
+    save_file(oc_sd, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps(doc, indent=1))
+    return out
+
+
+def load_open_clip_as_vlp(path: str | Path, model: str | Mapping[str, Any]) -> CLIP:
+    """open_clip (or OpenAI CLIP) weights + an open_clip model name / config -> vlp CLIP (strict).
+
+    A vlp preset of the same name is used when one exists; else the config comes from open_clip's
+    registry (`open_clip.get_model_config`). An OpenAI checkpoint (QuickGELU, three extra integer
+    entries) carries its architecture in its tensor shapes, so `model` is not consulted for it.
+    """
+    sd = _read_state_dict(path)
+    if any(k in sd for k in _OPENAI_EXTRA):
+        oc_sd, model_cfg = openai_state_dict_to_open_clip(sd)
+        clip = CLIP(vlp_config_from_open_clip(model_cfg))
+        clip.load_state_dict(open_clip_to_vlp_state_dict(oc_sd), strict=True)
+        return clip
+    if isinstance(model, str) and model in list_models():
+        return load_open_clip_checkpoint(path, model)
+    if isinstance(model, str):
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(model)
+        if model_cfg is None:
+            raise ValueError(f"unknown open_clip model '{model}'")
+    else:
+        model_cfg = model
+    clip = CLIP(vlp_config_from_open_clip(model_cfg))
+    clip.load_state_dict(open_clip_to_vlp_state_dict(sd), strict=True)
+    return clip
+
+
+_OPENAI_EXTRA = ("input_resolution", "context_length", "vocab_size")
+
+
+def openai_state_dict_to_open_clip(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """OpenAI CLIP ViT state dict -> (open_clip state dict, open_clip model_cfg with quick_gelu=True).
+
+    The layouts are the same; OpenAI adds three integer entries, and the architecture is read off
+    the tensor shapes (as open_clip's `build_model_from_openai_state_dict` does).
+    """
+    oc = {k: v for k, v in sd.items() if k not in _OPENAI_EXTRA}
+    if "visual.proj" not in oc:
+        raise ValueError("not an OpenAI ViT CLIP state dict (no visual.proj; ResNet towers are not supported)")
+    width = oc["visual.conv1.weight"].shape[0]
+    patch = oc["visual.conv1.weight"].shape[-1]
+    grid = round((oc["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vlayers = len({k.split(".")[3] for k in oc if k.startswith("visual.transformer.resblocks.")})
+    twidth = oc["ln_final.weight"].shape[0]
+    tlayers = len({k.split(".")[2] for k in oc if k.startswith("transformer.resblocks.")})
+    model_cfg = {
+        "embed_dim": oc["text_projection"].shape[1], "quick_gelu": True,
+        "vision_cfg": {"image_size": grid * patch, "layers": vlayers, "width": width, "patch_size": patch},
+        "text_cfg": {"context_length": oc["positional_embedding"].shape[0],
+                     "vocab_size": oc["token_embedding.weight"].shape[0], "width": twidth,
+                     "heads": twidth // 64, "layers": tlayers},
+    }
+    return oc, model_cfg

@@ -41,6 +41,8 @@ class TextTowerConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
     eot_token_id: int = 49407
+    # "gelu" (open_clip's default) or "quick_gelu" (OpenAI's CLIP checkpoints)
+    act: str = "gelu"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from timm.layers import get_act_layer
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -49,7 +50,7 @@ class TextTower(nn.Module):
                 mlp_ratio=cfg.mlp_ratio,
                 qkv_bias=True,
                 norm_layer=norm,
-                act_layer=nn.GELU,
+                act_layer=nn.GELU if cfg.act == "gelu" else get_act_layer(cfg.act),
             )
             for _ in range(cfg.layers)
         )

@@ -1,0 +1,171 @@
+"""Conversions with parity: vlp -> transformers / open_clip / timm, open_clip -> vlp (CLI included).
+
+Small class-token CLIP-layout models keep each test around a second; the full-size open_clip
+ViT-B-32 parity lives in test_open_clip_parity.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from tests.helpers import run
+from vlp.export import main as export_main
+from vlp.models import CLIP, create_model
+from vlp.train.checkpoint import export_weights
+
+import_main = importlib.import_module("vlp.import").main  # `import` is a keyword: load by string
+
+TOL = 1e-4
+# clip-nano with a class token: the layout open_clip's and HF's ViTs have
+CLS_NANO = {"vision": {"timm_kwargs": {"global_pool": "token", "class_token": True}}}
+SMALL_OC_CFG = {"embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 3, "layers": 2}}
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random init plus noise on every tensor, so a swapped or dropped mapping shows up."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.02)
+    return model.eval()
+
+
+def _tokens(n: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(1, 49000, (n, length), generator=g)
+    tok[:, 0] = 49406
+    tok[0, 5], tok[0, 6:] = 49407, 0
+    tok[1, -1] = 49407
+    return tok
+
+
+def _pooled(out: object) -> torch.Tensor:
+    return getattr(out, "pooler_output", out)  # transformers 5 returns an output object
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CLIP]:
+    torch.manual_seed(0)
+    model = _perturbed(create_model("clip-nano", **CLS_NANO))
+    out = tmp_path_factory.mktemp("run")
+    export_weights(model.state_dict(), model.config, "clip-nano", out)
+    return out, model
+
+
+def test_export_hf_parity(run_dir: tuple[Path, CLIP], tmp_path: Path) -> None:
+    from transformers import CLIPModel
+
+    path, model = run_dir
+    assert export_main([str(path), "--to", "hf", str(tmp_path / "hf")]) == 0
+    hf = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    images, tokens = torch.randn(2, 3, 16, 16), _tokens(2, 16)
+    with torch.no_grad():
+        img = _pooled(hf.get_image_features(pixel_values=images))
+        txt = _pooled(hf.get_text_features(input_ids=tokens))
+        assert (img - model.encode_image(images)).abs().max() <= TOL
+        assert (txt - model.encode_text(tokens)).abs().max() <= TOL
+    assert hf.config.vision_config.hidden_act == "gelu" and hf.config.text_config.hidden_act == "gelu"
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+
+
+def test_export_open_clip_parity(run_dir: tuple[Path, CLIP], tmp_path: Path) -> None:
+    path, model = run_dir
+    assert export_main([str(path), "--to", "open_clip", str(tmp_path / "oc")]) == 0
+    oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    oc.eval()
+    images, tokens = torch.randn(2, 3, 16, 16), _tokens(2, 16)
+    with torch.no_grad():
+        assert (oc.encode_image(images) - model.encode_image(images)).abs().max() <= TOL
+        assert (oc.encode_text(tokens) - model.encode_text(tokens)).abs().max() <= TOL
+    assert torch.equal(oc.logit_scale.detach().reshape(1), model.logit_scale.detach())
+
+
+def test_import_open_clip_parity(tmp_path: Path) -> None:
+    """A custom small open_clip config -> `python -m vlp.import` -> vlp.load_model: same embeddings."""
+    import json
+
+    import vlp
+
+    torch.manual_seed(0)
+    oc = _perturbed(open_clip.model.CLIP(**SMALL_OC_CFG))
+    torch.save(oc.state_dict(), tmp_path / "oc.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps(SMALL_OC_CFG))
+    assert import_main(["open_clip", str(tmp_path / "oc.pt"), "--model", str(tmp_path / "cfg.json"),
+                        str(tmp_path / "vlp")]) == 0
+    model, pre, tok = vlp.load_model(tmp_path / "vlp")
+    images, tokens = torch.randn(2, 3, 32, 32), _tokens(2, 16)
+    with torch.no_grad():
+        assert (oc.encode_image(images) - model.encode_image(images)).abs().max() <= TOL
+        assert (oc.encode_text(tokens) - model.encode_text(tokens)).abs().max() <= TOL
+    assert pre.image_size == 32 and tok.context_length == 16
+
+
+def test_export_timm_parity(tmp_path: Path) -> None:
+    """Mean-pooled tower (no class token) too: timm export needs no CLIP layout."""
+    from vlp.export import export
+    from vlp.interop.timm import load_timm_export
+
+    torch.manual_seed(0)
+    model = _perturbed(create_model("clip-nano"))
+    export_weights(model.state_dict(), model.config, "clip-nano", tmp_path / "run")
+    export(tmp_path / "run", "timm", tmp_path / "timm")
+    tm = load_timm_export(tmp_path / "timm")
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (tm(images) - model.visual(images)).abs().max() <= TOL
+        assert (model.image_proj(tm(images)) - model.encode_image(images)).abs().max() <= TOL
+
+
+def test_export_refuses_what_target_cannot_hold(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = create_model("clip-nano")  # mean-pooled, no class token
+    export_weights(model.state_dict(), model.config, "clip-nano", tmp_path / "run")
+    assert export_main([str(tmp_path / "run"), "--to", "hf", str(tmp_path / "o")]) == 2
+    assert "class" in capsys.readouterr().err
+
+
+def test_openai_checkpoint_imports_with_quickgelu_parity(tmp_path: Path) -> None:
+    from vlp.interop.open_clip import openai_state_dict_to_open_clip
+
+    # OpenAI's layout implies 64-wide heads; the shapes carry everything else
+    small = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 64},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}}
+    oc = _perturbed(open_clip.model.CLIP(**small, quick_gelu=True)).eval()
+    sd = {**oc.state_dict(), "input_resolution": 32, "context_length": 16, "vocab_size": 49408}
+    oc_sd, cfg = openai_state_dict_to_open_clip(sd)
+    assert oc_sd.keys() == oc.state_dict().keys() and cfg["quick_gelu"] is True
+    assert cfg["vision_cfg"] == {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8}
+    torch.save(sd, tmp_path / "openai.pt")
+    assert import_main(["openai", str(tmp_path / "openai.pt"), "--model", "openai-small", str(tmp_path / "o")]) == 0
+    import vlp
+
+    model, _, _ = vlp.load_model(tmp_path / "o")
+    assert model.config.text.act == "quick_gelu"
+    images = torch.randn(2, 3, 32, 32)
+    tokens = open_clip.get_tokenizer("ViT-B-32", context_length=16)(["a dog", "two red cars"])
+    with torch.no_grad():
+        assert (model.encode_image(images) - oc.encode_image(images)).abs().max() <= TOL
+        assert (model.encode_text(tokens) - oc.encode_text(tokens)).abs().max() <= TOL
+    # and the same activation in a GELU build would not match: the test can tell them apart
+    gelu = open_clip.model.CLIP(**small).eval()
+    gelu.load_state_dict(oc.state_dict())
+    with torch.no_grad():
+        assert (gelu.encode_text(tokens) - oc.encode_text(tokens)).abs().max() > 1e-3
+
+
+def test_cli_runs_as_module(run_dir: tuple[Path, CLIP], tmp_path: Path) -> None:
+    """`python -m vlp.export` in a fresh process (the in-process tests call the same main)."""
+    path, model = run_dir
+    run([sys.executable, "-m", "vlp.export", str(path), "--to", "vlp", str(tmp_path / "again")])
+    import vlp
+
+    again, _, _ = vlp.load_model(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
