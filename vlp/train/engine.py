@@ -69,14 +69,6 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     t, o = cfg.train, cfg.optim
     ds: dict[str, Any] = {
@@ -136,19 +128,14 @@ def build_engine(task: nn.Module, cfg: DictConfig, total_steps: int, no_decay: s
 def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor] | None:
     """fp32 copy of `module`'s full weights on rank 0 (None elsewhere); all ranks must call.
 
-    Under ZeRO-3 the partitions are gathered; under bf16/fp16 the fp32 master weights are
-    taken from the optimizer so no precision is lost.
+    Under ZeRO-3 the partitions are gathered first. Meant for fp32 runs: with bf16/fp16 the module
+    holds low-precision copies, and the trainer takes the fp32 masters from the checkpoint instead.
     """
     import deepspeed
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    stage = engine.zero_optimization_stage()
-    params = list(module.parameters())
-    out: dict[str, torch.Tensor] | None = None
-    if stage == 3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank == 0:
-                out = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    elif rank == 0:
-        out = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return out
+    params = list(module.parameters()) if engine.zero_optimization_stage() == 3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        if rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
