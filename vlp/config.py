@@ -72,6 +72,7 @@ class EvalEntry:
     every_n_steps: int = 0  # 0: only at the end of training
     batch_size: int = 256
     max_samples: int = 0  # 0: all
+    ema: bool = False  # evaluate the EMA weights (needs ema.enabled) instead of the live ones
 
 
 @dataclass
@@ -89,8 +90,48 @@ class TrainSection:
     # end this invocation after this many optimizer steps (with a checkpoint), e.g. for
     # time-sliced jobs; resume with --resume latest. 0: run to train.steps
     stop_after_steps: int = 0
+    # torch.compile the model (nn.Module.compile, state-dict keys unchanged) with this backend
     compile: bool = False
+    compile_backend: str = "inductor"
     progress_bar: bool = True
+    # micro: each micro-batch is its own contrastive batch (negatives from that micro-batch only);
+    # exact: features of all gradient_accumulation_steps micro-batches are computed without a
+    # graph, the loss is taken on all of them together, then each micro-batch is re-forwarded and
+    # backpropagated with its feature gradients (GradCache): the gradient of one k-times-larger batch
+    contrastive_accumulation: str = "micro"
+    # recompute tower activations in the backward (timm's set_grad_checkpointing for the image
+    # tower, non-reentrant torch.utils.checkpoint per text block): less memory, ~1/3 more compute
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class LockSection:
+    """LiT-style locking: locked parameters get no gradient and no optimizer state and their
+    modules run in eval mode (no dropout, frozen norm statistics) also during training. The
+    projections into the shared embedding space stay trainable."""
+
+    image: bool = False
+    # > 0: keep the last N of timm's layer groups of the image trunk trainable (ViT: group 0 is the
+    # patch/position embedding, 1..depth the blocks, the last the final norm)
+    image_unlocked_groups: int = 0
+    image_unlock_norms: bool = False  # keep every normalization layer of the locked part trainable
+    text: bool = False
+    # > 0: keep the last N text groups trainable (embeddings, blocks 0..layers-1, final norm)
+    text_unlocked_groups: int = 0
+    text_unlock_norms: bool = False
+
+
+@dataclass
+class EmaSection:
+    """Exponential moving average of the weights, kept in fp32, saved with every checkpoint."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    # before this optimizer step the EMA is a copy of the weights
+    start_step: int = 0
+    # ramp the decay as min(decay, (1 + n) / (10 + n)), n = EMA updates since start_step
+    warmup: bool = False
+    update_every_n_steps: int = 1
 
 
 @dataclass
@@ -109,6 +150,8 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lock: LockSection = field(default_factory=LockSection)
+    ema: EmaSection = field(default_factory=EmaSection)
     evals: dict[str, EvalEntry] = field(default_factory=dict)
 
 
@@ -174,6 +217,21 @@ def validate(cfg: DictConfig) -> None:
         bad("train.steps", "set train.steps > 0 or train.epochs > 0")
     if cfg.train.gradient_accumulation_steps < 1:
         bad("train.gradient_accumulation_steps", "must be >= 1")
+    if cfg.train.contrastive_accumulation not in ("micro", "exact"):
+        bad("train.contrastive_accumulation", f"must be micro or exact, got '{cfg.train.contrastive_accumulation}'")
+    for tower in ("image", "text"):
+        n = cfg.lock[f"{tower}_unlocked_groups"]
+        if n < 0 or (n and not cfg.lock[tower]):
+            bad(f"lock.{tower}_unlocked_groups", f"must be >= 0, and is only used with lock.{tower}=true")
+        if cfg.lock[f"{tower}_unlock_norms"] and not cfg.lock[tower]:
+            bad(f"lock.{tower}_unlock_norms", f"is only used with lock.{tower}=true")
+    if cfg.ema.enabled:
+        if not 0.0 <= cfg.ema.decay < 1.0:
+            bad("ema.decay", f"must be in [0, 1), got {cfg.ema.decay}")
+        if cfg.ema.start_step < 0:
+            bad("ema.start_step", "must be >= 0")
+        if cfg.ema.update_every_n_steps < 1:
+            bad("ema.update_every_n_steps", "must be >= 1")
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
         bad("data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
@@ -182,6 +240,8 @@ def validate(cfg: DictConfig) -> None:
     for name, ev in cfg.evals.items():
         if ev.task != "zeroshot":
             bad(f"evals.{name}.task", f"unknown task '{ev.task}' (known: zeroshot)")
+        if ev.ema and not cfg.ema.enabled:
+            bad(f"evals.{name}.ema", "evaluating EMA weights needs ema.enabled=true")
 
 
 def to_yaml(cfg: DictConfig) -> str:

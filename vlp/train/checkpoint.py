@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,10 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls. Returns the published checkpoint directory."""
+def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls; `extra(dir)` (every rank) adds files before publication
+    (the EMA). Returns the published checkpoint directory."""
     root = Path(root)
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
@@ -85,6 +88,8 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_la
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"vlp_step": step}, save_latest=False)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), tmp_dir / f"rng_rank{_rank():05d}.pt")
+    if extra is not None:
+        extra(tmp_dir)
     if _rank() == 0:
         atomic_write_bytes(tmp_dir / META, json.dumps({**meta, "step": step}, indent=1).encode())
     barrier()
@@ -148,15 +153,17 @@ def load_checkpoint(engine, ckpt_dir: Path) -> int:
     return int(client["vlp_step"])
 
 
-def export_weights(state_dict: dict[str, torch.Tensor], model_cfg: CLIPConfig, model_name: str, out_dir: Path) -> Path:
-    """Write model.safetensors + model_config.json + preprocess.json atomically (rank 0)."""
+def export_weights(state_dict: dict[str, torch.Tensor], model_cfg: CLIPConfig, model_name: str, out_dir: Path,
+                   filename: str = "model.safetensors") -> Path:
+    """Write `filename` (model.safetensors, or model_ema.safetensors) + model_config.json +
+    preprocess.json atomically (rank 0)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = config_to_dict(model_cfg)
     meta = {"format": "vlp", "model_name": model_name, "model_config": json.dumps(cfg_dict)}
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    path = out_dir / "model.safetensors"
-    tmp = out_dir / f".model.safetensors.tmp-{os.getpid()}"
+    path = out_dir / filename
+    tmp = out_dir / f".{filename}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
     doc = {"model_name": model_name, **cfg_dict}

@@ -9,20 +9,34 @@ from vlp.losses import ClipLoss
 
 
 class CLIPTask(nn.Module):
-    """Wraps a CLIP model and its contrastive loss; the model itself stays free of distributed code."""
+    """Wraps a CLIP model and its contrastive loss; the model itself stays free of distributed code.
+
+    `locked` modules (LiT locking, see `vlp.train.locking`) stay in eval mode whatever `train()`
+    is asked, so their dropout and normalization statistics are off during training too.
+    """
 
     def __init__(self, model: nn.Module, loss: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss if loss is not None else ClipLoss()
+        self.locked: list[nn.Module] = []
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor,
+                features_only: bool = False) -> dict[str, torch.Tensor]:
         out = self.model(image, text)
+        if features_only:  # exact accumulation takes the loss over several micro-batches itself
+            return out
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
         metrics = {"loss": loss, "logit_scale": out["logit_scale"].detach()}
         if "logit_bias" in out:
             metrics["logit_bias"] = out["logit_bias"].detach()
         return metrics
+
+    def train(self, mode: bool = True) -> CLIPTask:
+        super().train(mode)
+        for m in self.locked:
+            m.eval()
+        return self
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}

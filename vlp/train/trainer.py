@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from vlp.config import to_container, to_yaml
+from vlp.config import from_container, to_container, to_yaml
 from vlp.data.pipeline import build_train_loader, expand_shards, num_samples_from_manifest
 from vlp.data.tokenizer import get_tokenizer
 from vlp.losses import build_loss
@@ -26,7 +26,10 @@ from vlp.models import create_model, get_model_config
 from vlp.models.config import config_to_dict
 
 from . import checkpoint as ckpt
+from .accumulate import exact_accumulation_step
+from .ema import WeightEMA
 from .engine import DistInfo, all_ranks_true, barrier, build_engine, full_state_dict, init_distributed
+from .locking import LockError, apply_locks
 from .logger import MetricsLogger
 from .task import CLIPTask
 
@@ -93,12 +96,19 @@ class Trainer:
                     f"stage {cfg.train.zero_stage}; DeepSpeed cannot re-partition its optimizer state for "
                     f"{self.dist.world_size} ranks. Resume on {meta['world_size']} ranks (or from a ZeRO stage 0 run)"
                 )
+            saved_lock = {**to_container(from_container({}))["lock"], **meta["run_config"].get("lock", {})}
+            if saved_lock != to_container(cfg)["lock"]:
+                raise TrainError(f"checkpoint '{self.resume_dir}' was written with lock={saved_lock}; the optimizer "
+                                 "state holds exactly the parameters that were trainable: resume with the same lock")
         # -- build
         seed_everything(cfg.train.seed)  # same init on every rank
         self.model = create_model(cfg.model.name, **overrides)
         self.tokenizer = get_tokenizer(self.model_cfg.text)
         self.task = CLIPTask(self.model, build_loss(cfg.loss.name, cfg.loss.tile_size))
+        self._prepare_model()
         self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
+        # under ZeRO-3 the EMA follows each rank's parameter partitions, which exist from here on
+        self.ema = WeightEMA(self.model, cfg.ema, cfg.train.zero_stage == 3) if cfg.ema.enabled else None
         # DeepSpeed bf16/fp16 casts the module; images must follow (the loss itself runs in fp32)
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         seed_everything(cfg.train.seed + 1000 * self.dist.rank)
@@ -108,6 +118,8 @@ class Trainer:
         self._resume_note = ""
         if self.resume_dir is not None:
             self.step = ckpt.load_checkpoint(self.engine, self.resume_dir)
+            if self.ema is not None and not self.ema.load(self.resume_dir):
+                self._resume_note = "checkpoint holds no EMA: the EMA starts from the resumed weights"
             meta = ckpt.read_meta(self.resume_dir)
             self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
             if meta["world_size"] != self.dist.world_size:
@@ -124,6 +136,21 @@ class Trainer:
             self.log.write(f"resumed from {self.resume_dir} at step {self.step}")
             if self._resume_note:
                 self.log.write(f"warning: {self._resume_note}")
+
+    def _prepare_model(self) -> None:
+        """Locking, gradient checkpointing and compilation: before DeepSpeed sees the model."""
+        cfg = self.cfg
+        try:
+            self.task.locked = apply_locks(self.model, cfg.lock)
+        except LockError as e:
+            raise TrainError(str(e)) from None
+        self.task.train()
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise TrainError("lock: every parameter is locked, nothing to train")
+        if cfg.train.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if cfg.train.compile:
+            self.model.compile(backend=cfg.train.compile_backend)  # in place: state-dict keys unchanged
 
     def _resolve_resume(self, resume: str | None) -> Path | None:
         if resume is None:
@@ -144,6 +171,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist
         gas = cfg.train.gradient_accumulation_steps
+        exact = cfg.train.contrastive_accumulation == "exact"
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # exact: this step's micro-batches
         global_batch = cfg.data.batch_size * d.world_size * gas
         micro = 0
         skipped: dict[int, int] = {}
@@ -168,17 +197,27 @@ class Trainer:
                 got_any = True
                 window["wait"] += time.perf_counter() - t_wait
                 skipped[batch.get("worker", 0)] = int(batch.get("skipped", 0))
-                out = self.engine(batch["image"].to(d.device, self.input_dtype, non_blocking=True),
-                                  batch["text"].to(d.device, non_blocking=True))
-                self.engine.backward(out["loss"])
-                self.engine.step()
+                inputs = (batch["image"].to(d.device, self.input_dtype, non_blocking=True),
+                          batch["text"].to(d.device, non_blocking=True))
                 self.in_epoch += 1
                 micro += 1
+                if exact:  # GradCache: the loss over all micro-batches of the step at once
+                    pending.append(inputs)
+                    if micro % gas:
+                        continue
+                    out = exact_accumulation_step(self.engine, self.task.loss, pending)
+                    pending.clear()
+                else:
+                    out = self.engine(*inputs)
+                    self.engine.backward(out["loss"])
+                    self.engine.step()
                 window["loss"] += float(out["loss"].detach())
                 window["n"] += 1
                 if micro % gas:
                     continue
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.step)
                 window["steps"] += 1
                 self.log.advance()
                 if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
@@ -247,17 +286,26 @@ class Trainer:
             if not due or self._evaluated.get(name) == self.step:
                 continue
             self._evaluated[name] = self.step
-            self.model.eval()
-            res = run_zeroshot(self.engine.module.model, self.tokenizer, ev.dataset, split=ev.split,
+            model = self._ema_model() if ev.ema else self.engine.module.model
+            model.eval()
+            res = run_zeroshot(model, self.tokenizer, ev.dataset, split=ev.split,
                                batch_size=ev.batch_size, max_samples=ev.max_samples,
                                device=self.dist.device, preprocess=self.model_cfg.preprocess)
-            self.model.train()
+            self.task.train()
             metrics = {f"eval/{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
             self.log.log(self.step, metrics)
             self.log.write(f"[step {self.step}] eval {name} ({ev.dataset}): "
                            + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
             out[name] = res
         return out
+
+    def _ema_model(self) -> torch.nn.Module:
+        """A plain fp32 copy of the model holding the EMA weights (collective under ZeRO-3)."""
+        from vlp.models import CLIP
+
+        model = CLIP(self.model_cfg)
+        model.load_state_dict(self.ema.full_state_dict(), strict=True)
+        return model.to(self.dist.device)
 
     # ------------------------------------------------------------- checkpoints
     def _meta(self) -> dict[str, Any]:
@@ -272,7 +320,8 @@ class Trainer:
 
     def save(self) -> Path:
         path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._meta(),
-                                    self.cfg.train.keep_last_n_checkpoints)
+                                    self.cfg.train.keep_last_n_checkpoints,
+                                    extra=self.ema.save if self.ema is not None else None)
         self.log.write(f"checkpoint: {path}")
         return path
 
@@ -290,4 +339,10 @@ class Trainer:
         if self.dist.is_main:
             path = ckpt.export_weights(sd, self.model_cfg, self.cfg.model.name, self.run_dir)
             self.log.write(f"weights: {path}")
+        if self.ema is not None:
+            ema_sd = self.ema.full_state_dict()  # collective under ZeRO-3
+            if self.dist.is_main:
+                path = ckpt.export_weights(ema_sd, self.model_cfg, self.cfg.model.name, self.run_dir,
+                                           filename="model_ema.safetensors")
+                self.log.write(f"EMA weights: {path}")
         barrier()
