@@ -204,15 +204,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise LoadError(f"'{path}': unsupported checkpoint file (expected .safetensors or a run directory)")
 
 
-def load_state(path: str | Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
-    """Model config and fp32 state dict from a run dir, a .safetensors file or a checkpoint dir."""
+def _ema_state(path: str | Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
+    """The EMA weights of a run (model_ema.safetensors, else its latest checkpoint's EMA) or of a
+    checkpoint directory."""
+    from vlp.train.ema import consolidate_ema
+
+    p = Path(path)
+    if p.is_dir() and (p / "model_ema.safetensors").is_file():
+        return _from_safetensors(p / "model_ema.safetensors")
+    if p.suffix == ".safetensors":
+        raise LoadError(f"'{path}' is a weights file: pass the EMA file (model_ema.safetensors) itself, without ema")
+    ckpt_dir = resolve_checkpoint(p)
+    if not ckpt_dir.is_dir():
+        raise LoadError(f"'{path}' holds no EMA weights (no model_ema.safetensors; trained without ema.enabled?)")
+    sd = consolidate_ema(ckpt_dir)
+    if sd is None:
+        raise LoadError(f"checkpoint '{ckpt_dir}' holds no EMA weights (trained without ema.enabled?)")
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    return config_from_dict(meta["model_config"]), sd
+
+
+def load_state(path: str | Path, ema: bool = False) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
+    """Model config and fp32 state dict from a run dir, a .safetensors file or a checkpoint dir;
+    `ema=True` gives the run's EMA weights instead of the trained ones."""
+    if ema:
+        return _ema_state(path)
     p = resolve_checkpoint(path)
     return _from_deepspeed(p) if p.is_dir() else _from_safetensors(p)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CLIP, PreprocessConfig, Tokenizer]:
-    """(model in eval mode, preprocessing config, tokenizer) from a checkpoint path."""
-    cfg, sd = load_state(path)
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               ema: bool = False) -> tuple[CLIP, PreprocessConfig, Tokenizer]:
+    """(model in eval mode, preprocessing config, tokenizer) from a checkpoint path (`ema`: its EMA weights)."""
+    cfg, sd = load_state(path, ema=ema)
     model = CLIP(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:

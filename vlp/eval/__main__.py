@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run directory, model.safetensors file, or DeepSpeed checkpoint directory")
     zs.add_argument("--dataset", default="fashion-mnist",
                     help="fashion-mnist, digits, or a CLIP_benchmark-style webdataset directory")
+    zs.add_argument("--ema", action="store_true",
+                    help="evaluate the run's EMA weights (model_ema.safetensors or the checkpoint's EMA)")
     zs.add_argument("--split", default="test")
     zs.add_argument("--batch-size", type=int, default=256)
     zs.add_argument("--max-samples", type=int, default=0, help="0: the whole split")
@@ -29,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     from vlp.loading import LoadError, load_model
 
     try:
-        model, pre, tokenizer = load_model(args.checkpoint, device=args.device)
+        model, pre, tokenizer = load_model(args.checkpoint, device=args.device, ema=args.ema)
         data = load_eval_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
     except (LoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = evaluate_zeroshot(model, tokenizer, data, pre, args.batch_size, args.device)
-    res = {"task": "zeroshot", "dataset": args.dataset, "split": args.split, "checkpoint": args.checkpoint, **res}
+    res = {"task": "zeroshot", "dataset": args.dataset, "split": args.split, "checkpoint": args.checkpoint, "ema": args.ema, **res}
     print(f"zero-shot {args.dataset} ({args.split}, {res['num_samples']} images): "
           f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
           f"mean per-class recall {100 * res['mean_per_class_recall']:.2f}%")

@@ -45,18 +45,23 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, _NORMS) or type(m).__name__.lower().endswith(("norm", "norm2d", "rmsnorm"))
 
 
-def lock_tower(tower: nn.Module, groups: list[list[str]], unlocked_groups: int, unlock_norms: bool, key: str) -> None:
-    """Freeze `tower` except its last `unlocked_groups` groups (and its norms if `unlock_norms`)."""
+def lock_tower(tower: nn.Module, groups: list[list[str]], unlocked_groups: int, unlock_norms: bool,
+               key: str) -> list[nn.Module]:
+    """Freeze `tower` except its last `unlocked_groups` groups (and its norms if `unlock_norms`);
+    return the locked modules to keep in eval mode (decided before the norms are unlocked: a
+    trainable norm inside a locked block does not bring the block's dropout back)."""
     if unlocked_groups > len(groups):
         raise LockError(f"{key}={unlocked_groups} but the tower has only {len(groups)} layer groups")
     keep = {n for g in groups[len(groups) - unlocked_groups:] for n in g} if unlocked_groups else set()
     for name, p in tower.named_parameters():
         p.requires_grad_(name in keep)
+    evals = frozen_modules(tower)
     if unlock_norms:
         for m in tower.modules():
             if _is_norm(m):
                 for p in m.parameters(recurse=False):
                     p.requires_grad_(True)
+    return evals
 
 
 def frozen_modules(root: nn.Module) -> list[nn.Module]:
@@ -78,12 +83,12 @@ def apply_locks(model: nn.Module, lock: DictConfig) -> list[nn.Module]:
     if lock.image:
         trunk = model.visual.trunk
         groups = image_groups(trunk) if lock.image_unlocked_groups else [[n for n, _ in trunk.named_parameters()]]
-        lock_tower(trunk, groups, lock.image_unlocked_groups, lock.image_unlock_norms, "lock.image_unlocked_groups")
-        evals += frozen_modules(model.visual)
+        evals += lock_tower(trunk, groups, lock.image_unlocked_groups, lock.image_unlock_norms,
+                            "lock.image_unlocked_groups")
     if lock.text:
         groups = text_groups(model.text)
-        lock_tower(model.text, groups, lock.text_unlocked_groups, lock.text_unlock_norms, "lock.text_unlocked_groups")
-        evals += frozen_modules(model.text)
+        evals += lock_tower(model.text, groups, lock.text_unlocked_groups, lock.text_unlock_norms,
+                            "lock.text_unlocked_groups")
     return evals
 
 
