@@ -84,10 +84,10 @@ def plain_reference(model_name: str, images, tokens, seed: int):
 
 
 def main() -> None:
-    out_path = sys.argv[1]
+    out_path, stages = sys.argv[1], [int(z) for z in sys.argv[2].split(",")]
     d = init_distributed()
     results = {}
-    for zero in (0, 2):
+    for zero in stages:
         for model_name in ("clip-nano", "siglip-nano"):
             images, tokens = rank_batch(d.rank, K * MICRO, 49408, 16)
             micro = list(zip(images.split(MICRO), tokens.split(MICRO)))
