@@ -9,8 +9,6 @@ dropout, frozen normalization statistics). Layer groups of the image trunk come 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from omegaconf import DictConfig
 from timm.models import group_parameters
 from torch import nn
@@ -42,7 +40,7 @@ def text_groups(text: nn.Module) -> list[list[str]]:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, _NORMS) or type(m).__name__.lower().endswith(("norm", "norm2d", "rmsnorm"))
+    return isinstance(m, _NORMS) or type(m).__name__.lower().endswith(("norm", "norm2d"))
 
 
 def lock_tower(tower: nn.Module, groups: list[list[str]], unlocked_groups: int, unlock_norms: bool,
@@ -90,7 +88,3 @@ def apply_locks(model: nn.Module, lock: DictConfig) -> list[nn.Module]:
         evals += lock_tower(model.text, groups, lock.text_unlocked_groups, lock.text_unlock_norms,
                             "lock.text_unlocked_groups")
     return evals
-
-
-def trainable_names(model: nn.Module) -> Iterable[str]:
-    return (n for n, p in model.named_parameters() if p.requires_grad)

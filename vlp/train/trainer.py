@@ -150,6 +150,10 @@ class Trainer:
         if cfg.train.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if cfg.train.compile:
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if cfg.train.compile_backend not in known:
+                raise TrainError(f"train.compile_backend: unknown backend '{cfg.train.compile_backend}' "
+                                 f"(known: {', '.join(known)})")
             self.model.compile(backend=cfg.train.compile_backend)  # in place: state-dict keys unchanged
 
     def _resolve_resume(self, resume: str | None) -> Path | None:
