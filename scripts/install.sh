@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything vlp needs on a fresh Debian machine (CPU or GPU): the Fashion-MNIST
-# Debian package for the demo and tests, PyTorch, and vlp itself with its dev extras.
+# Debian package for the demo and tests, openclipart SVGs and an SVG rasterizer for the clipart
+# scenes source, PyTorch, and vlp itself with its dev extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,11 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   echo "[install] apt: dataset-fashion-mnist"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+if [ ! -d /usr/share/openclipart/svg ] || ! command -v rsvg-convert >/dev/null; then
+  echo "[install] apt: openclipart-svg librsvg2-bin"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openclipart-svg librsvg2-bin >/dev/null
 fi
 
 PY=${PYTHON:-python3}

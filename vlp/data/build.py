@@ -6,6 +6,7 @@ re-running with the same arguments finds it and does nothing.
 
     python -m vlp.data.build fashion-mnist OUT_DIR [--split train] [--shard-size N] [--format png|jpg]
     python -m vlp.data.build folder OUT_DIR --images DIR --captions captions.csv
+    python -m vlp.data.build clipart OUT_DIR [--split train|test] [--num-scenes N] [--size PX]
 """
 
 from __future__ import annotations
@@ -243,10 +244,52 @@ def build_image_caption_shards(
     return _finish(out, split, "folder", params, shards, {"skipped": skipped})
 
 
+def build_clipart_shards(
+    out_dir: str | Path,
+    split: str = "train",
+    num_scenes: int = 0,
+    size: int = 64,
+    seed: int = 0,
+    shard_size: int = 10000,
+    max_per_class: int = 64,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Clipart scenes as shards `{out_dir}/{split}/{split}-NNNNNN.tar` (manifest `{out_dir}/{split}/{split}.json`).
+
+    Each sample: `jpg`, `txt` (noisy caption: an object's SVG title), `syn.txt` (synthetic layout
+    caption), `cls`, `seg.png` (class mask, 0 = background) and `json` (objects). `out_dir` also gets
+    classnames.txt, zeroshot_classification_templates.txt and background_names.txt, so it is both a
+    CLIP_benchmark-style classification set and a segmentation set (`vlp.data.segmentation`).
+    `num_scenes` 0 means 10000 (train) or 1000 (test).
+    """
+    from vlp.data import clipart
+
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown clipart split '{split}' (expected train or test)")
+    n = num_scenes if num_scenes > 0 else (10000 if split == "train" else 1000)
+    out = Path(out_dir)
+    split_dir = out / split
+    params = {"source": "clipart", "num_scenes": n, "size": size, "seed": seed, "shard_size": shard_size,
+              "max_per_class": max_per_class, "categories": clipart.CLASSNAMES}
+    existing = _existing_manifest(split_dir, split, params)
+    if existing is None:
+        bank = clipart.load_sprites(max_per_class)
+        scenes = clipart.generate_scenes(split, n, size, seed, max_per_class, bank=bank)
+        samples = (clipart.scene_sample(sc, f"clipart_{split}_{i:07d}") for i, sc in enumerate(scenes))
+        shards = _write_shards(samples, split_dir, split, shard_size, n, progress)
+        extra = {"sprites": len(bank.sprites[split]), "svg_failed": len(bank.failed)}
+        existing = _finish(split_dir, split, "clipart", params, shards, extra)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classnames.txt").write_text("\n".join(clipart.CLASSNAMES) + "\n")
+    (out / "zeroshot_classification_templates.txt").write_text("\n".join(clipart.TEMPLATES) + "\n")
+    (out / "background_names.txt").write_text("\n".join(clipart.BACKGROUND_NAMES) + "\n")
+    return existing
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script `vlp-shards`."""
     ap = argparse.ArgumentParser(prog="vlp-shards", description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", choices=["fashion-mnist", "digits", "folder"])
+    ap.add_argument("source", choices=["fashion-mnist", "digits", "folder", "clipart"])
     ap.add_argument("out_dir")
     ap.add_argument("--split", default="train", help="train | test (folder: any name)")
     ap.add_argument("--shard-size", type=int, default=10000)
@@ -255,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", dest="image_format", choices=["png", "jpg"], default="png")
     ap.add_argument("--images", help="folder source: image directory")
     ap.add_argument("--captions", help="folder source: CSV (file,caption) or JSONL")
+    ap.add_argument("--num-scenes", type=int, default=0, help="clipart: scenes (0: 10000 train, 1000 test)")
+    ap.add_argument("--size", type=int, default=64, help="clipart: scene side in pixels")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -264,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             manifest = build_image_caption_shards(
                 args.images, args.captions, args.out_dir, split=args.split,
                 shard_size=args.shard_size, progress=not args.no_progress,
+            )
+        elif args.source == "clipart":
+            manifest = build_clipart_shards(
+                args.out_dir, split=args.split, num_scenes=args.num_scenes or args.max_samples, size=args.size,
+                seed=args.seed, shard_size=args.shard_size, progress=not args.no_progress,
             )
         else:
             manifest = build_shards(

@@ -1,0 +1,407 @@
+"""Dense evaluation: zero-shot semantic segmentation (MaskCLIP) and linear-probe segmentation, mIoU.
+
+    res = evaluate_segmentation(model, tokenizer, dataset, mode="zeroshot")          # or "linear_probe"
+    res["miou"], res["per_class_iou"], res["examples"]                               # examples: (image, pred, gt)
+
+Zero-shot (MaskCLIP, Zhou et al. 2022): the last transformer block of the image tower is run with its
+query-key attention replaced by the identity (every token attends only to itself), so each patch
+keeps its own value embedding, `proj(v)`, plus the block's residual and MLP; the tokens then take the
+pooled path's final norm(s) and `image_proj` into the text space, and each patch is scored against the
+class text embeddings (cosine). Background: the dataset's `background_names` are prompted with the
+same templates and a patch's background score is the best of them (MaskCLIP's extra background
+classes); `background="threshold"` instead labels a patch background when its best class softmax
+probability (at the model's logit scale) is below `bg_threshold`. Patch scores are upsampled
+bilinearly to the mask size before the argmax.
+
+Linear probe: frozen patch tokens of the last block (after the final norm), standardized with train
+statistics, one linear layer trained with soft per-patch targets (the class fractions of the pixels
+each patch covers) on the train split; its patch logits are upsampled bilinearly and scored on the
+test split.
+
+Metrics: a confusion matrix over background + classes (pixels equal to `ignore_index` skipped);
+IoU = TP / (TP + FP + FN) per class, NaN for a class absent from both prediction and ground truth,
+mIoU = mean over the non-NaN classes (as mmsegmentation). `miou_fg` leaves background out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.data.segmentation import SegmentationDataset
+from vlp.eval.zeroshot import build_classifier
+from vlp.models.config import PreprocessConfig
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """[num_classes, num_classes] int64 counts, rows = ground truth, columns = prediction."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    keep = target != ignore_index
+    pred, target = pred[keep], target[keep]
+    if target.numel() and (int(target.max()) >= num_classes or int(target.min()) < 0):
+        raise ValueError(f"target values must be in [0, {num_classes}) or {ignore_index}")
+    if pred.numel() and (int(pred.max()) >= num_classes or int(pred.min()) < 0):
+        raise ValueError(f"prediction values must be in [0, {num_classes})")
+    return torch.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: torch.Tensor) -> dict[str, Any]:
+    """Per-class IoU (NaN where a class is in neither prediction nor ground truth), mIoU, pixel accuracy."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    valid = ~torch.isnan(iou)
+    total = cm.sum()
+    return {
+        "iou": iou.tolist(),
+        "miou": float(iou[valid].mean()) if valid.any() else float("nan"),
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
+    }
+
+
+# ---- image tower pieces ---------------------------------------------------------------------------
+
+
+def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, PreprocessConfig]:
+    """(timm trunk, image projection, preprocess) of a vlp CLIP model or a `vlp.load_backbone` Backbone."""
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if trunk is None:
+        trunk = getattr(model, "trunk", None)
+    proj = getattr(model, "image_proj", None)
+    pre = getattr(model, "preprocess", None)
+    if trunk is None or proj is None or pre is None:
+        raise TypeError(f"{type(model).__name__} is not a vlp CLIP model or Backbone "
+                        "(needs .visual.trunk or .trunk, .image_proj and .preprocess)")
+    return trunk, proj, pre
+
+
+def _check_vit(trunk: nn.Module) -> None:
+    for attr in ("patch_embed", "blocks", "_pos_embed", "norm"):
+        if not hasattr(trunk, attr):
+            raise NotImplementedError(f"dense evaluation needs a timm VisionTransformer trunk; "
+                                      f"{type(trunk).__name__} has no '{attr}'")
+
+
+def grid_size(model: nn.Module) -> tuple[int, int]:
+    trunk, _, _ = _vision_parts(model)
+    _check_vit(trunk)
+    return tuple(trunk.patch_embed.grid_size)  # type: ignore[return-value]
+
+
+def _tokens_before_last_block(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    x = trunk.patch_embed(images)
+    x = trunk._pos_embed(x)
+    x = trunk.norm_pre(x)
+    for blk in trunk.blocks[:-1]:
+        x = blk(x)
+    return x
+
+
+def _final_norms(trunk: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Final norm, prefix tokens dropped, then (mean-pooled ViTs) fc_norm per token: the pooled path's steps."""
+    x = trunk.norm(tokens)[:, int(getattr(trunk, "num_prefix_tokens", 0)):]
+    fc_norm = getattr(trunk, "fc_norm", None)
+    if isinstance(fc_norm, nn.Module):
+        x = fc_norm(x)
+    return x
+
+
+def maskclip_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP patch embeddings in the text space, `[B, gh, gw, embed_dim]` (not normalized).
+
+    The last block runs with a diagonal attention mask, so softmax attention is the identity and each
+    token's attention output is `proj(v_token)`; residual and MLP stay as in MaskCLIP's ViT code.
+    """
+    trunk, proj, _ = _vision_parts(model)
+    _check_vit(trunk)
+    x = _tokens_before_last_block(trunk, images)
+    n = x.shape[1]
+    diag = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype)
+    diag.fill_diagonal_(0.0)
+    x = trunk.blocks[-1](x, attn_mask=diag)
+    out = proj(_final_norms(trunk, x))
+    gh, gw = trunk.patch_embed.grid_size
+    return out.reshape(out.shape[0], gh, gw, -1)
+
+
+def patch_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Frozen patch tokens of the last block after the final norm(s), `[B, gh, gw, num_features]`."""
+    trunk, _, _ = _vision_parts(model)
+    _check_vit(trunk)
+    x = _final_norms(trunk, trunk.blocks[-1](_tokens_before_last_block(trunk, images)))
+    gh, gw = trunk.patch_embed.grid_size
+    return x.reshape(x.shape[0], gh, gw, -1)
+
+
+def preprocess_images(images: np.ndarray, pre: PreprocessConfig, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalized [B, 3, S, S] at the model's size (images are resized whole)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-2:] != (pre.image_size, pre.image_size):
+        mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=(pre.image_size, pre.image_size), mode=mode, antialias=True,
+                          align_corners=False).clamp_(0, 1)
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+# ---- zero-shot ------------------------------------------------------------------------------------
+
+
+def zeroshot_logits(dense: torch.Tensor, class_emb: torch.Tensor, bg_emb: torch.Tensor | None = None,
+                    logit_scale: float = 100.0, bg_threshold: float | None = None) -> torch.Tensor:
+    """[B, 1 + K, gh, gw] scores from dense embeddings `[B, gh, gw, D]` and unit class embeddings `[K, D]`.
+
+    Channel 0 is background: the best cosine over `bg_emb` rows, or with `bg_threshold` a constant
+    probability so a patch whose best class probability (softmax at `logit_scale`) is below it
+    becomes background. Without either the background channel is -inf (never predicted).
+    """
+    d = F.normalize(dense.float(), dim=-1)
+    cls = torch.einsum("bhwd,kd->bkhw", d, class_emb.float())
+    if bg_threshold is not None:
+        probs = (cls * logit_scale).softmax(dim=1)
+        bg = torch.full_like(probs[:, :1], float(bg_threshold))
+        return torch.cat([bg, probs], dim=1)
+    if bg_emb is not None and len(bg_emb):
+        bg = torch.einsum("bhwd,kd->bkhw", d, bg_emb.float()).amax(dim=1, keepdim=True)
+    else:
+        bg = torch.full_like(cls[:, :1], float("-inf"))
+    return torch.cat([bg, cls], dim=1)
+
+
+def _upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    logits = logits.nan_to_num(neginf=-1e4)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+
+
+@torch.no_grad()
+def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, batch_size: int = 64,
+                     device: torch.device | str = "cpu", background: str = "prompt",
+                     bg_threshold: float = 0.5) -> torch.Tensor:
+    """uint8 predictions [N, H, W] (0 background, i = classnames[i - 1])."""
+    if background not in ("prompt", "threshold", "none"):
+        raise ValueError(f"unknown background mode '{background}' (known: prompt, threshold, none)")
+    _, _, pre = _vision_parts(model)
+    cls_emb = build_classifier(model, tokenizer, data.classnames, data.templates, device)
+    bg_emb = None
+    if background == "prompt":
+        bg_emb = build_classifier(model, tokenizer, data.background_names, data.templates, device)
+    scale = float(model.clamped_logit_scale()) if hasattr(model, "clamped_logit_scale") else 100.0
+    dtype = next(model.parameters()).dtype
+    preds = []
+    for start in range(0, len(data), batch_size):
+        x = preprocess_images(data.images[start:start + batch_size], pre, device, dtype)
+        logits = zeroshot_logits(maskclip_embeddings(model, x), cls_emb, bg_emb, scale,
+                                 bg_threshold if background == "threshold" else None)
+        preds.append(_upsample_argmax(logits, data.masks.shape[1:]).to(torch.uint8).cpu())
+    return torch.cat(preds)
+
+
+# ---- linear probe ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_patch_features(model: nn.Module, data: SegmentationDataset, batch_size: int = 64,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    _, _, pre = _vision_parts(model)
+    dtype = next(model.parameters()).dtype
+    out = [patch_features(model, preprocess_images(data.images[s:s + batch_size], pre, device, dtype)).float().cpu()
+           for s in range(0, len(data), batch_size)]
+    return torch.cat(out)
+
+
+def soft_patch_targets(masks: np.ndarray | torch.Tensor, num_classes: int, grid: tuple[int, int],
+                       ignore_index: int = 255) -> torch.Tensor:
+    """[N, gh, gw, num_classes]: the fraction of each patch's labelled pixels in each class."""
+    m = torch.as_tensor(np.asarray(masks)).long()
+    valid = m != ignore_index
+    onehot = F.one_hot(m.clamp(max=num_classes - 1) * valid, num_classes).float() * valid[..., None]
+    pooled = F.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2), grid)
+    return (pooled / pooled.sum(1, keepdim=True).clamp(min=1e-8)).permute(0, 2, 3, 1)
+
+
+def train_linear_head(feats: torch.Tensor, targets: torch.Tensor, epochs: int = 30, lr: float = 1e-2,
+                      weight_decay: float = 1e-4, batch_size: int = 4096, seed: int = 0) -> nn.Module:
+    """A standardizing linear layer on `[N, gh, gw, C]` features fitted to soft targets `[N, gh, gw, K]`."""
+    x = feats.reshape(-1, feats.shape[-1]).float()
+    y = targets.reshape(-1, targets.shape[-1]).float()
+    keep = y.sum(-1) > 0
+    x, y = x[keep], y[keep]
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    head = nn.Sequential(_Standardize(mean, std), nn.Linear(x.shape[1], y.shape[1]))
+    opt = torch.optim.AdamW(head[1].parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            loss = torch.sum(-y[idx] * F.log_softmax(head(x[idx]), dim=-1), dim=-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return head.eval()
+
+
+class _Standardize(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@torch.no_grad()
+def linear_head_predict(head: nn.Module, feats: torch.Tensor, size: tuple[int, int],
+                        batch_size: int = 256) -> torch.Tensor:
+    preds = []
+    for s in range(0, len(feats), batch_size):
+        logits = head(feats[s:s + batch_size].float()).permute(0, 3, 1, 2)
+        preds.append(_upsample_argmax(logits, size).to(torch.uint8))
+    return torch.cat(preds)
+
+
+# ---- the evaluator --------------------------------------------------------------------------------
+
+
+def evaluate_segmentation(
+    model: nn.Module,
+    tokenizer,
+    dataset: SegmentationDataset,
+    mode: str = "zeroshot",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    train_dataset: SegmentationDataset | None = None,
+    background: str = "prompt",
+    bg_threshold: float = 0.5,
+    probe_epochs: int = 30,
+    probe_lr: float = 1e-2,
+    probe_weight_decay: float = 1e-4,
+    num_examples: int = 4,
+) -> dict[str, Any]:
+    """Segmentation metrics of `model` (a vlp CLIP; linear_probe also takes a Backbone) on `dataset`.
+
+    mode "zeroshot": MaskCLIP patch embeddings vs class prompts (`tokenizer` needed; `background` is
+    "prompt" | "threshold" | "none"). mode "linear_probe": a linear head on frozen patch tokens trained
+    on `train_dataset` (required). Returns miou, miou_fg (without background), pixel_accuracy,
+    per_class_iou {name: IoU}, the confusion matrix (list of lists; rows ground truth), and
+    `examples`: the first `num_examples` (image uint8 [H, W, 3], pred, gt uint8 [H, W]) triples.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        if mode == "zeroshot":
+            if tokenizer is None:
+                raise ValueError("zero-shot segmentation needs a tokenizer")
+            preds = zeroshot_predict(model, tokenizer, dataset, batch_size, device, background, bg_threshold)
+        elif mode == "linear_probe":
+            if train_dataset is None:
+                raise ValueError("linear_probe segmentation needs train_dataset")
+            if train_dataset.classnames != dataset.classnames:
+                raise ValueError("train_dataset and dataset have different classnames")
+            grid = grid_size(model)
+            train_feats = extract_patch_features(model, train_dataset, batch_size, device)
+            targets = soft_patch_targets(train_dataset.masks, dataset.num_classes, grid, train_dataset.ignore_index)
+            head = train_linear_head(train_feats, targets, probe_epochs, probe_lr, probe_weight_decay)
+            test_feats = extract_patch_features(model, dataset, batch_size, device)
+            preds = linear_head_predict(head, test_feats, dataset.masks.shape[1:])
+        else:
+            raise ValueError(f"unknown segmentation mode '{mode}' (known: zeroshot, linear_probe)")
+    finally:
+        model.train(was_training)
+    return segmentation_report(preds, dataset, mode, num_examples)
+
+
+def segmentation_report(preds: torch.Tensor, dataset: SegmentationDataset, mode: str = "",
+                        num_examples: int = 4) -> dict[str, Any]:
+    """Metrics dict for uint8 predictions [N, H, W] against `dataset.masks`."""
+    gt = torch.as_tensor(dataset.masks)
+    cm = confusion_matrix(preds, gt, dataset.num_classes, dataset.ignore_index)
+    m = iou_from_confusion(cm)
+    names = ["background", *dataset.classnames]
+    fg = [v for v in m["iou"][1:] if not math.isnan(v)]
+    return {
+        "mode": mode,
+        "miou": m["miou"],
+        "miou_fg": sum(fg) / len(fg) if fg else float("nan"),
+        "pixel_accuracy": m["pixel_accuracy"],
+        "per_class_iou": dict(zip(names, m["iou"])),
+        "confusion_matrix": cm.tolist(),
+        "num_samples": len(dataset),
+        "examples": [(dataset.images[i], preds[i].numpy(), dataset.masks[i])
+                     for i in range(min(num_examples, len(dataset)))],
+    }
+
+
+def _format(res: dict[str, Any]) -> str:
+    per = "  ".join(f"{k} {100 * v:.1f}" for k, v in res["per_class_iou"].items() if not math.isnan(v))
+    return (f"{res['mode']}: mIoU {100 * res['miou']:.2f}  mIoU(fg) {100 * res['miou_fg']:.2f}  "
+            f"pixel acc {100 * res['pixel_accuracy']:.2f}\n  per class: {per}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vlp.eval.segmentation --checkpoint RUN --dataset DIR|clipart [--random-init]`."""
+    import argparse
+    import json
+    import sys
+
+    from vlp.data.segmentation import load_segmentation_dataset
+    from vlp.loading import LoadError, load_model
+
+    ap = argparse.ArgumentParser(prog="python -m vlp.eval.segmentation", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="run directory, model.safetensors or checkpoint dir")
+    ap.add_argument("--dataset", default="clipart", help="'clipart' (generated) or a dir from vlp.data.build clipart")
+    ap.add_argument("--modes", default="zeroshot,linear_probe")
+    ap.add_argument("--max-train", type=int, default=2000, help="train scenes for the linear probe")
+    ap.add_argument("--max-test", type=int, default=0, help="0: the whole test split")
+    ap.add_argument("--background", default="prompt", choices=["prompt", "threshold", "none"])
+    ap.add_argument("--random-init", action="store_true",
+                    help="evaluate the checkpoint's architecture with random weights (seed 0): the baseline")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--output", help="write the results (without example arrays) as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        model, _, tokenizer = load_model(args.checkpoint, device=args.device)
+        test = load_segmentation_dataset(args.dataset, "test", args.max_test)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        train = load_segmentation_dataset(args.dataset, "train", args.max_train) if "linear_probe" in modes else None
+    except (LoadError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.random_init:
+        from vlp.models.clip import CLIP
+
+        torch.manual_seed(0)
+        model = CLIP(model.config).to(args.device).eval()
+    out = {}
+    for mode in modes:
+        res = evaluate_segmentation(model, tokenizer, test, mode, args.batch_size, args.device,
+                                    train_dataset=train, background=args.background)
+        print(_format(res))
+        out[mode] = {k: v for k, v in res.items() if k != "examples"}
+    summary = {"checkpoint": args.checkpoint, "dataset": args.dataset, "random_init": args.random_init,
+               **{f"{m}_miou": r["miou"] for m, r in out.items()}}
+    print(json.dumps(summary))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({**summary, "results": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
