@@ -121,7 +121,7 @@ def test_linear_probe_on_oracle_features():
     grid = (8, 8)
     oracle_train = soft_patch_targets(train.masks, 4, grid)
     oracle_test = soft_patch_targets(test.masks, 4, grid)
-    head = train_linear_head(oracle_train + 0.01 * torch.randn_like(oracle_train), oracle_train, epochs=40)
+    head = train_linear_head(oracle_train + 0.01 * torch.randn_like(oracle_train), oracle_train, epochs=100)
     good = segmentation_report(linear_head_predict(head, oracle_test, (32, 32)), test)
     # the best a patch-level head can do: the true patch class fractions, upsampled like the head's logits
     best = F.interpolate(oracle_test.permute(0, 3, 1, 2), size=(32, 32), mode="bilinear", align_corners=False)
@@ -190,7 +190,7 @@ def test_denseclip_forward_backward_and_fit():
     first = None
     for _ in range(15):
         loss = seg.loss(seg(x), masks)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -15,8 +15,9 @@ bilinearly to the mask size before the argmax.
 
 Linear probe: frozen patch tokens of the last block (after the final norm), standardized with train
 statistics, one linear layer trained with soft per-patch targets (the class fractions of the pixels
-each patch covers) on the train split; its patch logits are upsampled bilinearly and scored on the
-test split.
+each patch covers) on the train split, each class's term weighted by 1/sqrt(its pixel frequency) so
+that a background covering most pixels does not drown the object classes (`probe_balance`); its patch
+logits are upsampled bilinearly and scored on the test split.
 
 Metrics: a confusion matrix over background + classes (pixels equal to `ignore_index` skipped);
 IoU = TP / (TP + FP + FN) per class, NaN for a class absent from both prediction and ground truth,
@@ -233,13 +234,23 @@ def soft_patch_targets(masks: np.ndarray | torch.Tensor, num_classes: int, grid:
 
 
 def train_linear_head(feats: torch.Tensor, targets: torch.Tensor, epochs: int = 30, lr: float = 1e-2,
-                      weight_decay: float = 1e-4, batch_size: int = 4096, seed: int = 0) -> nn.Module:
-    """A standardizing linear layer on `[N, gh, gw, C]` features fitted to soft targets `[N, gh, gw, K]`."""
+                      weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0,
+                      balance: float = 0.0) -> nn.Module:
+    """A standardizing linear layer on `[N, gh, gw, C]` features fitted to soft targets `[N, gh, gw, K]`.
+
+    `balance` > 0 weights class k's term by (1 / frequency_k) ** balance (normalized to mean 1), so
+    small object classes are not drowned by a background that covers most pixels.
+    """
     x = feats.reshape(-1, feats.shape[-1]).float()
     y = targets.reshape(-1, targets.shape[-1]).float()
     keep = y.sum(-1) > 0
     x, y = x[keep], y[keep]
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    weight = torch.ones(y.shape[1])
+    if balance > 0:
+        freq = y.mean(0).clamp(min=1e-6)
+        weight = freq.pow(-balance)
+        weight = weight / weight[y.mean(0) > 0].mean()
     head = nn.Sequential(_Standardize(mean, std), nn.Linear(x.shape[1], y.shape[1]))
     opt = torch.optim.AdamW(head[1].parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
@@ -247,7 +258,7 @@ def train_linear_head(feats: torch.Tensor, targets: torch.Tensor, epochs: int = 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            loss = torch.sum(-y[idx] * F.log_softmax(head(x[idx]), dim=-1), dim=-1).mean()
+            loss = torch.sum(-weight * y[idx] * F.log_softmax(head(x[idx]), dim=-1), dim=-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -275,6 +286,55 @@ def linear_head_predict(head: nn.Module, feats: torch.Tensor, size: tuple[int, i
     return torch.cat(preds)
 
 
+# ---- DenseCLIP fine-tuning ------------------------------------------------------------------------
+
+
+def finetune_denseclip(model: nn.Module, tokenizer, train: SegmentationDataset, steps: int = 200,
+                       batch_size: int = 32, lr: float = 1e-3, backbone_lr_mult: float = 0.1,
+                       aux_weight: float = 0.4, n_ctx: int = 4, device: torch.device | str = "cpu",
+                       seed: int = 0) -> nn.Module:
+    """Fine-tune a copy of `model` with a DenseCLIP head on `train` (classes: background + classnames).
+
+    AdamW with cosine decay; the image tower learns at `backbone_lr_mult` x `lr`, the text tower stays
+    frozen (only the prompt context learns). Returns the DenseCLIPSegmenter in eval mode.
+    """
+    import copy
+
+    from vlp.models.denseclip import DenseCLIPSegmenter
+
+    clip = copy.deepcopy(model).to(device).train()
+    for p in clip.text.parameters():
+        p.requires_grad_(False)
+    clip.text_proj.requires_grad_(False)
+    seg = DenseCLIPSegmenter(clip, tokenizer, ["background", *train.classnames], n_ctx=n_ctx).to(device)
+    backbone = [p for p in list(clip.visual.parameters()) + list(clip.image_proj.parameters()) if p.requires_grad]
+    head = [p for n, p in seg.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+    opt = torch.optim.AdamW([{"params": backbone, "lr": lr * backbone_lr_mult}, {"params": head, "lr": lr}],
+                            weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    g = torch.Generator().manual_seed(seed)
+    masks_all = torch.as_tensor(train.masks)
+    for _ in range(steps):
+        idx = torch.randint(len(train), (min(batch_size, len(train)),), generator=g).numpy()
+        x = preprocess_images(train.images[idx], seg.preprocess, device)
+        loss = seg.loss(seg(x), masks_all[idx].to(device), aux_weight, train.ignore_index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return seg.eval()
+
+
+@torch.no_grad()
+def denseclip_predict(seg: nn.Module, data: SegmentationDataset, batch_size: int = 64,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    preds = []
+    for s in range(0, len(data), batch_size):
+        logits = seg(preprocess_images(data.images[s:s + batch_size], seg.preprocess, device))["logits"]
+        preds.append(_upsample_argmax(logits, data.masks.shape[1:]).to(torch.uint8).cpu())
+    return torch.cat(preds)
+
+
 # ---- the evaluator --------------------------------------------------------------------------------
 
 
@@ -291,13 +351,16 @@ def evaluate_segmentation(
     probe_epochs: int = 30,
     probe_lr: float = 1e-2,
     probe_weight_decay: float = 1e-4,
+    probe_balance: float = 0.5,
     num_examples: int = 4,
+    finetune_steps: int = 200,
 ) -> dict[str, Any]:
     """Segmentation metrics of `model` (a vlp CLIP; linear_probe also takes a Backbone) on `dataset`.
 
     mode "zeroshot": MaskCLIP patch embeddings vs class prompts (`tokenizer` needed; `background` is
     "prompt" | "threshold" | "none"). mode "linear_probe": a linear head on frozen patch tokens trained
-    on `train_dataset` (required). Returns miou, miou_fg (without background), pixel_accuracy,
+    on `train_dataset` (required). mode "denseclip": a copy of the model fine-tuned with a DenseCLIP
+    head on `train_dataset` for `finetune_steps` (the model passed in is not changed). Returns miou, miou_fg (without background), pixel_accuracy,
     per_class_iou {name: IoU}, the confusion matrix (list of lists; rows ground truth), and
     `examples`: the first `num_examples` (image uint8 [H, W, 3], pred, gt uint8 [H, W]) triples.
     """
@@ -316,11 +379,17 @@ def evaluate_segmentation(
             grid = grid_size(model)
             train_feats = extract_patch_features(model, train_dataset, batch_size, device)
             targets = soft_patch_targets(train_dataset.masks, dataset.num_classes, grid, train_dataset.ignore_index)
-            head = train_linear_head(train_feats, targets, probe_epochs, probe_lr, probe_weight_decay)
+            head = train_linear_head(train_feats, targets, probe_epochs, probe_lr, probe_weight_decay,
+                                     balance=probe_balance)
             test_feats = extract_patch_features(model, dataset, batch_size, device)
             preds = linear_head_predict(head, test_feats, dataset.masks.shape[1:])
+        elif mode == "denseclip":
+            if train_dataset is None or tokenizer is None:
+                raise ValueError("denseclip segmentation needs train_dataset and a tokenizer")
+            seg = finetune_denseclip(model, tokenizer, train_dataset, finetune_steps, device=device)
+            preds = denseclip_predict(seg, dataset, batch_size, device)
         else:
-            raise ValueError(f"unknown segmentation mode '{mode}' (known: zeroshot, linear_probe)")
+            raise ValueError(f"unknown segmentation mode '{mode}' (known: zeroshot, linear_probe, denseclip)")
     finally:
         model.train(was_training)
     return segmentation_report(preds, dataset, mode, num_examples)
@@ -347,6 +416,26 @@ def segmentation_report(preds: torch.Tensor, dataset: SegmentationDataset, mode:
     }
 
 
+def colorize(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """uint8 [H, W] labels -> RGB with a fixed palette (background black, ignore white)."""
+    rng = np.random.RandomState(3)
+    palette = np.concatenate([[[0, 0, 0]], rng.randint(40, 256, size=(max(num_classes, 256) - 1, 3))]).astype(np.uint8)
+    palette[255] = 255
+    return palette[mask]
+
+
+def examples_image(results: dict[str, dict[str, Any]], num_classes: int) -> np.ndarray:
+    """One row per example: image, ground truth, then each mode's prediction (RGB uint8)."""
+    modes = list(results)
+    rows = []
+    for i in range(len(results[modes[0]]["examples"])):
+        image, _, gt = results[modes[0]]["examples"][i]
+        tiles = [image, colorize(gt, num_classes)] + [colorize(results[m]["examples"][i][1], num_classes)
+                                                      for m in modes]
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
 def _format(res: dict[str, Any]) -> str:
     per = "  ".join(f"{k} {100 * v:.1f}" for k, v in res["per_class_iou"].items() if not math.isnan(v))
     return (f"{res['mode']}: mIoU {100 * res['miou']:.2f}  mIoU(fg) {100 * res['miou_fg']:.2f}  "
@@ -365,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vlp.eval.segmentation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="run directory, model.safetensors or checkpoint dir")
     ap.add_argument("--dataset", default="clipart", help="'clipart' (generated) or a dir from vlp.data.build clipart")
-    ap.add_argument("--modes", default="zeroshot,linear_probe")
+    ap.add_argument("--modes", default="zeroshot,linear_probe", help="comma list of zeroshot, linear_probe, denseclip")
+    ap.add_argument("--finetune-steps", type=int, default=200, help="denseclip mode")
     ap.add_argument("--max-train", type=int, default=2000, help="train scenes for the linear probe")
     ap.add_argument("--max-test", type=int, default=0, help="0: the whole test split")
     ap.add_argument("--background", default="prompt", choices=["prompt", "threshold", "none"])
@@ -374,12 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--output", help="write the results (without example arrays) as JSON here")
+    ap.add_argument("--examples", help="write a PNG here: image | ground truth | prediction per mode")
     args = ap.parse_args(argv)
     try:
         model, _, tokenizer = load_model(args.checkpoint, device=args.device)
         test = load_segmentation_dataset(args.dataset, "test", args.max_test)
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        train = load_segmentation_dataset(args.dataset, "train", args.max_train) if "linear_probe" in modes else None
+        needs_train = {"linear_probe", "denseclip"} & set(modes)
+        train = load_segmentation_dataset(args.dataset, "train", args.max_train) if needs_train else None
     except (LoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -388,15 +480,20 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.manual_seed(0)
         model = CLIP(model.config).to(args.device).eval()
-    out = {}
+    out, full = {}, {}
     for mode in modes:
-        res = evaluate_segmentation(model, tokenizer, test, mode, args.batch_size, args.device,
-                                    train_dataset=train, background=args.background)
+        res = full[mode] = evaluate_segmentation(model, tokenizer, test, mode, args.batch_size, args.device,
+                                    train_dataset=train, background=args.background,
+                                    finetune_steps=args.finetune_steps)
         print(_format(res))
         out[mode] = {k: v for k, v in res.items() if k != "examples"}
     summary = {"checkpoint": args.checkpoint, "dataset": args.dataset, "random_init": args.random_init,
                **{f"{m}_miou": r["miou"] for m, r in out.items()}}
     print(json.dumps(summary))
+    if args.examples:
+        from PIL import Image
+
+        Image.fromarray(examples_image(full, test.num_classes)).save(args.examples)
     if args.output:
         with open(args.output, "w") as f:
             json.dump({**summary, "results": out}, f, indent=1)
