@@ -151,6 +151,10 @@ def test_evaluate_segmentation_modes():
     lp = evaluate_segmentation(model, tok, test, mode="linear_probe", train_dataset=train, batch_size=32)
     assert lp["miou"] > 0.5  # colour is linearly readable even from random-init patch tokens
     assert lp["miou"] > res["miou"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dc = evaluate_segmentation(model, tok, test, mode="denseclip", train_dataset=train, finetune_steps=3)
+    assert set(dc["per_class_iou"]) == set(res["per_class_iou"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # fine-tunes a copy
     with pytest.raises(ValueError, match="train_dataset"):
         evaluate_segmentation(model, tok, test, mode="linear_probe")
     with pytest.raises(ValueError, match="mode"):
@@ -194,4 +198,4 @@ def test_denseclip_forward_backward_and_fit():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.7 * first
+    assert loss.item() < 0.7 * first
