@@ -17,6 +17,14 @@ if [ ! -d /usr/share/openclipart/svg ] || ! command -v rsvg-convert >/dev/null; 
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openclipart-svg librsvg2-bin >/dev/null
 fi
 
+# headless browser for the test that renders the eval report (skipped if absent)
+if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null; then
+  echo "[install] apt: chromium-headless-shell"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium-headless-shell >/dev/null \
+    || echo "[install] chromium-headless-shell not installable; the report screenshot test will skip"
+fi
+
 PY=${PYTHON:-python3}
 echo "[install] pip: torch, torchvision"
 $PY -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"

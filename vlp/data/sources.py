@@ -106,10 +106,11 @@ class EvalDataset:
 
     def image(self, i: int) -> Image.Image:
         """The i-th image as a PIL RGB image, whatever the storage."""
-        img = self.images[i]
-        if isinstance(img, np.ndarray):
-            img = Image.fromarray(img)
-        return img.convert("RGB")
+        return _rgb(self.images[i])
+
+
+def _rgb(img: Image.Image | np.ndarray) -> Image.Image:
+    return (Image.fromarray(img) if isinstance(img, np.ndarray) else img).convert("RGB")
 
 
 def _natural_key(path: Path) -> list[int | str]:
@@ -149,10 +150,39 @@ def _load_wds_dir(root: Path, split: str, max_samples: int) -> EvalDataset:
     return EvalDataset(images, np.asarray(labels, dtype=np.int64), classnames, templates)
 
 
-def load_eval_dataset(name: str, split: str = "test", max_samples: int = 0) -> EvalDataset:
-    """A zero-shot eval set by name ('fashion-mnist', 'digits') or CLIP_benchmark wds directory.
+def _folder_classes(root: Path) -> list[Path]:
+    return sorted((d for d in root.iterdir() if d.is_dir() and _images_in(d)), key=lambda d: d.name)
 
-    `max_samples > 0` keeps the first max_samples examples (a fixed, reproducible subset).
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted((f for f in folder.iterdir() if f.suffix.lower().lstrip(".") in _IMAGE_EXTS), key=_natural_key)
+
+
+def _load_image_folder(root: Path, max_samples: int) -> EvalDataset:
+    """Class-per-subfolder layout (torchvision ImageFolder): {root}/{class}/*.png; sorted class names."""
+    classes = _folder_classes(root)
+    images: list[Image.Image] = []
+    labels: list[int] = []
+    for label, d in enumerate(classes):
+        for f in _images_in(d):
+            images.append(_open_rgb(f))
+            labels.append(label)
+    if max_samples > 0:  # a fixed, class-mixed subset: every k-th image
+        keep = np.linspace(0, len(labels) - 1, min(max_samples, len(labels))).round().astype(int)
+        images, labels = [images[i] for i in keep], [labels[i] for i in keep]
+    return EvalDataset(images, np.asarray(labels, dtype=np.int64), [d.name for d in classes], ["a photo of a {}."])
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def load_eval_dataset(name: str, split: str = "test", max_samples: int = 0) -> EvalDataset:
+    """A labelled eval set: 'fashion-mnist', 'digits', a CLIP_benchmark wds directory, or an image folder.
+
+    An image folder is `{name}/{split}/{class}/*.png` (or `{name}/{class}/*.png` without splits).
+    `max_samples > 0` keeps a fixed, reproducible subset of that size.
     """
     if name in ("fashion-mnist", "digits"):
         images, labels = load_source(name, split)
@@ -161,8 +191,138 @@ def load_eval_dataset(name: str, split: str = "test", max_samples: int = 0) -> E
         return EvalDataset(images, labels, list(CLASSNAMES[name]), list(EVAL_TEMPLATES[name]))
     path = Path(name)
     if path.is_dir():
-        return _load_wds_dir(path, split, max_samples)
+        if (path / "classnames.txt").is_file():
+            return _load_wds_dir(path, split, max_samples)
+        folder = path / split if (path / split).is_dir() else path
+        if _folder_classes(folder):
+            return _load_image_folder(folder, max_samples)
+        raise ValueError(f"eval dataset dir '{name}' has neither classnames.txt (CLIP_benchmark webdataset "
+                         f"layout) nor class subfolders with images (image folder layout)")
     raise ValueError(
-        f"unknown eval dataset '{name}': expected 'fashion-mnist', 'digits' or a directory "
-        "in CLIP_benchmark webdataset layout"
+        f"unknown eval dataset '{name}': expected 'fashion-mnist', 'digits', a directory in "
+        "CLIP_benchmark webdataset layout, or an image folder with one subfolder per class"
+    )
+
+
+# ------------------------------------------------------------------ retrieval
+
+
+@dataclass
+class RetrievalDataset:
+    """Images and texts for retrieval; text t is a correct match for image i iff their groups are equal.
+
+    Caption datasets give each image its own group (its captions share it); the built-in
+    class-level sets use the class as group, so a caption matches every image of its class.
+    """
+
+    images: list[Image.Image] | np.ndarray
+    texts: list[str]
+    image_groups: np.ndarray  # [num_images]
+    text_groups: np.ndarray  # [num_texts]
+
+    def __len__(self) -> int:
+        return len(self.image_groups)
+
+    def image(self, i: int) -> Image.Image:
+        return _rgb(self.images[i])
+
+
+def _from_captions(images: list, captions: list[list[str]], source: str) -> RetrievalDataset:
+    texts, groups = [], []
+    for i, caps in enumerate(captions):
+        if not caps:
+            raise ValueError(f"{source}: image {i} has no caption")
+        texts.extend(caps)
+        groups.extend([i] * len(caps))
+    return RetrievalDataset(images, texts, np.arange(len(images)), np.asarray(groups, dtype=np.int64))
+
+
+def _load_wds_retrieval(root: Path, split: str, max_samples: int) -> RetrievalDataset:
+    """CLIP_benchmark retrieval layout: {root}/{split}/*.tar, each sample an image and a `txt`
+    holding one caption per line."""
+    import webdataset as wds
+
+    shard_dir = root / split if (root / split).is_dir() else root
+    shards = sorted(shard_dir.glob("*.tar"), key=_natural_key)
+    if not shards:
+        raise ValueError(f"retrieval dataset dir '{shard_dir}' contains no .tar shards")
+    images, captions = [], []
+    for sample in wds.tarfile_samples([{"url": str(s)} for s in shards]):
+        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+        if ext is None or "txt" not in sample:
+            continue
+        img = Image.open(io.BytesIO(sample[ext]))
+        images.append(img.convert("RGB"))
+        captions.append([ln.strip() for ln in sample["txt"].decode().splitlines() if ln.strip()])
+        if 0 < max_samples <= len(images):
+            break
+    return _from_captions(images, captions, f"retrieval dataset '{root}'")
+
+
+def _read_caption_rows(path: Path) -> list[tuple[str, str]]:
+    import csv
+    import json
+
+    rows: list[tuple[str, str]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                rec = json.loads(line)
+                if "file" not in rec or "caption" not in rec:
+                    raise ValueError(f"'{path}' line {n}: needs keys 'file' and 'caption'")
+                rows.append((str(rec["file"]), str(rec["caption"])))
+    else:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+                raise ValueError(f"'{path}': needs columns 'file' and 'caption', found {reader.fieldnames}")
+            rows = [(r["file"], r["caption"]) for r in reader]
+    return rows
+
+
+def _load_caption_folder(captions_file: Path, max_samples: int) -> RetrievalDataset:
+    """Images beside a captions file (`file,caption` csv or jsonl); repeated files = several captions."""
+    by_file: dict[str, list[str]] = {}
+    for file, caption in _read_caption_rows(captions_file):
+        by_file.setdefault(file, []).append(caption)
+    files = list(by_file)[: max_samples or None]
+    images = []
+    for f in files:
+        p = captions_file.parent / f
+        if not p.is_file():
+            raise FileNotFoundError(f"image '{p}' listed in '{captions_file}' does not exist")
+        images.append(_open_rgb(p))
+    return _from_captions(images, [by_file[f] for f in files], f"captions file '{captions_file}'")
+
+
+RETRIEVAL_CAPTIONS_PER_IMAGE = 5
+
+
+def _class_retrieval(name: str, split: str, max_samples: int) -> RetrievalDataset:
+    """Built-in class-level retrieval on fashion-mnist / digits: the texts are the first five eval
+    templates filled with each class name (5 x 10 texts); a text matches every image of its class."""
+    data = load_eval_dataset(name, split, max_samples)
+    templates = data.templates[:RETRIEVAL_CAPTIONS_PER_IMAGE]
+    texts = [t.format(c) for c in data.classnames for t in templates]
+    groups = np.repeat(np.arange(len(data.classnames)), len(templates))
+    return RetrievalDataset(data.images, texts, np.asarray(data.labels), groups)
+
+
+def load_retrieval_dataset(name: str, split: str = "test", max_samples: int = 0) -> RetrievalDataset:
+    """'fashion-mnist' / 'digits' (class-level), a CLIP_benchmark retrieval wds directory, a captions
+    file (.csv / .jsonl with file,caption) or a directory holding captions.csv / captions.jsonl."""
+    if name in ("fashion-mnist", "digits"):
+        return _class_retrieval(name, split, max_samples)
+    path = Path(name)
+    if path.is_file() and path.suffix in (".csv", ".jsonl"):
+        return _load_caption_folder(path, max_samples)
+    if path.is_dir():
+        for fname in ("captions.csv", "captions.jsonl"):
+            for base in (path / split, path):
+                if (base / fname).is_file():
+                    return _load_caption_folder(base / fname, max_samples)
+        return _load_wds_retrieval(path, split, max_samples)
+    raise ValueError(
+        f"unknown retrieval dataset '{name}': expected 'fashion-mnist', 'digits', a CLIP_benchmark "
+        "retrieval webdataset directory, or a captions .csv/.jsonl (columns file, caption) beside its images"
     )

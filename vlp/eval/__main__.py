@@ -1,29 +1,41 @@
-"""`python -m vlp.eval zeroshot --checkpoint PATH --dataset NAME`: evaluate any checkpoint."""
+"""Evaluate a checkpoint on several tasks and datasets; write results JSON, a markdown table and an HTML report.
+
+    python -m vlp.eval --checkpoint runs/demo --tasks zeroshot,retrieval,linear_probe --datasets fashion-mnist,digits
+    torchrun --nproc_per_node=8 -m vlp.eval --checkpoint ... (the data is split across ranks)
+
+Every task runs on every dataset of --datasets; `TASK:DATASET` restricts a dataset to one task
+(e.g. `segmentation:clipart-scenes`). The older form `python -m vlp.eval zeroshot --checkpoint
+... --dataset ...` still works.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 
+_CLASS_BUILTINS = ("fashion-mnist", "digits")
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlp.eval", description=__doc__)
-    sub = parser.add_subparsers(dest="task", required=True)
-    zs = sub.add_parser("zeroshot", help="zero-shot classification: top-1, top-5, mean per-class recall")
-    zs.add_argument("--checkpoint", required=True,
-                    help="run directory, model.safetensors file, or DeepSpeed checkpoint directory")
-    zs.add_argument("--dataset", default="fashion-mnist",
-                    help="fashion-mnist, digits, or a CLIP_benchmark-style webdataset directory")
-    zs.add_argument("--ema", action="store_true",
-                    help="evaluate the run's EMA weights (model_ema.safetensors or the checkpoint's EMA)")
-    zs.add_argument("--split", default="test")
-    zs.add_argument("--batch-size", type=int, default=256)
-    zs.add_argument("--max-samples", type=int, default=0, help="0: the whole split")
-    zs.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    zs.add_argument("--output", help="also write the results as JSON here")
+
+def _legacy_zeroshot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlp.eval zeroshot",
+                                     description="zero-shot classification: top-1, top-5, mean per-class recall")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, model.safetensors file, or DeepSpeed checkpoint directory")
+    parser.add_argument("--dataset", default="fashion-mnist",
+                        help="fashion-mnist, digits, or a CLIP_benchmark-style webdataset directory")
+    parser.add_argument("--ema", action="store_true",
+                        help="evaluate the run's EMA weights (model_ema.safetensors or the checkpoint's EMA)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-samples", type=int, default=0, help="0: the whole split")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
     from vlp.data.sources import load_eval_dataset
@@ -45,6 +57,131 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(res, f, indent=1)
+    return 0
+
+
+def _split_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def plan(tasks: list[str], datasets: list[str]) -> list[tuple[str, str]]:
+    """(task, dataset) pairs; checks task names and the datasets the built-in tasks can read."""
+    from vlp.eval.tasks import get_task, task_names
+
+    for t in tasks:
+        get_task(t)  # raises naming an unknown / unavailable task
+    pairs: list[tuple[str, str]] = []
+    for d in datasets:
+        head, sep, rest = d.partition(":")
+        if sep and head in task_names():
+            if head not in tasks:
+                raise ValueError(f"dataset '{d}' names task '{head}', which is not in --tasks")
+            pairs.append((head, rest))
+        else:
+            pairs.extend((t, d) for t in tasks)
+    for t, d in pairs:
+        if t in ("zeroshot", "retrieval", "linear_probe") and d not in _CLASS_BUILTINS and not Path(d).exists():
+            raise ValueError(f"unknown dataset '{d}' for task '{t}': expected one of {', '.join(_CLASS_BUILTINS)} "
+                             "or an existing directory / captions file")
+    for t in tasks:
+        if not any(p[0] == t for p in pairs):
+            raise ValueError(f"task '{t}' has no dataset (every --datasets entry is tied to another task)")
+    return pairs
+
+
+def _init_distributed(device_arg: str | None) -> tuple[str, bool]:
+    """Join the torchrun group when launched by torchrun; returns (device, whether we initialised)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = device_arg or (f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        return device, True
+    return device, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["zeroshot"]:
+        return _legacy_zeroshot(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m vlp.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory, model.safetensors, or checkpoints/step_N")
+    p.add_argument("--tasks", default="zeroshot", help="comma list: zeroshot, retrieval, linear_probe, segmentation")
+    p.add_argument("--datasets", default="fashion-mnist",
+                   help="comma list: fashion-mnist, digits, directories, captions files; TASK:NAME ties one to a task")
+    p.add_argument("--split", default="test", help="evaluation split (linear probes train on --train-split)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--out", help="output directory (default: CHECKPOINT/eval, or beside a weights file)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-samples", type=int, default=0, help="evaluation samples per dataset; 0: all")
+    p.add_argument("--train-samples", type=int, default=0, help="linear probe train samples; 0: all")
+    p.add_argument("--k-shot", type=int, default=0, help="linear probe: k labelled images per class; 0: all")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report (no figures drawn)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached zero-shot classifiers")
+    args = p.parse_args(argv)
+
+    from vlp.eval.common import fingerprint_model, make_context
+    from vlp.eval.report import Entry, markdown_table, write_outputs
+    from vlp.eval.tasks import DatasetSpec, UnknownTaskError, run_task
+    from vlp.loading import LoadError, load_model
+
+    try:
+        pairs = plan(_split_list(args.tasks), _split_list(args.datasets))
+    except (UnknownTaskError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device, owns_group = _init_distributed(args.device)
+    try:
+        model, pre, tokenizer = load_model(args.checkpoint, device=device)
+    except (LoadError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
+    ctx = make_context(device, workers=args.workers, figures=not args.no_report, seed=args.seed,
+                       cache_dir=None if args.no_cache else out / "cache",
+                       checkpoint_id=None if args.no_cache else fingerprint_model(model))
+    options = {"k_shot": args.k_shot, "train_split": args.train_split, "train_samples": args.train_samples,
+               "seed": args.seed}
+    entries: list[Entry] = []
+    for task, dataset in pairs:
+        spec = DatasetSpec(dataset, args.split, args.max_samples, args.batch_size,
+                           options if task == "linear_probe" else {})
+        t0 = time.perf_counter()
+        try:
+            res = run_task(task, model, tokenizer, pre, spec, ctx)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: task '{task}' on dataset '{dataset}': {e}", file=sys.stderr)
+            return 2
+        entries.append(Entry(task, dataset, args.split, res.metrics, time.perf_counter() - t0, res.figures))
+        if ctx.is_main:
+            print(f"[{task} / {dataset}] " + ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()), flush=True)
+    if ctx.is_main:
+        meta = {"world_size": ctx.world_size, "device": str(device)}
+        if args.no_report:
+            from vlp.eval.report import results_dict
+
+            out.mkdir(parents=True, exist_ok=True)
+            paths = {"json": out / "results.json"}
+            paths["json"].write_text(json.dumps(results_dict(entries, args.checkpoint, meta), indent=1))
+        else:
+            paths = write_outputs(out, entries, args.checkpoint, meta)
+        print()
+        print(markdown_table(entries))
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -2,18 +2,25 @@
 
 Metrics follow CLIP_benchmark's definitions: top-k accuracy over samples, and mean per-class
 recall (balanced accuracy). Under a process group the images are split across ranks and the
-logits gathered, so each sample is scored exactly once.
+features gathered, so each sample is scored exactly once. The text classifier (a prompt
+ensemble: the mean of each class's normalized prompt embeddings) is cached on disk per
+checkpoint fingerprint, class names and templates when the context has a cache directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
+import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from vlp.data.sources import EvalDataset, load_eval_dataset
-from vlp.data.transforms import eval_transform
+from vlp.eval.common import encode_images, make_context
+from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
 
@@ -21,16 +28,38 @@ def fill_template(template: str, classname: str) -> str:
     return template.replace("{c}", classname) if "{c}" in template else template.format(classname)
 
 
-@torch.no_grad()
 def build_classifier(model: nn.Module, tokenizer, classnames: list[str], templates: list[str],
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """[num_classes, embed_dim] unit-norm weights: the mean of each class's normalized prompt embeddings."""
-    weights = []
-    for name in classnames:
-        tokens = tokenizer([fill_template(t, name) for t in templates]).to(device)
-        emb = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(0)
-        weights.append(F.normalize(emb, dim=-1))
-    return torch.stack(weights)
+                     device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+    """[num_classes, embed_dim] unit-norm weights: the mean of each class's normalized prompt embeddings.
+
+    All class x template prompts are encoded in large batches rather than one class at a time.
+    """
+    prompts = [fill_template(t, name) for name in classnames for t in templates]
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+    emb = torch.cat(feats).view(len(classnames), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1).clone()
+
+
+def cached_classifier(model: nn.Module, tokenizer, classnames: list[str], templates: list[str],
+                      ctx: EvalContext) -> torch.Tensor:
+    """build_classifier, stored under ctx.cache_dir keyed by checkpoint fingerprint + names + templates."""
+    if ctx.cache_dir is None or ctx.checkpoint_id is None:
+        return build_classifier(model, tokenizer, classnames, templates, ctx.device)
+    key = hashlib.sha256(json.dumps([ctx.checkpoint_id, classnames, templates]).encode()).hexdigest()[:20]
+    path = ctx.cache_dir / f"zeroshot_classifier_{key}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True).to(ctx.device)
+    clf = build_classifier(model, tokenizer, classnames, templates, ctx.device)
+    if ctx.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(clf.cpu(), tmp)
+        os.replace(tmp, path)
+    return clf
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -52,53 +81,53 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
-@torch.no_grad()
-def zeroshot_logits(model: nn.Module, classifier: torch.Tensor, data: EvalDataset, pre: PreprocessConfig,
-                    indices: list[int], batch_size: int, device: torch.device | str) -> torch.Tensor:
-    transform = eval_transform(pre)
-    dtype = next(model.parameters()).dtype  # bf16/fp16 models under mixed precision
-    out = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        images = torch.stack([transform(data.image(i)) for i in chunk]).to(device, dtype)
-        feats = F.normalize(model.encode_image(images).float(), dim=-1)
-        out.append(feats @ classifier.t())
-    return torch.cat(out) if out else torch.zeros(0, classifier.shape[0], device=device)
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """[true, predicted] counts."""
+    flat = labels.long() * num_classes + pred.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes).numpy()
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def confusion_figure(title: str, cm: np.ndarray, classnames: list[str]) -> Figure:
+    def draw():
+        import matplotlib.pyplot as plt
+
+        n = len(classnames)
+        size = min(11.0, 2.0 + 0.35 * n)
+        fig, ax = plt.subplots(figsize=(size, size))
+        rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(n), classnames, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), classnames, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if n <= 20:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 0.5 else "black")
+        fig.tight_layout()
+        return fig
+
+    return Figure(title, draw, "rows: true class (colour = fraction of the row), columns: predicted class")
 
 
-@torch.no_grad()
 def zeroshot_predictions(model: nn.Module, tokenizer, data: EvalDataset, pre: PreprocessConfig,
-                         batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
+                         batch_size: int = 256, device: torch.device | str = "cpu",
+                         ctx: EvalContext | None = None) -> torch.Tensor:
     """[N, num_classes] cosine logits for every image of `data`, in order, on every rank."""
-    rank, world = _world()
+    ctx = ctx or make_context(device)
     was_training = model.training
     model.eval()
-    classifier = build_classifier(model, tokenizer, data.classnames, data.templates, device)
-    n = len(data)
-    # contiguous slices per rank; every rank runs the same number of forward passes because
-    # ZeRO-3 gathers weights collectively
-    per_rank = -(-n // world)
-    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
-    logits = zeroshot_logits(model, classifier, data, pre, mine, batch_size, device)
-    for _ in range(-(-per_rank // batch_size) - -(-len(mine) // batch_size)):
-        zeroshot_logits(model, classifier, data, pre, [0], 1, device)
-    if world > 1:
-        parts: list = [None] * world
-        dist.all_gather_object(parts, logits.cpu())
-        logits = torch.cat(parts)
+    classifier = cached_classifier(model, tokenizer, data.classnames, data.templates, ctx)
+    feats = encode_images(model, data, pre, batch_size, ctx)
     model.train(was_training)
-    return logits.cpu()
+    return feats @ classifier.cpu().t()
 
 
 def evaluate_zeroshot(model: nn.Module, tokenizer, data: EvalDataset, pre: PreprocessConfig,
-                      batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, float]:
-    logits = zeroshot_predictions(model, tokenizer, data, pre, batch_size, device)
+                      batch_size: int = 256, device: torch.device | str = "cpu",
+                      ctx: EvalContext | None = None) -> dict[str, float]:
+    logits = zeroshot_predictions(model, tokenizer, data, pre, batch_size, device, ctx)
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     return classification_metrics(logits, labels, len(data.classnames))
 
@@ -106,12 +135,31 @@ def evaluate_zeroshot(model: nn.Module, tokenizer, data: EvalDataset, pre: Prepr
 _DATASETS: dict[tuple[str, str, int], EvalDataset] = {}
 
 
+def cached_dataset(name: str, split: str, max_samples: int) -> EvalDataset:
+    """load_eval_dataset, memoized per process (in-training evals reload nothing)."""
+    key = (name, split, max_samples)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_eval_dataset(name, split=split, max_samples=max_samples)
+    return _DATASETS[key]
+
+
 def run_zeroshot(model: nn.Module, tokenizer, dataset: str, split: str = "test", batch_size: int = 256,
                  max_samples: int = 0, device: torch.device | str = "cpu",
                  preprocess: PreprocessConfig | None = None) -> dict[str, float]:
     """Zero-shot eval on a named dataset; the dataset is loaded once per process and cached."""
-    key = (dataset, split, max_samples)
-    if key not in _DATASETS:
-        _DATASETS[key] = load_eval_dataset(dataset, split=split, max_samples=max_samples)
     pre = preprocess or model.preprocess
-    return evaluate_zeroshot(model, tokenizer, _DATASETS[key], pre, batch_size, device)
+    return evaluate_zeroshot(model, tokenizer, cached_dataset(dataset, split, max_samples), pre, batch_size, device)
+
+
+def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
+    """Task entry point (see vlp.eval.tasks)."""
+    data = cached_dataset(spec.name, spec.split, spec.max_samples)
+    logits = zeroshot_predictions(model, tokenizer, data, pre, spec.batch_size, ctx.device, ctx)
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    metrics = classification_metrics(logits, labels, len(data.classnames))
+    figures = []
+    if ctx.figures:
+        cm = confusion_matrix(logits.argmax(-1), labels, len(data.classnames))
+        figures.append(confusion_figure(f"zero-shot confusion matrix: {spec.name} ({spec.split})", cm,
+                                        data.classnames))
+    return TaskResult(metrics, figures)

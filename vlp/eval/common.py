@@ -1,0 +1,122 @@
+"""Shared machinery of the evaluators: rank split, exactly-once gathering, batched feature extraction.
+
+Every rank encodes a contiguous slice of the samples and the slices are gathered in rank
+order, so the full feature matrix equals a one-process run row for row. Each rank runs the
+same number of forward passes (short ranks repeat a padding batch whose output is dropped)
+because ZeRO-3 gathers weights collectively inside each forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from vlp.data.transforms import eval_transform
+from vlp.eval.tasks import EvalContext
+from vlp.models.config import PreprocessConfig
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+    def image(self, i: int) -> Any: ...
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_context(device: torch.device | str = "cpu", **kwargs: Any) -> EvalContext:
+    """An EvalContext filled with this process's rank and world size."""
+    rank, size = world()
+    return EvalContext(device=device, rank=rank, world_size=size, **kwargs)
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[range, int]:
+    """(this rank's contiguous slice of range(n), the slice length of the largest rank)."""
+    per_rank = -(-n // world_size) if n else 0
+    return range(min(n, rank * per_rank), min(n, (rank + 1) * per_rank)), per_rank
+
+
+def gather_rows(t: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+    """Concatenate each rank's rows in rank order (CPU result on every rank)."""
+    t = t.detach().cpu()
+    if ctx.world_size == 1:
+        return t
+    parts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(parts, t)
+    return torch.cat(parts)
+
+
+class _Transformed(Dataset):
+    def __init__(self, source: ImageSource, indices: Sequence[int], pre: PreprocessConfig) -> None:
+        self.source, self.indices, self.transform = source, list(indices), eval_transform(pre)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.source.image(self.indices[i]))
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype  # bf16/fp16 under DeepSpeed mixed precision
+
+
+def encode_images(model: torch.nn.Module, source: ImageSource, pre: PreprocessConfig, batch_size: int,
+                  ctx: EvalContext, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Unit-norm fp32 image features [n, D] for `indices` (default: all of `source`), on every rank."""
+    idx = list(range(len(source))) if indices is None else list(indices)
+    mine, per_rank = shard(len(idx), ctx.rank, ctx.world_size)
+    loader = DataLoader(_Transformed(source, [idx[i] for i in mine], pre), batch_size=batch_size,
+                        num_workers=ctx.workers, persistent_workers=False)
+    dtype = _model_dtype(model)
+    feats: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for images in loader:
+            feats.append(F.normalize(model.encode_image(images.to(ctx.device, dtype)).float(), dim=-1).cpu())
+        pad = -(-per_rank // batch_size) - len(feats)
+        if pad > 0:
+            dummy = _Transformed(source, [idx[0]], pre)[0][None].to(ctx.device, dtype)
+            for _ in range(pad):
+                model.encode_image(dummy)
+    local = torch.cat(feats) if feats else torch.zeros(0, _embed_dim(model))
+    return gather_rows(local, ctx)
+
+
+def encode_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int,
+                 ctx: EvalContext) -> torch.Tensor:
+    """Unit-norm fp32 text features [len(texts), D], split across ranks, on every rank."""
+    mine, per_rank = shard(len(texts), ctx.rank, ctx.world_size)
+    mine_texts = [texts[i] for i in mine]
+    feats: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for start in range(0, len(mine_texts), batch_size):
+            tokens = tokenizer(mine_texts[start:start + batch_size]).to(ctx.device)
+            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+        for _ in range(-(-per_rank // batch_size) - len(feats)):
+            model.encode_text(tokenizer([texts[0]]).to(ctx.device))
+    local = torch.cat(feats) if feats else torch.zeros(0, _embed_dim(model))
+    return gather_rows(local, ctx)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "embed_dim", 0))
+
+
+def fingerprint_model(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes and bytes: the cache key of a checkpoint's weights."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,113 @@
+"""Image<->text retrieval: recall@1/5/10 in both directions with several captions per image.
+
+Definitions are CLIP_benchmark's (and the CLIP papers'): `image_retrieval_recall@k` is the
+fraction of texts whose top-k images contain a correct image (text -> image);
+`text_retrieval_recall@k` is the fraction of images whose top-k texts contain a correct
+caption (image -> text). Which pairs are correct comes from the dataset's groups (an image's
+own captions, or every image of a caption's class for the built-in class-level sets).
+Images and texts are both split across ranks and their features gathered exactly once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlp.data.sources import RetrievalDataset, load_retrieval_dataset
+from vlp.eval.common import encode_images, encode_texts
+from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
+from vlp.models.config import PreprocessConfig
+
+RECALL_KS = (1, 5, 10)
+
+
+def _hits_at_k(scores: torch.Tensor, query_groups: torch.Tensor, item_groups: torch.Tensor, k: int,
+               chunk: int = 4096) -> torch.Tensor:
+    """[Q] bool: does each query's top-k (by score, rows = queries) contain an item of its group?"""
+    k = min(k, scores.shape[1])
+    out = []
+    for start in range(0, scores.shape[0], chunk):
+        top = scores[start:start + chunk].topk(k, dim=1).indices
+        out.append((item_groups[top] == query_groups[start:start + chunk, None]).any(dim=1))
+    return torch.cat(out)
+
+
+def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, image_groups: np.ndarray | torch.Tensor,
+                      text_groups: np.ndarray | torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+    """Recall@k both ways from unit-norm features and the pairs' groups."""
+    ig, tg = torch.as_tensor(image_groups), torch.as_tensor(text_groups)
+    scores = text_feats @ image_feats.t()  # [T, I]
+    metrics: dict[str, float] = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = _hits_at_k(scores, tg, ig, k).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = _hits_at_k(scores.t(), ig, tg, k).float().mean().item()
+    metrics["num_images"] = int(len(ig))
+    metrics["num_texts"] = int(len(tg))
+    return metrics
+
+
+def retrieval_features(model: nn.Module, tokenizer, data: RetrievalDataset, pre: PreprocessConfig,
+                       batch_size: int, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features [I, D], text features [T, D]), unit norm, on every rank."""
+    return (encode_images(model, data, pre, batch_size, ctx),
+            encode_texts(model, tokenizer, data.texts, batch_size, ctx))
+
+
+def top_images_figure(title: str, data: RetrievalDataset, scores: torch.Tensor, queries: list[int],
+                      top: int = 5) -> Figure:
+    """For each query text, its `top` best images (green frame: a correct match, red: not)."""
+    top = min(top, scores.shape[1])
+    picks = scores[queries].topk(top, dim=1).indices.tolist()
+
+    def draw():
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(queries), top, figsize=(1.6 * top + 0.5, 1.9 * len(queries)), squeeze=False)
+        for row, (q, items) in enumerate(zip(queries, picks)):
+            for col, i in enumerate(items):
+                ax = axes[row][col]
+                ax.imshow(data.image(i))
+                ok = data.image_groups[i] == data.text_groups[q]
+                for side in ax.spines.values():
+                    side.set_edgecolor("green" if ok else "red")
+                    side.set_linewidth(3)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_xlabel(f"#{col + 1}  {float(scores[q, i]):.2f}", fontsize=7)
+            axes[row][0].set_title(f'"{data.texts[q][:60]}"', loc="left", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    return Figure(title, draw, "top images per text query; green frame: a correct match, red: not")
+
+
+def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
+    """Task entry point (see vlp.eval.tasks)."""
+    data = _cached(spec.name, spec.split, spec.max_samples)
+    img, txt = retrieval_features(model, tokenizer, data, pre, spec.batch_size, ctx)
+    metrics = retrieval_metrics(img, txt, data.image_groups, data.text_groups)
+    figures = []
+    if ctx.figures and len(data.texts):
+        # a few queries from distinct groups, spread over the text list
+        seen, queries = set(), []
+        for t in np.linspace(0, len(data.texts) - 1, 4 * 8).round().astype(int):
+            g = int(data.text_groups[t])
+            if g not in seen:
+                seen.add(g)
+                queries.append(int(t))
+            if len(queries) == 4:
+                break
+        figures.append(top_images_figure(f"text -> image retrieval: {spec.name} ({spec.split})", data,
+                                         txt @ img.t(), queries))
+    return TaskResult(metrics, figures)
+
+
+_DATASETS: dict[tuple[str, str, int], RetrievalDataset] = {}
+
+
+def _cached(name: str, split: str, max_samples: int) -> RetrievalDataset:
+    key = (name, split, max_samples)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_retrieval_dataset(name, split, max_samples)
+    return _DATASETS[key]
