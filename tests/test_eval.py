@@ -1,5 +1,5 @@
 """Zero-shot metrics against scikit-learn (CLIP_benchmark computes mean per-class recall with
-balanced_accuracy_score) and a hand-computed case; classifier construction; split evaluation."""
+balanced_accuracy_score) and a hand-computed case; classifier construction (the 2-process split is in test_eval_dist.py)."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
-from tests.helpers import ROOT, torchrun
 from vlp.data.tokenizer import get_tokenizer
 from vlp.eval.zeroshot import build_classifier, classification_metrics, fill_template
 from vlp.models import create_model
@@ -47,15 +46,3 @@ def test_classifier_is_mean_of_normalized_prompt_embeddings():
             emb = F.normalize(model.encode_text(tok([fill_template(t, n) for t in templates])), dim=-1)
             torch.testing.assert_close(clf[i], F.normalize(emb.mean(0), dim=-1))
     assert fill_template("the digit {c}", "one") == "the digit one"
-
-
-@pytest.mark.slow
-def test_two_process_eval_scores_each_sample_once(tmp_path):
-    from tests.workers.eval_split import predict
-
-    out = tmp_path / "logits.pt"
-    torchrun(2, str(ROOT / "tests/workers/eval_split.py"), str(out), timeout=180)
-    split = torch.load(out, weights_only=True)
-    single = predict()
-    assert split.shape == single.shape == (297, 10)  # 149 + 148 rows: each image exactly once, in order
-    torch.testing.assert_close(split, single, rtol=1e-5, atol=1e-6)

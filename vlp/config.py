@@ -66,13 +66,15 @@ class OptimSection:
 
 @dataclass
 class EvalEntry:
-    task: str = "zeroshot"
+    task: str = "zeroshot"  # a name in vlp.eval.tasks: zeroshot, retrieval, linear_probe, segmentation
     dataset: str = "fashion-mnist"
     split: str = "test"
     every_n_steps: int = 0  # 0: only at the end of training
     batch_size: int = 256
     max_samples: int = 0  # 0: all
     ema: bool = False  # evaluate the EMA weights (needs ema.enabled) instead of the live ones
+    # task-specific knobs passed to the evaluator, e.g. linear_probe {k_shot: 10, train_samples: 5000}
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,9 +239,15 @@ def validate(cfg: DictConfig) -> None:
         bad("data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
     if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
         bad("logging.wandb_mode", "must be online, offline or disabled")
+    from vlp.eval.tasks import UnknownTaskError, get_task
+
     for name, ev in cfg.evals.items():
-        if ev.task != "zeroshot":
-            bad(f"evals.{name}.task", f"unknown task '{ev.task}' (known: zeroshot)")
+        try:
+            get_task(ev.task)
+        except UnknownTaskError as e:
+            bad(f"evals.{name}.task", str(e))
+        if ev.every_n_steps < 0:
+            bad(f"evals.{name}.every_n_steps", "must be >= 0 (0: only at the end of training)")
         if ev.ema and not cfg.ema.enabled:
             bad(f"evals.{name}.ema", "evaluating EMA weights needs ema.enabled=true")
 

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -70,13 +71,45 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype  # bf16/fp16 under DeepSpeed mixed precision
 
 
+def _native_uint8(source: ImageSource, pre: PreprocessConfig) -> np.ndarray | None:
+    """The source's uint8 array [N, S, S] or [N, S, S, 3] when S == image_size (resize and crop are
+    then identities), else None."""
+    arr = getattr(source, "images", None)
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        return None
+    if arr.shape[1] != pre.image_size or arr.shape[2] != pre.image_size or (arr.ndim == 4 and arr.shape[3] != 3):
+        return None
+    return arr
+
+
+class _BatchedArray:
+    """Batches of a native-size uint8 array normalized in one tensor op: the same values as the
+    per-image PIL path (ToTensor = x / 255, Normalize = (x - mean) / std) without per-image work."""
+
+    def __init__(self, arr: np.ndarray, indices: list[int], pre: PreprocessConfig, batch_size: int) -> None:
+        self.arr, self.indices, self.batch_size = arr, indices, batch_size
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            x = torch.from_numpy(self.arr[self.indices[start:start + self.batch_size]])
+            x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+            yield x.float().div(255).sub(self.mean).div(self.std)
+
+
 def encode_images(model: torch.nn.Module, source: ImageSource, pre: PreprocessConfig, batch_size: int,
                   ctx: EvalContext, indices: Sequence[int] | None = None) -> torch.Tensor:
     """Unit-norm fp32 image features [n, D] for `indices` (default: all of `source`), on every rank."""
     idx = list(range(len(source))) if indices is None else list(indices)
     mine, per_rank = shard(len(idx), ctx.rank, ctx.world_size)
-    loader = DataLoader(_Transformed(source, [idx[i] for i in mine], pre), batch_size=batch_size,
-                        num_workers=ctx.workers, persistent_workers=False)
+    mine_idx = [idx[i] for i in mine]
+    arr = _native_uint8(source, pre)
+    if arr is not None:
+        loader: Any = _BatchedArray(arr, mine_idx, pre, batch_size)
+    else:
+        loader = DataLoader(_Transformed(source, mine_idx, pre), batch_size=batch_size,
+                            num_workers=ctx.workers, persistent_workers=False)
     dtype = _model_dtype(model)
     feats: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -120,3 +153,45 @@ def fingerprint_model(model: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def dataset_key(name: str, split: str, max_samples: int) -> str:
+    """What identifies a dataset's content: the built-in name, or a local path plus the names,
+    sizes and modification times of the files under it."""
+    from pathlib import Path
+
+    p = Path(name)
+    parts = [name, split, str(max_samples)]
+    if p.exists():
+        files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+        parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def cached_image_features(model: torch.nn.Module, source: ImageSource, pre: PreprocessConfig, batch_size: int,
+                          ctx: EvalContext, key: str) -> torch.Tensor:
+    """encode_images, stored under ctx.cache_dir per (checkpoint fingerprint, dataset key, preprocessing).
+
+    Rank 0 decides and reads the cache and broadcasts, so ranks never disagree about whether
+    to run the collective forward passes (the cache need not be on a shared file system).
+    """
+    if ctx.cache_dir is None or ctx.checkpoint_id is None:
+        return encode_images(model, source, pre, batch_size, ctx)
+    import json
+    import os
+    from dataclasses import asdict
+
+    digest = hashlib.sha256(json.dumps([ctx.checkpoint_id, key, asdict(pre)], default=str).encode()).hexdigest()[:20]
+    path = ctx.cache_dir / f"image_features_{digest}.pt"
+    box: list[Any] = [torch.load(path, weights_only=True) if ctx.is_main and path.is_file() else None]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        return box[0]
+    feats = encode_images(model, source, pre, batch_size, ctx)
+    if ctx.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(feats, tmp)
+        os.replace(tmp, path)
+    return feats

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vlp.eval.common import encode_images
+from vlp.eval.common import cached_image_features, dataset_key
 from vlp.eval.tasks import DatasetSpec, EvalContext, TaskResult
 from vlp.eval.zeroshot import cached_dataset, classification_metrics, confusion_figure, confusion_matrix
 from vlp.models.config import PreprocessConfig
@@ -70,10 +70,13 @@ def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSp
     """Task entry point (see vlp.eval.tasks). Options: k_shot, train_split, train_samples,
     val_fraction, cs, seed."""
     opts = dict(spec.options)
-    train = cached_dataset(spec.name, opts.get("train_split", "train"), int(opts.get("train_samples", 0)))
+    train_split, train_samples = opts.get("train_split", "train"), int(opts.get("train_samples", 0))
+    train = cached_dataset(spec.name, train_split, train_samples)
     test = cached_dataset(spec.name, spec.split, spec.max_samples)
-    x_train = encode_images(model, train, pre, spec.batch_size, ctx).numpy()
-    x_test = encode_images(model, test, pre, spec.batch_size, ctx).numpy()
+    x_train = cached_image_features(model, train, pre, spec.batch_size, ctx,
+                                    dataset_key(spec.name, train_split, train_samples)).numpy()
+    x_test = cached_image_features(model, test, pre, spec.batch_size, ctx,
+                                   dataset_key(spec.name, spec.split, spec.max_samples)).numpy()
     result: list[Any] = [None]
     if ctx.is_main:
         result[0] = fit_probe(x_train, np.asarray(train.labels), x_test, len(test.classnames), k_shot=int(opts.get("k_shot", 0)),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.data.sources import EvalDataset, load_eval_dataset
-from vlp.eval.common import encode_images, make_context
+from vlp.eval.common import cached_image_features, dataset_key, encode_images, make_context
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
@@ -113,13 +113,19 @@ def confusion_figure(title: str, cm: np.ndarray, classnames: list[str]) -> Figur
 
 def zeroshot_predictions(model: nn.Module, tokenizer, data: EvalDataset, pre: PreprocessConfig,
                          batch_size: int = 256, device: torch.device | str = "cpu",
-                         ctx: EvalContext | None = None) -> torch.Tensor:
-    """[N, num_classes] cosine logits for every image of `data`, in order, on every rank."""
+                         ctx: EvalContext | None = None, cache_key: str | None = None) -> torch.Tensor:
+    """[N, num_classes] cosine logits for every image of `data`, in order, on every rank.
+
+    With `cache_key` (see common.dataset_key) and a caching context, image features are reused.
+    """
     ctx = ctx or make_context(device)
     was_training = model.training
     model.eval()
     classifier = cached_classifier(model, tokenizer, data.classnames, data.templates, ctx)
-    feats = encode_images(model, data, pre, batch_size, ctx)
+    if cache_key is None:
+        feats = encode_images(model, data, pre, batch_size, ctx)
+    else:
+        feats = cached_image_features(model, data, pre, batch_size, ctx, cache_key)
     model.train(was_training)
     return feats @ classifier.cpu().t()
 
@@ -154,7 +160,8 @@ def run_zeroshot(model: nn.Module, tokenizer, dataset: str, split: str = "test",
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
     """Task entry point (see vlp.eval.tasks)."""
     data = cached_dataset(spec.name, spec.split, spec.max_samples)
-    logits = zeroshot_predictions(model, tokenizer, data, pre, spec.batch_size, ctx.device, ctx)
+    logits = zeroshot_predictions(model, tokenizer, data, pre, spec.batch_size, ctx.device, ctx,
+                                  dataset_key(spec.name, spec.split, spec.max_samples))
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     metrics = classification_metrics(logits, labels, len(data.classnames))
     figures = []

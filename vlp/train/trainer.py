@@ -282,7 +282,8 @@ class Trainer:
         w.update(loss=0.0, n=0, t0=time.perf_counter(), wait=0.0, steps=0)
 
     def _scheduled_evals(self, final: bool) -> dict[str, Any]:
-        from vlp.eval.zeroshot import run_zeroshot
+        from vlp.eval.common import make_context
+        from vlp.eval.tasks import DatasetSpec, run_task
 
         out: dict[str, Any] = {}
         for name, ev in self.cfg.evals.items():
@@ -292,9 +293,9 @@ class Trainer:
             self._evaluated[name] = self.step
             model = self._ema_model() if ev.ema else self.engine.module.model
             model.eval()
-            res = run_zeroshot(model, self.tokenizer, ev.dataset, split=ev.split,
-                               batch_size=ev.batch_size, max_samples=ev.max_samples,
-                               device=self.dist.device, preprocess=self.model_cfg.preprocess)
+            spec = DatasetSpec(ev.dataset, ev.split, ev.max_samples, ev.batch_size, dict(ev.options))
+            ctx = make_context(self.dist.device, figures=False, seed=self.cfg.train.seed)
+            res = run_task(ev.task, model, self.tokenizer, self.model_cfg.preprocess, spec, ctx).metrics
             self.task.train()
             metrics = {f"eval/{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
             self.log.log(self.step, metrics)

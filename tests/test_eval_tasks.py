@@ -1,0 +1,221 @@
+"""Retrieval and linear-probe metrics against independent references, the task registry, the
+dataset loaders, the unified CLI (JSON, table, report, classifier cache) and a headless-browser
+screenshot of the report."""
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlp.data.sources import load_eval_dataset, load_retrieval_dataset
+from vlp.data.transforms import eval_transform
+from vlp.eval import tasks
+from vlp.eval.__main__ import main
+from vlp.eval.linear_probe import fit_probe
+from vlp.eval.retrieval import retrieval_metrics
+
+
+def test_retrieval_hand_computed():
+    # 2 images, 3 texts (text 0, 1 caption image 0; text 2 captions image 1)
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = F.normalize(torch.tensor([[1.0, 0.1], [0.2, 1.0], [0.1, 1.0]]), dim=-1)
+    m = retrieval_metrics(img, txt, np.array([0, 1]), np.array([0, 0, 1]), ks=(1, 2))
+    # text->image top-1: text0 -> img0 (hit), text1 -> img1 (miss), text2 -> img1 (hit)
+    assert m["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+    # image->text top-1: img0 -> text0 (hit); img1 -> text2 (0.995 > 0.98: hit)
+    assert m["text_retrieval_recall@1"] == pytest.approx(1.0)
+    assert m["image_retrieval_recall@2"] == pytest.approx(1.0)
+    assert (m["num_images"], m["num_texts"]) == (2, 3)
+
+
+def test_retrieval_matches_clip_benchmark_recall_at_k():
+    zr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    caps_per_image = torch.randint(1, 4, (40,), generator=g)
+    owner = torch.repeat_interleave(torch.arange(40), caps_per_image)
+    txt = F.normalize(img[owner] + 0.8 * torch.randn(len(owner), 8, generator=g), dim=-1)
+    ours = retrieval_metrics(img, txt, np.arange(40), owner.numpy())
+    scores = txt @ img.t()
+    pos = torch.zeros_like(scores, dtype=torch.bool)
+    pos[torch.arange(len(owner)), owner] = True
+    for k in (1, 5, 10):
+        t2i = (zr.recall_at_k(scores, pos, k) > 0).float().mean().item()
+        i2t = (zr.recall_at_k(scores.t(), pos.t(), k) > 0).float().mean().item()
+        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
+        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
+    assert 0 < ours["image_retrieval_recall@1"] < 1
+
+
+def _blobs(n_per_class, classes=4, dim=6, seed=0, spread=1.0):
+    """Gaussian blobs around fixed class centres; `seed` draws only the noise."""
+    centers = np.random.default_rng(123).normal(size=(classes, dim)) * 2
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    return centers[y] + spread * rng.normal(size=(len(y), dim)), y
+
+
+def test_linear_probe_refit_equals_sklearn_on_all_train():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _blobs(40)
+    xt, yt = _blobs(25, seed=1)
+    res = fit_probe(x, y, xt, num_classes=4, seed=3)
+    assert res["C"] in (0.01, 0.1, 1.0, 10.0, 100.0) and res["num_train"] == len(y)
+    # after choosing C, the probe is refit on train + validation = the whole train split
+    ref = LogisticRegression(C=res["C"], max_iter=1000).fit(x, y)
+    np.testing.assert_allclose(res["scores"], ref.predict_log_proba(xt), rtol=1e-6, atol=1e-6)
+    assert (res["scores"].argmax(1) == yt).mean() > 0.8  # separable blobs are learned
+
+
+def test_linear_probe_few_shot_is_k_per_class_and_seeded():
+    x, y = _blobs(30)
+    a = fit_probe(x, y, x[:10], num_classes=5, k_shot=4, seed=7)
+    b = fit_probe(x, y, x[:10], num_classes=5, k_shot=4, seed=7)
+    c = fit_probe(x, y, x[:10], num_classes=5, k_shot=4, seed=8)
+    assert a["num_train"] == 16
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    assert not np.array_equal(a["scores"], c["scores"])
+    assert np.isneginf(a["scores"][:, 4]).all()  # class absent from train never predicted
+
+
+def test_registry_names_unknown_task_and_plugs_in_new_one():
+    with pytest.raises(tasks.UnknownTaskError, match="'depth'"):
+        tasks.get_task("depth")
+    seen = {}
+
+    def dummy(model, tokenizer, pre, spec, ctx):
+        seen["spec"] = spec
+        return tasks.TaskResult({"answer": 42.0})
+
+    tasks.register_task("dummy", dummy)
+    try:
+        model = torch.nn.Linear(1, 1).train()
+        res = tasks.run_task("dummy", model, None, None, tasks.DatasetSpec("x"), tasks.EvalContext())
+        assert res.metrics == {"answer": 42.0} and seen["spec"].name == "x" and model.training
+    finally:
+        tasks._REGISTERED.pop("dummy")
+
+
+def _png(arr):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="png")
+    return buf.getvalue()
+
+
+def test_retrieval_loaders(tmp_path):
+    digits = load_eval_dataset("digits", "test", max_samples=3).images
+    # image folder + captions.csv: repeated rows are several captions of one image
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(_png(digits[i]))
+    (tmp_path / "captions.csv").write_text("file,caption\n0.png,zero a\n1.png,one a\n0.png,zero b\n2.png,two\n")
+    d = load_retrieval_dataset(str(tmp_path))
+    assert d.texts == ["zero a", "zero b", "one a", "two"] and list(d.text_groups) == [0, 0, 1, 2]
+    assert len(d) == 3 and d.image(1).size == (8, 8)
+    (tmp_path / "bad.csv").write_text("file,caption\nmissing.png,x\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_retrieval_dataset(str(tmp_path / "bad.csv"))
+    # CLIP_benchmark retrieval webdataset: txt with one caption per line
+    (tmp_path / "wds" / "test").mkdir(parents=True)
+    with tarfile.open(tmp_path / "wds" / "test" / "0.tar", "w") as tar:
+        for i, payload in ((0, b"a\nb\n"), (1, b"c")):
+            for ext, data in (("png", _png(digits[i])), ("txt", payload)):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    w = load_retrieval_dataset(str(tmp_path / "wds"))
+    assert w.texts == ["a", "b", "c"] and list(w.text_groups) == [0, 0, 1]
+    # built-in class-level set: 5 templates x 10 classes, grouped by class
+    b = load_retrieval_dataset("digits", max_samples=20)
+    assert len(b.texts) == 50 and list(b.text_groups[:6]) == [0] * 5 + [1] and len(b) == 20
+    with pytest.raises(ValueError, match="no-such-set"):
+        load_retrieval_dataset("no-such-set")
+
+
+@pytest.fixture(scope="module")
+def nano_dir(tmp_path_factory):
+    from vlp.models import create_model
+    from vlp.train.checkpoint import export_weights
+
+    torch.manual_seed(0)
+    model = create_model("clip-nano")
+    out = tmp_path_factory.mktemp("nano")
+    export_weights(model.state_dict(), model.config, "clip-nano", out)
+    return out
+
+
+def test_cli_writes_json_table_report_and_caches_classifier(nano_dir, tmp_path, capsys):
+    from vlp.eval.zeroshot import _DATASETS, evaluate_zeroshot
+    from vlp.loading import load_model
+
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(nano_dir), "--tasks", "zeroshot,retrieval,linear_probe", "--datasets", "digits",
+            "--max-samples", "120", "--train-samples", "300", "--workers", "0", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "### retrieval" in printed and "| digits | test |" in printed
+    res = json.loads((out / "results.json").read_text())
+    by_task = {r["task"]: r["metrics"] for r in res["results"]}
+    assert set(by_task) == {"zeroshot", "retrieval", "linear_probe"}
+    model, pre, tok = load_model(nano_dir)
+    direct = evaluate_zeroshot(model, tok, load_eval_dataset("digits", max_samples=120), pre, 64)
+    assert by_task["zeroshot"] == pytest.approx(direct)
+    assert by_task["linear_probe"]["num_train"] == 300 and by_task["retrieval"]["num_texts"] == 50
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3  # 2 confusion matrices + top retrieved images
+    # the cached classifier is what a second run uses: replace it by a class-permuted one
+    (clf_file,) = (out / "cache").glob("zeroshot_classifier_*.pt")
+    clf = torch.load(clf_file, weights_only=True)
+    torch.save(clf.roll(1, dims=0), clf_file)
+    _DATASETS.clear()
+    assert main([*args[:3], "zeroshot", *args[4:], "--no-report"]) == 0
+    again = json.loads((out / "results.json").read_text())["results"][0]["metrics"]
+    data = load_eval_dataset("digits", max_samples=120)
+    images = torch.stack([eval_transform(pre)(data.image(i)) for i in range(120)])
+    feats = F.normalize(model.encode_image(images), dim=-1).detach()
+    top1 = ((feats @ clf.roll(1, dims=0).t()).argmax(1).numpy() == data.labels).mean()
+    assert again["top1"] == pytest.approx(top1) and again["top1"] != by_task["zeroshot"]["top1"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--tasks", "zeroshot,depth"], "'depth'"),
+    (["--datasets", "no-such-set"], "'no-such-set'"),
+    (["--tasks", "zeroshot", "--datasets", "retrieval:digits"], "'retrieval'"),
+])
+def test_cli_names_bad_task_or_dataset(nano_dir, tmp_path, capsys, args, needle):
+    assert main(["--checkpoint", str(nano_dir), "--out", str(tmp_path), *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def _browser():
+    return next((b for b in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+
+
+def test_report_renders_in_headless_browser(nano_dir, tmp_path):
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless browser: `apt-get install chromium-headless-shell` (scripts/install.sh does)")
+    from PIL import Image
+
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(nano_dir), "--tasks", "zeroshot,retrieval", "--datasets", "digits",
+                 "--max-samples", "60", "--workers", "0", "--out", str(out)]) == 0
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                           "--window-size=1000,1400", (out / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (1400, 1000)
+    # the page drew the blue confusion matrix (not a blank or an error page)
+    blue = (img[..., 2] > img[..., 0] + 60) & (img[..., 2] > 120)
+    assert blue.mean() > 0.01
