@@ -171,6 +171,7 @@ def test_cli_writes_json_table_report_and_caches_classifier(nano_dir, tmp_path, 
     assert by_task["linear_probe"]["num_train"] == 300 and by_task["retrieval"]["num_texts"] == 50
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3  # 2 confusion matrices + top retrieved images
+    assert len(list((out / "cache").glob("image_features_*.pt"))) == 2  # test split (shared by all 3 tasks) + probe train split
     # the cached classifier is what a second run uses: replace it by a class-permuted one
     (clf_file,) = (out / "cache").glob("zeroshot_classifier_*.pt")
     clf = torch.load(clf_file, weights_only=True)
@@ -219,3 +220,24 @@ def test_report_renders_in_headless_browser(nano_dir, tmp_path):
     # the page drew the blue confusion matrix (not a blank or an error page)
     blue = (img[..., 2] > img[..., 0] + 60) & (img[..., 2] > 120)
     assert blue.mean() > 0.01
+
+
+def test_batched_native_size_images_equal_the_per_image_path():
+    from PIL import Image
+
+    from vlp.data.sources import EvalDataset
+    from vlp.eval.common import _native_uint8, encode_images, make_context
+    from vlp.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("clip-nano").eval()  # 16 x 16 input
+    rng = np.random.default_rng(0)
+    for arr in (rng.integers(0, 256, (37, 16, 16), dtype=np.uint8), rng.integers(0, 256, (37, 16, 16, 3), dtype=np.uint8)):
+        labels = np.zeros(37, dtype=np.int64)
+        batched = EvalDataset(arr, labels, ["a"], ["{}"])
+        per_image = EvalDataset([Image.fromarray(a) for a in arr], labels, ["a"], ["{}"])
+        assert _native_uint8(batched, model.preprocess) is not None and _native_uint8(per_image, model.preprocess) is None
+        ctx = make_context("cpu")
+        a = encode_images(model, batched, model.preprocess, 16, ctx)
+        b = encode_images(model, per_image, model.preprocess, 16, ctx)
+        assert a.shape == (37, model.config.embed_dim) and torch.equal(a, b)

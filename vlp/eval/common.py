@@ -155,14 +155,16 @@ def fingerprint_model(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_key(name: str, split: str, max_samples: int) -> str:
-    """What identifies a dataset's content: the built-in name, or a local path plus the names,
-    sizes and modification times of the files under it."""
+def dataset_key(name: str, split: str, max_samples: int, reader: str = "labelled") -> str:
+    """What identifies a dataset's images: the built-in name, or a local path plus the names,
+    sizes and modification times of the files under it and the reader that selected its images
+    (the labelled and the captioned readers of one directory may keep different samples)."""
     from pathlib import Path
 
     p = Path(name)
     parts = [name, split, str(max_samples)]
     if p.exists():
+        parts.append(reader)
         files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
         parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]

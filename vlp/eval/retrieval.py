@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vlp.data.sources import RetrievalDataset, load_retrieval_dataset
-from vlp.eval.common import encode_images, encode_texts
+from vlp.eval.common import cached_image_features, dataset_key, encode_images, encode_texts
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
@@ -85,7 +85,10 @@ def top_images_figure(title: str, data: RetrievalDataset, scores: torch.Tensor, 
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
     """Task entry point (see vlp.eval.tasks)."""
     data = _cached(spec.name, spec.split, spec.max_samples)
-    img, txt = retrieval_features(model, tokenizer, data, pre, spec.batch_size, ctx)
+    # built-in sets share their image features with zero-shot and the linear probe
+    img = cached_image_features(model, data, pre, spec.batch_size, ctx,
+                                dataset_key(spec.name, spec.split, spec.max_samples, reader="captioned"))
+    txt = encode_texts(model, tokenizer, data.texts, spec.batch_size, ctx)
     metrics = retrieval_metrics(img, txt, data.image_groups, data.text_groups)
     figures = []
     if ctx.figures and len(data.texts):
