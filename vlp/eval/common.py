@@ -9,7 +9,10 @@ because ZeRO-3 gathers weights collectively inside each forward.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import numpy as np
@@ -170,30 +173,33 @@ def dataset_key(name: str, split: str, max_samples: int, reader: str = "labelled
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-def cached_image_features(model: torch.nn.Module, source: ImageSource, pre: PreprocessConfig, batch_size: int,
-                          ctx: EvalContext, key: str) -> torch.Tensor:
-    """encode_images, stored under ctx.cache_dir per (checkpoint fingerprint, dataset key, preprocessing).
+def cached(ctx: EvalContext, kind: str, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """compute(), stored as `{kind}_{hash(checkpoint fingerprint, key)}.pt` under ctx.cache_dir.
 
-    Rank 0 decides and reads the cache and broadcasts, so ranks never disagree about whether
-    to run the collective forward passes (the cache need not be on a shared file system).
+    Rank 0 alone decides and reads the cache and broadcasts, so ranks never disagree about
+    whether to run collective forward passes (the cache need not be on a shared file system).
+    Without a cache directory or checkpoint fingerprint this is just compute().
     """
     if ctx.cache_dir is None or ctx.checkpoint_id is None:
-        return encode_images(model, source, pre, batch_size, ctx)
-    import json
-    import os
-    from dataclasses import asdict
-
-    digest = hashlib.sha256(json.dumps([ctx.checkpoint_id, key, asdict(pre)], default=str).encode()).hexdigest()[:20]
-    path = ctx.cache_dir / f"image_features_{digest}.pt"
+        return compute()
+    digest = hashlib.sha256(json.dumps([ctx.checkpoint_id, key], default=str).encode()).hexdigest()[:20]
+    path = ctx.cache_dir / f"{kind}_{digest}.pt"
     box: list[Any] = [torch.load(path, weights_only=True) if ctx.is_main and path.is_file() else None]
     if ctx.world_size > 1:
         dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         return box[0]
-    feats = encode_images(model, source, pre, batch_size, ctx)
+    value = compute()
     if ctx.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(feats, tmp)
+        torch.save(value.detach().cpu(), tmp)
         os.replace(tmp, path)
-    return feats
+    return value
+
+
+def cached_image_features(model: torch.nn.Module, source: ImageSource, pre: PreprocessConfig, batch_size: int,
+                          ctx: EvalContext, key: str) -> torch.Tensor:
+    """encode_images, cached per (checkpoint fingerprint, dataset key from dataset_key, preprocessing)."""
+    return cached(ctx, "image_features", [key, asdict(pre)],
+                  lambda: encode_images(model, source, pre, batch_size, ctx))

@@ -9,17 +9,13 @@ checkpoint fingerprint, class names and templates when the context has a cache d
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlp.data.sources import EvalDataset, load_eval_dataset
-from vlp.eval.common import cached_image_features, dataset_key, encode_images, make_context
+from vlp.eval.common import cached, cached_image_features, dataset_key, encode_images, make_context
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
@@ -46,20 +42,10 @@ def build_classifier(model: nn.Module, tokenizer, classnames: list[str], templat
 
 def cached_classifier(model: nn.Module, tokenizer, classnames: list[str], templates: list[str],
                       ctx: EvalContext) -> torch.Tensor:
-    """build_classifier, stored under ctx.cache_dir keyed by checkpoint fingerprint + names + templates."""
-    if ctx.cache_dir is None or ctx.checkpoint_id is None:
-        return build_classifier(model, tokenizer, classnames, templates, ctx.device)
-    key = hashlib.sha256(json.dumps([ctx.checkpoint_id, classnames, templates]).encode()).hexdigest()[:20]
-    path = ctx.cache_dir / f"zeroshot_classifier_{key}.pt"
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True).to(ctx.device)
-    clf = build_classifier(model, tokenizer, classnames, templates, ctx.device)
-    if ctx.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(clf.cpu(), tmp)
-        os.replace(tmp, path)
-    return clf
+    """build_classifier, cached under ctx.cache_dir per checkpoint fingerprint, class names and templates."""
+    clf = cached(ctx, "zeroshot_classifier", [classnames, templates],
+                 lambda: build_classifier(model, tokenizer, classnames, templates, ctx.device))
+    return clf.to(ctx.device)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
