@@ -65,3 +65,22 @@ def test_in_training_evals_under_two_processes(tmp_path, digits_shards_dir):
         assert last[f"eval/ret/{k}"] == pytest.approx(v, abs=1e-6), k
     for k in ("top1", "mean_per_class_recall", "C", "num_train"):
         assert last[f"eval/probe/{k}"] == pytest.approx(res["linear_probe"][k], abs=1e-6), k
+
+
+def test_cli_under_torchrun_equals_one_process(tmp_path):
+    from tests.test_eval_tasks import export_nano
+    from vlp.eval.__main__ import main
+
+    ckpt = export_nano(tmp_path / "nano")
+    args = ["--checkpoint", str(ckpt), "--tasks", "zeroshot,retrieval,linear_probe", "--datasets", "digits",
+            "--max-samples", "151", "--train-samples", "303", "--workers", "0", "--no-report"]
+    torchrun(2, "-m", "vlp.eval", *args, "--out", str(tmp_path / "two"), timeout=300)
+    assert main([*args, "--no-cache", "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["results"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
+    assert [r["task"] for r in two] == ["zeroshot", "retrieval", "linear_probe"]
+    for a, b in zip(one, two):
+        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-9), a["task"]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["world_size"] == 2
+    # rank 0 alone wrote the cache: the classifier, the test and the train features
+    assert len(list((tmp_path / "two" / "cache").glob("*.pt"))) == 3

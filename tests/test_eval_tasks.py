@@ -140,16 +140,20 @@ def test_retrieval_loaders(tmp_path):
         load_retrieval_dataset("no-such-set")
 
 
-@pytest.fixture(scope="module")
-def nano_dir(tmp_path_factory):
+def export_nano(out):
+    """A random-init clip-nano (seed 0) saved as a vlp checkpoint directory."""
     from vlp.models import create_model
     from vlp.train.checkpoint import export_weights
 
     torch.manual_seed(0)
     model = create_model("clip-nano")
-    out = tmp_path_factory.mktemp("nano")
     export_weights(model.state_dict(), model.config, "clip-nano", out)
     return out
+
+
+@pytest.fixture(scope="module")
+def nano_dir(tmp_path_factory):
+    return export_nano(tmp_path_factory.mktemp("nano"))
 
 
 def test_cli_writes_json_table_report_and_caches_classifier(nano_dir, tmp_path, capsys):
