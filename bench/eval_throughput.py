@@ -68,12 +68,11 @@ def run_clip_benchmark(ckpt: Path, dataset: str, max_samples: int, batch_size: i
 
 
 def run_vlp(ckpt: Path, dataset: str, max_samples: int, batch_size: int, workers: int, cache: Path) -> tuple[float, dict]:
-    from vlp.eval.common import fingerprint_model, make_context
+    from vlp.eval.common import _LOADED, fingerprint_model, make_context
     from vlp.eval.tasks import DatasetSpec, run_task
-    from vlp.eval.zeroshot import _DATASETS
     from vlp.loading import load_model
 
-    _DATASETS.clear()  # both sides read the dataset from disk
+    _LOADED.clear()  # both sides read the dataset from disk
     t0 = time.perf_counter()
     model, pre, tok = load_model(ckpt)
     ctx = make_context("cpu", workers=workers, figures=False, cache_dir=cache, checkpoint_id=fingerprint_model(model))

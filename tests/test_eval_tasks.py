@@ -157,7 +157,8 @@ def nano_dir(tmp_path_factory):
 
 
 def test_cli_writes_json_table_report_and_caches_classifier(nano_dir, tmp_path, capsys):
-    from vlp.eval.zeroshot import _DATASETS, evaluate_zeroshot
+    from vlp.eval.common import _LOADED
+    from vlp.eval.zeroshot import evaluate_zeroshot
     from vlp.loading import load_model
 
     out = tmp_path / "out"
@@ -180,7 +181,7 @@ def test_cli_writes_json_table_report_and_caches_classifier(nano_dir, tmp_path, 
     (clf_file,) = (out / "cache").glob("zeroshot_classifier_*.pt")
     clf = torch.load(clf_file, weights_only=True)
     torch.save(clf.roll(1, dims=0), clf_file)
-    _DATASETS.clear()
+    _LOADED.clear()
     assert main([*args[:3], "zeroshot", *args[4:], "--no-report"]) == 0
     again = json.loads((out / "results.json").read_text())["results"][0]["metrics"]
     data = load_eval_dataset("digits", max_samples=120)
@@ -194,6 +195,8 @@ def test_cli_writes_json_table_report_and_caches_classifier(nano_dir, tmp_path, 
     (["--tasks", "zeroshot,depth"], "'depth'"),
     (["--datasets", "no-such-set"], "'no-such-set'"),
     (["--tasks", "zeroshot", "--datasets", "retrieval:digits"], "'retrieval'"),
+    (["--option", "zeroshot.k_shot"], "'zeroshot.k_shot'"),
+    (["--option", "linear_probe.k_shot=3"], "'linear_probe'"),
 ])
 def test_cli_names_bad_task_or_dataset(nano_dir, tmp_path, capsys, args, needle):
     assert main(["--checkpoint", str(nano_dir), "--out", str(tmp_path), *args]) == 2
@@ -245,3 +248,19 @@ def test_batched_native_size_images_equal_the_per_image_path():
         a = encode_images(model, batched, model.preprocess, 16, ctx)
         b = encode_images(model, per_image, model.preprocess, 16, ctx)
         assert a.shape == (37, model.config.embed_dim) and torch.equal(a, b)
+
+
+def test_segmentation_task_adapter(nano_dir):
+    seg = pytest.importorskip("vlp.eval.segmentation", reason="the dense evaluator (vlp/eval/segmentation.py) is not in this tree")
+    segdata = pytest.importorskip("vlp.data.segmentation")
+    from vlp.eval.report import figure_png
+    from vlp.loading import load_model
+
+    model, pre, tok = load_model(nano_dir)
+    spec = tasks.DatasetSpec("clipart", "test", 8, 8, {"modes": "zeroshot,linear_probe", "train_samples": 16})
+    res = tasks.run_task("segmentation", model, tok, pre, spec, tasks.EvalContext())
+    direct = seg.evaluate_segmentation(model, tok, segdata.load_segmentation_dataset("clipart", "test", 8), "zeroshot", 8)
+    assert res.metrics["zeroshot/miou"] == pytest.approx(direct["miou"])
+    assert {"linear_probe/miou", "linear_probe/pixel_accuracy", "num_samples"} <= set(res.metrics)
+    assert res.details["zeroshot"]["per_class_iou"].keys() == direct["per_class_iou"].keys()
+    assert len(res.figures) == 2 and all(figure_png(f)[:4] == b"\x89PNG" for f in res.figures)

@@ -89,6 +89,25 @@ def plan(tasks: list[str], datasets: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def task_options(args: argparse.Namespace, tasks: set[str]) -> dict[str, dict]:
+    """Per task: the shared train-split options, k_shot for linear_probe, then --option overrides."""
+    import yaml
+
+    out = {t: {"train_split": args.train_split, "train_samples": args.train_samples, "seed": args.seed}
+           for t in tasks}
+    if "linear_probe" in out:
+        out["linear_probe"]["k_shot"] = args.k_shot
+    for item in args.option:
+        key, eq, value = item.partition("=")
+        task, dot, name = key.partition(".")
+        if not (eq and dot and name):
+            raise ValueError(f"--option '{item}' is not of the form TASK.KEY=VALUE")
+        if task not in out:
+            raise ValueError(f"--option '{item}' names task '{task}', which is not in --tasks")
+        out[task][name] = yaml.safe_load(value)
+    return out
+
+
 def _init_distributed(device_arg: str | None) -> tuple[str, bool]:
     """Join the torchrun group when launched by torchrun; returns (device, whether we initialised)."""
     import torch.distributed as dist
@@ -121,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, default=0, help="evaluation samples per dataset; 0: all")
     p.add_argument("--train-samples", type=int, default=0, help="linear probe train samples; 0: all")
     p.add_argument("--k-shot", type=int, default=0, help="linear probe: k labelled images per class; 0: all")
+    p.add_argument("--option", action="append", default=[], metavar="TASK.KEY=VALUE",
+                   help="task option, e.g. segmentation.modes=zeroshot (value parsed as YAML); repeatable")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -149,29 +170,31 @@ def main(argv: list[str] | None = None) -> int:
     ctx = make_context(device, workers=args.workers, figures=not args.no_report, seed=args.seed,
                        cache_dir=None if args.no_cache else out / "cache",
                        checkpoint_id=None if args.no_cache else fingerprint_model(model))
-    options = {"k_shot": args.k_shot, "train_split": args.train_split, "train_samples": args.train_samples,
-               "seed": args.seed}
+    try:
+        options = task_options(args, {t for t, _ in pairs})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     entries: list[Entry] = []
     for task, dataset in pairs:
-        spec = DatasetSpec(dataset, args.split, args.max_samples, args.batch_size,
-                           options if task == "linear_probe" else {})
+        spec = DatasetSpec(dataset, args.split, args.max_samples, args.batch_size, options[task])
         t0 = time.perf_counter()
         try:
             res = run_task(task, model, tokenizer, pre, spec, ctx)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: task '{task}' on dataset '{dataset}': {e}", file=sys.stderr)
             return 2
-        entries.append(Entry(task, dataset, args.split, res.metrics, time.perf_counter() - t0, res.figures))
+        entries.append(Entry(task, dataset, args.split, res.metrics, time.perf_counter() - t0, res.figures, res.details))
         if ctx.is_main:
             print(f"[{task} / {dataset}] " + ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()), flush=True)
     if ctx.is_main:
         meta = {"world_size": ctx.world_size, "device": str(device)}
         if args.no_report:
-            from vlp.eval.report import results_dict
+            from vlp.eval.report import _jsonable, results_dict
 
             out.mkdir(parents=True, exist_ok=True)
             paths = {"json": out / "results.json"}
-            paths["json"].write_text(json.dumps(results_dict(entries, args.checkpoint, meta), indent=1))
+            paths["json"].write_text(json.dumps(results_dict(entries, args.checkpoint, meta), indent=1, default=_jsonable))
         else:
             paths = write_outputs(out, entries, args.checkpoint, meta)
         print()

@@ -31,6 +31,17 @@ class ImageSource(Protocol):
     def image(self, i: int) -> Any: ...
 
 
+_LOADED: dict[tuple[Any, ...], Any] = {}
+
+
+def load_once(loader: Callable[[str, str, int], Any], name: str, split: str, max_samples: int) -> Any:
+    """loader(name, split, max_samples), memoized per process: in-training evals load nothing twice."""
+    key = (loader.__module__, loader.__qualname__, name, split, max_samples)
+    if key not in _LOADED:
+        _LOADED[key] = loader(name, split, max_samples)
+    return _LOADED[key]
+
+
 def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -30,6 +30,7 @@ class Entry:
     metrics: dict[str, Any]
     seconds: float
     figures: list[Figure] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def is_percent(key: str) -> bool:
@@ -54,7 +55,8 @@ def fmt(key: str, value: Any) -> str:
 def results_dict(entries: Iterable[Entry], checkpoint: str, extra: dict | None = None) -> dict[str, Any]:
     return {"checkpoint": checkpoint, **(extra or {}),
             "results": [{"task": e.task, "dataset": e.dataset, "split": e.split, "metrics": e.metrics,
-                         "seconds": round(e.seconds, 3)} for e in entries]}
+                         "seconds": round(e.seconds, 3), **({"details": e.details} if e.details else {})}
+                        for e in entries]}
 
 
 def _tables(entries: list[Entry]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -127,11 +129,16 @@ def html_report(entries: list[Entry], checkpoint: str, meta: dict[str, Any] | No
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
 
 
+def _jsonable(x: Any) -> Any:
+    """numpy / torch scalars and arrays in details become plain JSON values."""
+    return x.tolist() if hasattr(x, "tolist") else str(x)
+
+
 def write_outputs(out_dir: Path, entries: list[Entry], checkpoint: str, meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """results.json, results.md and report.html under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "html": out_dir / "report.html"}
-    paths["json"].write_text(json.dumps(results_dict(entries, checkpoint, meta), indent=1))
+    paths["json"].write_text(json.dumps(results_dict(entries, checkpoint, meta), indent=1, default=_jsonable))
     paths["markdown"].write_text(markdown_table(entries))
     paths["html"].write_text(html_report(entries, checkpoint, meta))
     return paths

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vlp.data.sources import RetrievalDataset, load_retrieval_dataset
-from vlp.eval.common import cached_image_features, dataset_key, encode_images, encode_texts
+from vlp.eval.common import cached_image_features, dataset_key, encode_images, encode_texts, load_once
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
@@ -84,7 +84,7 @@ def top_images_figure(title: str, data: RetrievalDataset, scores: torch.Tensor, 
 
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
     """Task entry point (see vlp.eval.tasks)."""
-    data = _cached(spec.name, spec.split, spec.max_samples)
+    data = load_once(load_retrieval_dataset, spec.name, spec.split, spec.max_samples)
     # built-in sets share their image features with zero-shot and the linear probe
     img = cached_image_features(model, data, pre, spec.batch_size, ctx,
                                 dataset_key(spec.name, spec.split, spec.max_samples, reader="captioned"))
@@ -92,25 +92,10 @@ def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSp
     metrics = retrieval_metrics(img, txt, data.image_groups, data.text_groups)
     figures = []
     if ctx.figures and len(data.texts):
-        # a few queries from distinct groups, spread over the text list
-        seen, queries = set(), []
-        for t in np.linspace(0, len(data.texts) - 1, 4 * 8).round().astype(int):
-            g = int(data.text_groups[t])
-            if g not in seen:
-                seen.add(g)
-                queries.append(int(t))
-            if len(queries) == 4:
-                break
+        # four queries from groups spread over the dataset: the first text of each
+        groups = np.unique(data.text_groups)
+        picked = groups[np.linspace(0, len(groups) - 1, min(4, len(groups))).round().astype(int)]
+        queries = [int(np.flatnonzero(data.text_groups == g)[0]) for g in picked]
         figures.append(top_images_figure(f"text -> image retrieval: {spec.name} ({spec.split})", data,
                                          txt @ img.t(), queries))
     return TaskResult(metrics, figures)
-
-
-_DATASETS: dict[tuple[str, str, int], RetrievalDataset] = {}
-
-
-def _cached(name: str, split: str, max_samples: int) -> RetrievalDataset:
-    key = (name, split, max_samples)
-    if key not in _DATASETS:
-        _DATASETS[key] = load_retrieval_dataset(name, split, max_samples)
-    return _DATASETS[key]

@@ -12,8 +12,9 @@ An evaluator is a plain function
   the data with `vlp.eval.common.shard` and gather with `gather_rows` so each sample is scored
   exactly once), loader workers, an optional cache directory and checkpoint fingerprint, and
   whether figures are wanted (False inside training).
-* It returns `TaskResult(metrics, figures)`: metrics are flat `{name: float | int}` (the same on
-  every rank); figures are `Figure(title, draw, caption)` whose `draw()` returns a
+* It returns `TaskResult(metrics, figures, details)`: metrics are flat `{name: float | int}`
+  (the same on every rank; shown in tables and logged in training); details are any JSON-able
+  extras (per-class scores) written to results.json only; figures are `Figure(title, draw, caption)` whose `draw()` returns a
   matplotlib Figure. Drawing is deferred, so figures cost nothing unless a report is written.
 
 Registering a task is one line in `_BUILTIN` (module:function, imported on first use), or
@@ -71,8 +72,12 @@ class Figure:
 
 @dataclass
 class TaskResult:
+    """Scalar `metrics` (tables, training logs), `figures` (the report) and JSON-able `details`
+    (per-class numbers, confusion matrices: written to results.json only)."""
+
     metrics: dict[str, float | int]
     figures: list[Figure] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 Evaluator = Callable[[Any, Any, Any, DatasetSpec, EvalContext], TaskResult]
@@ -82,7 +87,7 @@ _BUILTIN: dict[str, str] = {
     "zeroshot": "vlp.eval.zeroshot:evaluate",
     "retrieval": "vlp.eval.retrieval:evaluate",
     "linear_probe": "vlp.eval.linear_probe:evaluate",
-    "segmentation": "vlp.eval.segmentation:evaluate",
+    "segmentation": "vlp.eval.segmentation_task:evaluate",  # adapter over vlp/eval/segmentation.py
 }
 _REGISTERED: dict[str, Evaluator] = {}
 
@@ -109,9 +114,9 @@ def get_task(name: str) -> Evaluator:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name != module:
+        if not (e.name or "").startswith("vlp."):
             raise
-        raise UnknownTaskError(f"eval task '{name}' is not available in this install ({module} is missing)") from None
+        raise UnknownTaskError(f"eval task '{name}' is not available in this install ({e.name} is missing)") from None
     return getattr(mod, fn)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.data.sources import EvalDataset, load_eval_dataset
-from vlp.eval.common import cached, cached_image_features, dataset_key, encode_images, make_context
+from vlp.eval.common import cached, cached_image_features, dataset_key, encode_images, load_once, make_context
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
@@ -124,15 +124,9 @@ def evaluate_zeroshot(model: nn.Module, tokenizer, data: EvalDataset, pre: Prepr
     return classification_metrics(logits, labels, len(data.classnames))
 
 
-_DATASETS: dict[tuple[str, str, int], EvalDataset] = {}
-
-
 def cached_dataset(name: str, split: str, max_samples: int) -> EvalDataset:
-    """load_eval_dataset, memoized per process (in-training evals reload nothing)."""
-    key = (name, split, max_samples)
-    if key not in _DATASETS:
-        _DATASETS[key] = load_eval_dataset(name, split=split, max_samples=max_samples)
-    return _DATASETS[key]
+    """load_eval_dataset, memoized per process."""
+    return load_once(load_eval_dataset, name, split, max_samples)
 
 
 def run_zeroshot(model: nn.Module, tokenizer, dataset: str, split: str = "test", batch_size: int = 256,
