@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlp.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory, model.safetensors, or checkpoints/step_N")
+    p.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (trained with ema.enabled)")
     p.add_argument("--tasks", default="zeroshot", help="comma list: zeroshot, retrieval, linear_probe, segmentation")
     p.add_argument("--datasets", default="fashion-mnist",
                    help="comma list: fashion-mnist, digits, directories, captions files; TASK:NAME ties one to a task")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, owns_group = _init_distributed(args.device)
     try:
-        model, pre, tokenizer = load_model(args.checkpoint, device=device)
+        model, pre, tokenizer = load_model(args.checkpoint, device=device, ema=args.ema)
     except (LoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(f"[{task} / {dataset}] " + ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()), flush=True)
     if ctx.is_main:
-        meta = {"world_size": ctx.world_size, "device": str(device)}
+        meta = {"world_size": ctx.world_size, "device": str(device), "ema": args.ema}
         if args.no_report:
             from vlp.eval.report import _jsonable, results_dict
 
