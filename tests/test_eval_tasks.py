@@ -264,3 +264,14 @@ def test_segmentation_task_adapter(nano_dir):
     assert {"linear_probe/miou", "linear_probe/pixel_accuracy", "num_samples"} <= set(res.metrics)
     assert res.details["zeroshot"]["per_class_iou"].keys() == direct["per_class_iou"].keys()
     assert len(res.figures) == 2 and all(figure_png(f)[:4] == b"\x89PNG" for f in res.figures)
+
+
+def test_cli_plan_ties_datasets_to_tasks():
+    from vlp.eval.__main__ import plan
+
+    assert plan(["zeroshot", "retrieval"], ["digits", "fashion-mnist"]) == [
+        ("zeroshot", "digits"), ("zeroshot", "fashion-mnist"), ("retrieval", "digits"), ("retrieval", "fashion-mnist")]
+    assert plan(["zeroshot", "retrieval"], ["digits", "retrieval:fashion-mnist"]) == [
+        ("zeroshot", "digits"), ("retrieval", "fashion-mnist")]
+    with pytest.raises(ValueError, match="'zeroshot' has no dataset"):
+        plan(["zeroshot", "retrieval"], ["retrieval:digits"])

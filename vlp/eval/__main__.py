@@ -3,8 +3,8 @@
     python -m vlp.eval --checkpoint runs/demo --tasks zeroshot,retrieval,linear_probe --datasets fashion-mnist,digits
     torchrun --nproc_per_node=8 -m vlp.eval --checkpoint ... (the data is split across ranks)
 
-Every task runs on every dataset of --datasets; `TASK:DATASET` restricts a dataset to one task
-(e.g. `segmentation:clipart-scenes`). The older form `python -m vlp.eval zeroshot --checkpoint
+Every task runs on every dataset of --datasets, except that a task named in `TASK:DATASET`
+entries runs on those only (e.g. `--datasets digits,segmentation:clipart`). The older form `python -m vlp.eval zeroshot --checkpoint
 ... --dataset ...` still works.
 """
 
@@ -70,15 +70,18 @@ def plan(tasks: list[str], datasets: list[str]) -> list[tuple[str, str]]:
 
     for t in tasks:
         get_task(t)  # raises naming an unknown / unavailable task
-    pairs: list[tuple[str, str]] = []
+    tied: dict[str, list[str]] = {}
+    plain: list[str] = []
     for d in datasets:
         head, sep, rest = d.partition(":")
         if sep and head in task_names():
             if head not in tasks:
                 raise ValueError(f"dataset '{d}' names task '{head}', which is not in --tasks")
-            pairs.append((head, rest))
+            tied.setdefault(head, []).append(rest)
         else:
-            pairs.extend((t, d) for t in tasks)
+            plain.append(d)
+    # a task with TASK:NAME entries runs on those; every other task on the plain entries
+    pairs = [(t, d) for t in tasks for d in tied.get(t, plain)]
     for t, d in pairs:
         if t in ("zeroshot", "retrieval", "linear_probe") and d not in _CLASS_BUILTINS and not Path(d).exists():
             raise ValueError(f"unknown dataset '{d}' for task '{t}': expected one of {', '.join(_CLASS_BUILTINS)} "
