@@ -43,14 +43,16 @@ def test_sigmoid_loss_matches_open_clip_and_hand_computation():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip"])
+@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip", "siglip_tiled"])
 @pytest.mark.parametrize("sizes", ["4,4", "5,3"])
 def test_two_process_gradients_equal_full_batch(tmp_path, sizes, loss):
     out = tmp_path / "grads.pt"
     torchrun(2, str(ROOT / "tests/workers/loss_grad.py"), str(out), sizes, loss, timeout=180)
     got = torch.load(out, weights_only=True)
-    ref = dict(zip(["loss", "g_img", "g_txt", "g_s", "g_b"], loss_and_grads(*make_problem(), loss)))
-    names = ["loss", "g_img", "g_txt", "g_s"] + (["g_b"] if loss == "siglip" else [])
+    # reference: the plain (untiled) loss on the full batch in one process
+    plain = loss.removesuffix("_tiled")
+    ref = dict(zip(["loss", "g_img", "g_txt", "g_s", "g_b"], loss_and_grads(*make_problem(), plain)))
+    names = ["loss", "g_img", "g_txt", "g_s"] + (["g_b"] if plain == "siglip" else [])
     for name in names:
         a, b = got[name], ref[name]
         rel = ((a - b).norm() / b.norm()).item()
@@ -82,3 +84,41 @@ def test_tiled_clip_loss_equals_plain_single_process():
     txt = F.normalize(torch.randn(10, 8, generator=g), dim=-1)
     scale = torch.tensor(20.0)
     torch.testing.assert_close(ClipLoss(tile_size=4)(img, txt, scale), ClipLoss()(img, txt, scale))
+
+
+@pytest.mark.parametrize("tile", [1, 3, 4, 64])
+@pytest.mark.parametrize("matching", [True, False])
+def test_tiled_sigmoid_equals_dense_in_value_and_gradients(tile, matching):
+    from vlp.losses import tiled_sigmoid_loss
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(10 if matching else 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    z = (2 * torch.eye(10, dtype=torch.float64) - 1) if matching else -torch.ones(10, 7, dtype=torch.float64)
+    dense = -torch.log(torch.sigmoid(z * (s * x @ y.t() + b))).sum()  # by hand, no shared code
+    grads_dense = torch.autograd.grad(dense * 1.7, (x, y, s, b))
+    tiled = tiled_sigmoid_loss(x, y, s, b, tile, matching)
+    grads_tiled = torch.autograd.grad(tiled * 1.7, (x, y, s, b))
+    torch.testing.assert_close(tiled, dense, rtol=1e-12, atol=1e-12)
+    for a, ref in zip(grads_tiled, grads_dense):
+        torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_tiled_sigmoid_loss_equals_plain_single_process():
+    g = torch.Generator().manual_seed(6)
+    img = F.normalize(torch.randn(10, 8, generator=g), dim=-1).requires_grad_(True)
+    txt = F.normalize(torch.randn(10, 8, generator=g), dim=-1).requires_grad_(True)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    inputs = (img, txt, scale, bias)
+    plain = SigLipLoss()(*inputs)
+    g_plain = torch.autograd.grad(plain, inputs)
+    tiled = SigLipLoss(tile_size=3)(*inputs)
+    g_tiled = torch.autograd.grad(tiled, inputs)
+    torch.testing.assert_close(tiled, plain, rtol=1e-6, atol=0)
+    for a, b in zip(g_tiled, g_plain):
+        assert ((a - b).norm() / b.norm()).item() <= 1e-5
+    with pytest.raises(ValueError, match="tile_size"):
+        SigLipLoss(tile_size=-1)

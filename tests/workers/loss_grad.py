@@ -25,8 +25,9 @@ def loss_and_grads(x_img, x_txt, w_img, w_txt, loss: str = "clip", scale: float 
     b = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
     fi = torch.nn.functional.normalize(x_img @ w_img, dim=-1)
     ft = torch.nn.functional.normalize(x_txt @ w_txt, dim=-1)
-    # clip_tiled: tiles of 3 columns, so every rank sees several tiles and a ragged last one
-    fn = build_loss("clip", tile_size=3) if loss == "clip_tiled" else build_loss(loss)
+    # "<name>_tiled": tiles of 3 columns, so every rank sees several tiles and a ragged last one
+    name, tiled = loss.removesuffix("_tiled"), loss.endswith("_tiled")
+    fn = build_loss(name, tile_size=3 if tiled else 0)
     value = fn(fi, ft, s, b)
     value.backward()
     grad_b = b.grad if b.grad is not None else torch.zeros((), dtype=torch.float64)

@@ -2,7 +2,7 @@ from torch import nn
 
 from .contrastive import ClipLoss, all_gather_with_grad, local_sizes
 from .sigmoid import SigLipLoss
-from .tiled import tiled_logsumexp
+from .tiled import tiled_logsumexp, tiled_sigmoid_loss
 
 LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
 
@@ -12,9 +12,9 @@ def build_loss(name: str, tile_size: int = 0) -> nn.Module:
     if name == "clip":
         return ClipLoss(tile_size=tile_size)
     if name == "siglip":
-        return SigLipLoss()
+        return SigLipLoss(tile_size=tile_size)
     raise ValueError(f"unknown loss '{name}' (known: {', '.join(LOSSES)})")
 
 
 __all__ = ["LOSSES", "ClipLoss", "SigLipLoss", "all_gather_with_grad", "build_loss", "local_sizes",
-           "tiled_logsumexp"]
+           "tiled_logsumexp", "tiled_sigmoid_loss"]

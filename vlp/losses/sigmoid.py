@@ -2,8 +2,9 @@
 
 Each rank scores its images against its own texts, then passes its text features around the
 ring (world_size - 1 hops), scoring against each neighbour's block in turn. Memory per rank is
-O(local batch x local batch); the exchange is differentiable, so text gradients travel back
-around the ring to the rank that owns them. Scaled so that the data-parallel average over
+O(local batch x local batch), or O(local batch x tile) with `tile_size` > 0 (column tiles with
+a recomputing backward, see `tiled_sigmoid_loss`); the exchange is differentiable, so text
+gradients travel back around the ring to the rank that owns them. Scaled so that the data-parallel average over
 ranks equals the full-batch loss of one process (sum over pairs / number of images), also
 when ranks hold different batch sizes.
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contrastive import local_sizes
+from .tiled import tiled_sigmoid_loss
 
 
 def _exchange(x: torch.Tensor, to_rank: int, from_rank: int, group, recv_rows: int) -> torch.Tensor:
@@ -48,13 +50,17 @@ def _global_rank(group, rank_in_group: int) -> int:
 class SigLipLoss(nn.Module):
     """-sum_ij log sigmoid(z_ij * (t * x_i . y_j + b)) / n_images, z_ij = 1 on matching pairs, else -1."""
 
-    def __init__(self, group=None) -> None:
+    def __init__(self, group=None, tile_size: int = 0) -> None:
         super().__init__()
+        if tile_size < 0:
+            raise ValueError(f"tile_size must be >= 0, got {tile_size}")
         self.group = group
+        self.tile_size = tile_size  # > 0: column tiles, loss memory O(local x tile)
 
-    @staticmethod
-    def _block(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    def _block(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                matching: bool) -> torch.Tensor:
+        if self.tile_size > 0:
+            return tiled_sigmoid_loss(img, txt, scale, bias, self.tile_size, matching)
         logits = scale * img @ txt.t() + bias
         signs = -torch.ones_like(logits)
         if matching:
@@ -70,6 +76,8 @@ class SigLipLoss(nn.Module):
         scale, bias = logit_scale.float(), logit_bias.float()
         loss = self._block(img, txt, scale, bias, matching=True)
         sizes = local_sizes(txt.shape[0], txt.device, self.group)  # ranks may hold uneven batches
+        if img.shape[0] != txt.shape[0]:
+            raise ValueError(f"image_features has {img.shape[0]} rows but text_features {txt.shape[0]}")
         if len(sizes) > 1:
             world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
             right = _global_rank(self.group, (rank + 1) % world)
