@@ -28,6 +28,9 @@ class VisionTowerConfig:
     timm_model: str = "vit_base_patch32_clip_224"
     # extra keyword arguments for timm.create_model (patch_size, embed_dim, depth, num_heads, ...)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # FLIP: fraction of patch tokens (never prefix / class tokens) dropped at random per sample
+    # before the transformer blocks, in training only; ViT-style timm models (timm's PatchDropout)
+    patch_dropout: float = 0.0
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import PatchDropout
 from torch import nn
 
 from vlp.models.config import VisionTowerConfig
@@ -23,9 +24,18 @@ class VisionTower(nn.Module):
         self.config = cfg
         # num_classes=0 makes timm return pre-logits pooled features (ViT: class token after the
         # final norm; ConvNeXt: pooled + head norm), which is exactly what a CLIP projection needs.
-        self.trunk: nn.Module = timm.create_model(
-            cfg.timm_model, pretrained=False, num_classes=0, **cfg.timm_kwargs
-        )
+        no_flip = ValueError(f"vision.patch_dropout: timm model '{cfg.timm_model}' has no patch dropout "
+                             "(it needs a ViT-style token sequence)")
+        try:
+            self.trunk: nn.Module = timm.create_model(
+                cfg.timm_model, pretrained=False, num_classes=0, **cfg.timm_kwargs, **_patch_dropout_kwargs(cfg)
+            )
+        except TypeError as e:
+            if cfg.patch_dropout and "patch_drop_rate" in str(e):
+                raise no_flip from e
+            raise
+        if cfg.patch_dropout and not isinstance(getattr(self.trunk, "patch_drop", None), PatchDropout):
+            raise no_flip
         num_features = getattr(self.trunk, "num_features", None)
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"timm model '{cfg.timm_model}' does not expose an integer num_features")
@@ -50,3 +60,16 @@ class VisionTower(nn.Module):
         if fn is None:
             raise NotImplementedError(f"{type(self.trunk).__name__} does not support grad checkpointing")
         fn(enable)
+
+
+def _patch_dropout_kwargs(cfg: VisionTowerConfig) -> dict[str, Any]:
+    """FLIP patch dropout through timm's own PatchDropout: during training each sample keeps a
+    random subset of max(1, int(n_patches * (1 - p))) patch tokens (prefix tokens always kept),
+    gathered by index so the blocks really run on fewer tokens; drawn from torch's global RNG,
+    so a seeded (or resumed) run draws the same subsets. Eval mode drops nothing."""
+    p = cfg.patch_dropout
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"vision.patch_dropout must be in [0, 1), got {p}")
+    if "patch_drop_rate" in cfg.timm_kwargs:
+        raise ValueError("set vision.patch_dropout, not vision.timm_kwargs.patch_drop_rate")
+    return {"patch_drop_rate": p} if p > 0 else {}
