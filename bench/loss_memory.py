@@ -8,6 +8,10 @@ the ratios vlp / open_clip.
 
     python bench/loss_memory.py --batches 4096 16384            # CPU, a few minutes
     python bench/loss_memory.py --batches 4096 16384 65536 --skip-peer-above 16384
+
+Peak memory on CPU is the per-rank maximum of (ru_maxrss after the loss's forward+backward -
+ru_maxrss before it): the resident-set high-water mark of the kernel, which sees every
+allocation torch makes (tracemalloc would not), measured in a fresh process per configuration.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ["open_clip ClipLoss", "vlp ClipLoss", "vlp ClipLoss tiled", "open_clip SigLipLoss", "vlp SigLipLoss"]
+IMPLS = ["open_clip ClipLoss", "vlp ClipLoss", "vlp ClipLoss tiled", "open_clip SigLipLoss", "vlp SigLipLoss",
+         "vlp SigLipLoss tiled"]
+# (ours, peer) pairs whose ratios are printed; the done-when bar compares with open_clip's ClipLoss
+PAIRS = [("vlp ClipLoss", "open_clip ClipLoss"), ("vlp ClipLoss tiled", "open_clip ClipLoss"),
+         ("vlp SigLipLoss", "open_clip SigLipLoss"), ("vlp SigLipLoss tiled", "open_clip SigLipLoss"),
+         ("vlp SigLipLoss tiled", "open_clip ClipLoss")]
 
 
 def _peak_bytes(device) -> int:
@@ -58,8 +67,12 @@ def worker(impl: str, global_batch: int, dim: int, tile: int, out: str) -> None:
     else:
         from vlp.losses import build_loss
 
-        fn = build_loss("siglip") if "SigLip" in impl else build_loss("clip", tile if "tiled" in impl else 0)
+        fn = build_loss("siglip" if "SigLip" in impl else "clip", tile if "tiled" in impl else 0)
     args = (img, txt, scale, bias) if "SigLip" in impl else (img, txt, scale)
+    # warm-up on 8 rows: one-time allocations (kernels, communication buffers) are not the loss's
+    fn(*(a[:8] if a.dim() else a for a in args)).backward()
+    for a in args:
+        a.grad = None
     dist.barrier()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -78,13 +91,25 @@ def worker(impl: str, global_batch: int, dim: int, tile: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _peer_floor_bytes(impl: str, global_batch: int, world: int = 2) -> float:
+    """Lower bound of a skipped open_clip loss's peak per rank: the fp32 logits it must hold at once
+    (ClipLoss with local_loss: logits_per_image and logits_per_text, local x global each;
+    SigLipLoss: one local x local block and its labels)."""
+    n = global_batch // world
+    return 2 * n * global_batch * 4 if "Clip" in impl else 2 * n * n * 4
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS, metavar="IMPL",
+                    help=f"subset of: {', '.join(repr(i) for i in IMPLS)}")
     ap.add_argument("--skip-peer-above", type=int, default=1 << 30,
-                    help="do not run open_clip above this global batch (it would not fit in memory)")
+                    help="do not run open_clip above this global batch (it would not fit in memory); "
+                         "its lower-bound memory is printed instead")
+    ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "BATCH"))
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -93,11 +118,14 @@ def main() -> None:
         return
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    rows = []
+    table: dict[tuple[int, str], dict | None] = {}
     for batch in args.batches:
-        for impl in IMPLS:
+        for impl in args.impls:
             if impl.startswith("open_clip") and batch > args.skip_peer_above:
-                rows.append((batch, impl, None))
+                floor = _peer_floor_bytes(impl, batch)
+                table[batch, impl] = {"peak_bytes": floor, "seconds": None, "lower_bound": True}
+                print(f"global batch {batch:6d}  {impl:22s} not run; needs >= {floor / 2**30:.1f} GiB per rank "
+                      "for its logits alone", flush=True)
                 continue
             out = root / f".bench_loss_{os.getpid()}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__,
@@ -105,18 +133,23 @@ def main() -> None:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             res = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
             out.unlink(missing_ok=True)
-            rows.append((batch, impl, res))
-            shown = "failed" if res is None else f"{res['peak_bytes'] / 2**20:9.1f} MiB  {res['seconds']:7.3f} s"
+            table[batch, impl] = res
+            shown = (f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}" if res is None
+                     else f"{res['peak_bytes'] / 2**20:9.1f} MiB  {res['seconds']:8.3f} s")
             print(f"global batch {batch:6d}  {impl:22s} {shown}", flush=True)
-    print("\nratios vlp / open_clip (peak memory, time):")
-    table = {(b, i): r for b, i, r in rows}
+    print("\nratios vlp / open_clip (peak memory per rank, time); '<=' where open_clip's memory is its lower bound:")
     for batch in args.batches:
-        for ours, peer in [("vlp ClipLoss", "open_clip ClipLoss"), ("vlp ClipLoss tiled", "open_clip ClipLoss"),
-                           ("vlp SigLipLoss", "open_clip SigLipLoss")]:
+        for ours, peer in PAIRS:
             a, b = table.get((batch, ours)), table.get((batch, peer))
-            if a and b:
-                print(f"  {batch:6d}  {ours:20s} vs {peer:20s}  memory {a['peak_bytes'] / max(b['peak_bytes'], 1):.3f}"
-                      f"  time {a['seconds'] / b['seconds']:.2f}")
+            if not a or not b:
+                continue
+            mem = a["peak_bytes"] / max(b["peak_bytes"], 1)
+            bound = "<=" if b.get("lower_bound") else "  "
+            time_ratio = f"{a['seconds'] / b['seconds']:.2f}" if b["seconds"] else "n/a"
+            print(f"  {batch:6d}  {ours:20s} vs {peer:20s}  memory {bound}{mem:.4f}  time {time_ratio}")
+    if args.json:
+        rows = [{"global_batch": b, "impl": i, **(r or {"failed": True})} for (b, i), r in table.items()]
+        Path(args.json).write_text(json.dumps({"dim": args.dim, "tile": args.tile, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,220 @@
+"""Training-step throughput and peak memory: vlp's training step vs open_clip's trainer, side by side.
+
+Both sides get the same architecture (vlp preset and its open_clip twin), the same batch of
+random images and tokens, the same precision, AdamW settings and number of threads:
+
+  * vlp: the step of `vlp.train.trainer.Trainer.fit` - the DeepSpeed engine built by
+    `vlp.train.engine.build_engine` around `CLIPTask` (model + vlp's ClipLoss), then
+    engine(images, tokens), engine.backward(loss), engine.step();
+  * open_clip: `open_clip_train.train.train_one_epoch` itself (autocast, model, its ClipLoss,
+    backward, AdamW step, logit-scale clamp), fed the same batches by an in-memory loader.
+
+Configs: vlp, open_clip, vlp with FLIP patch dropout (`--flip`, default 0.5), and open_clip
+with its own patch dropout at the same rate. Each config runs in a fresh process (so the
+peak-memory figure is that process's own), in rounds whose order alternates, so machine noise
+hits all alike; samples/s is the median over rounds. Peak memory: CPU - growth of ru_maxrss
+(the kernel's resident-set high-water mark, which sees every torch allocation) from before the
+model is built to after the timed steps, i.e. weights + optimizer state + activations;
+GPU - torch.cuda.max_memory_allocated. On a GPU also model FLOPs utilisation, from
+--flops-per-sample (ViT-B-16 CLIP step: about 123 GFLOP) and --peak-flops (H100 SXM bf16 dense:
+989 TFLOP/s); FLIP's MFU counts the full-image FLOPs, i.e. it is an "effective" MFU.
+
+    python bench/train_throughput.py --preset ViT-B-16 --batch 8 --steps 2 --rounds 2 --threads 1  # CPU
+    python bench/train_throughput.py --preset clip-tiny --batch 128                               # CPU, fast
+    python bench/train_throughput.py --preset ViT-B-16 --batch 256 --precision bf16               # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+CONFIGS = ["vlp", "open_clip", "vlp FLIP", "open_clip FLIP"]
+
+
+def open_clip_twin(cfg, patch_dropout: float = 0.0):
+    """open_clip CLIP with vlp preset `cfg`'s architecture (random init)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    kw = cfg.vision.timm_kwargs
+    width = kw.get("embed_dim", 768)
+    vision = CLIPVisionCfg(
+        layers=kw.get("depth", 12), width=width, head_width=width // kw.get("num_heads", 12),
+        patch_size=kw.get("patch_size", 32), image_size=cfg.preprocess.image_size,
+        pool_type="avg" if kw.get("global_pool") == "avg" else "tok",
+        no_ln_pre=False, patch_dropout=patch_dropout,
+    )
+    text = CLIPTextCfg(context_length=cfg.text.context_length, vocab_size=cfg.text.vocab_size,
+                       width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers)
+    return CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text, output_dict=True)
+
+
+def _batch(cfg, n: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+    size = cfg.preprocess.image_size
+    images = torch.randn(n, 3, size, size, generator=g)
+    tokens = torch.randint(1, 49000, (n, cfg.text.context_length), generator=g)
+    tokens[:, -1] = cfg.text.eot_token_id
+    return images.to(device), tokens.to(device)
+
+
+def vlp_runner(preset: str, batch: int, precision: str, flip: float, device: torch.device):
+    """vlp's training step, as Trainer.fit runs it."""
+    import vlp
+    from vlp.config import load_config
+    from vlp.losses import build_loss
+    from vlp.train.engine import build_engine, init_distributed
+    from vlp.train.task import CLIPTask
+
+    init_distributed()
+    zero = 1 if precision != "fp32" else 0  # low-precision runs keep fp32 masters under ZeRO
+    cfg = load_config(None, [f"model.name={preset}", f"data.batch_size={batch}", f"train.precision={precision}",
+                             f"train.zero_stage={zero}", "optim.lr=1e-4", "optim.weight_decay=0.1",
+                             "optim.warmup_steps=0"])
+    model = vlp.create_model(preset, **({"vision": {"patch_dropout": flip}} if flip else {}))
+    task = CLIPTask(model, build_loss("clip"))
+    engine = build_engine(task, cfg, 10_000, task.no_weight_decay())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    images, tokens = _batch(model.config, batch, device)
+    images = images.to(dtype)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            out = engine(images, tokens)
+            engine.backward(out["loss"])
+            engine.step()
+            float(out["loss"].detach())  # the trainer reads the loss every step
+
+    return run
+
+
+def open_clip_runner(preset: str, batch: int, precision: str, flip: float, device: torch.device):
+    """open_clip_train's train_one_epoch over `n` copies of the batch."""
+    import logging
+
+    from open_clip.loss import ClipLoss
+    from open_clip_train.train import train_one_epoch
+
+    import vlp
+
+    logging.disable(logging.INFO)
+    cfg = vlp.get_model_config(preset)
+    model = open_clip_twin(cfg, flip).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    images, tokens = _batch(cfg, batch, device)
+    oc_precision = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[precision]
+    scaler = torch.amp.GradScaler("cuda") if oc_precision == "amp" else None
+    args = SimpleNamespace(device=str(device), precision=oc_precision, distill=False, accum_freq=1,
+                           skip_scheduler=True, grad_clip_norm=None, horovod=False, log_every_n_steps=1 << 30,
+                           world_size=1, rank=0, local_rank=0, batch_size=batch, wandb=False)
+
+    class Loader(list):
+        num_batches = property(len)
+        num_samples = property(lambda self: len(self) * batch)
+
+    def run(n: int) -> None:
+        loader = Loader([(images, tokens)] * n)
+        data = {"train": SimpleNamespace(set_epoch=lambda e: None, dataloader=loader)}
+        train_one_epoch(model, data, ClipLoss(), 0, opt, scaler, None, None, args)
+
+    return run
+
+
+def worker(config: str, a: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(a.threads)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    flip = a.flip if config.endswith("FLIP") else 0.0
+    # libraries first, so that the memory figure is weights + optimizer state + activations
+    if config.startswith("vlp"):
+        import deepspeed  # noqa: F401
+
+        import vlp.train.engine  # noqa: F401
+    else:
+        import open_clip_train.train  # noqa: F401
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    make = vlp_runner if config.startswith("vlp") else open_clip_runner
+    torch.manual_seed(0)
+    run = make(a.preset, a.batch, a.precision, flip, device)
+    run(1)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run(a.steps)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    Path(out).write_text(json.dumps({"samples_per_s": a.batch * a.steps / seconds, "peak_bytes": peak,
+                                     "device": torch.cuda.get_device_name() if cuda else "cpu"}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="clip-tiny")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--flip", type=float, default=0.5, help="patch dropout rate of the FLIP configs")
+    ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, metavar="CONFIG")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--flops-per-sample", type=float, default=None,
+                    help="model FLOPs of one training sample (default: 123e9 for ViT-B-16, else no MFU)")
+    ap.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak FLOP/s (H100 SXM bf16)")
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--worker", metavar="CONFIG")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker, a, a.out)
+        return
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(a.threads)}
+    results: dict[str, list[dict]] = {c: [] for c in a.configs}
+    for r in range(a.rounds):
+        for config in (a.configs if r % 2 == 0 else list(reversed(a.configs))):
+            out = root / f".bench_train_{os.getpid()}.json"
+            cmd = [sys.executable, __file__, "--worker", config, "--out", str(out)] + [
+                f"--{k}={v}" for k, v in [("preset", a.preset), ("batch", a.batch), ("precision", a.precision),
+                                          ("flip", a.flip), ("steps", a.steps), ("threads", a.threads)]]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not out.exists():
+                sys.exit(f"{config} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            results[config].append(json.loads(out.read_text()))
+            out.unlink()
+            print(f"round {r}  {config:15s} {results[config][-1]['samples_per_s']:9.2f} samples/s", flush=True)
+    device = results[a.configs[0]][0]["device"]
+    flops = a.flops_per_sample or (123e9 if a.preset == "ViT-B-16" else None)
+    print(f"\npreset {a.preset}, batch {a.batch}, {a.precision}, {a.threads} threads, device {device}, "
+          f"median of {a.rounds} rounds x {a.steps} steps")
+    med = {c: statistics.median(x["samples_per_s"] for x in v) for c, v in results.items()}
+    peak = {c: max(x["peak_bytes"] for x in v) for c, v in results.items()}
+    for c in a.configs:
+        mfu = f"  MFU {med[c] * flops / a.peak_flops:6.1%}" if flops and device != "cpu" else ""
+        print(f"  {c:15s} {med[c]:9.2f} samples/s  peak memory {peak[c] / 2**20:9.1f} MiB{mfu}")
+    ratios = {}
+    for ours, peer in [("vlp", "open_clip"), ("vlp FLIP", "open_clip"), ("vlp FLIP", "open_clip FLIP")]:
+        if ours in med and peer in med:
+            ratios[f"{ours} / {peer}"] = (med[ours] / med[peer], peak[ours] / peak[peer])
+            print(f"  ratio {ours} / {peer}: throughput {med[ours] / med[peer]:.2f}x, "
+                  f"peak memory {peak[ours] / peak[peer]:.2f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("worker", "out")},
+                                            "device": device, "results": results, "ratios": ratios}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
