@@ -20,7 +20,7 @@ GPU - torch.cuda.max_memory_allocated. On a GPU also model FLOPs utilisation, fr
 989 TFLOP/s); FLIP's MFU counts the full-image FLOPs, i.e. it is an "effective" MFU.
 
     python bench/train_throughput.py --preset ViT-B-16 --batch 8 --steps 2 --rounds 2 --threads 1  # CPU
-    python bench/train_throughput.py --preset clip-tiny --batch 128                               # CPU, fast
+    python bench/train_throughput.py --preset clip-tiny --image-size 112 --batch 16 --threads 1   # CPU, minutes
     python bench/train_throughput.py --preset ViT-B-16 --batch 256 --precision bf16               # GPU
 """
 
@@ -40,6 +40,7 @@ from types import SimpleNamespace
 import torch
 
 CONFIGS = ["vlp", "open_clip", "vlp FLIP", "open_clip FLIP"]
+GRAD_CLIP = 1.0  # both sides clip the global gradient norm, as vlp's default optim.grad_clip does
 
 
 def open_clip_twin(cfg, patch_dropout: float = 0.0):
@@ -68,11 +69,23 @@ def _batch(cfg, n: int, device: torch.device):
     return images.to(device), tokens.to(device)
 
 
-def vlp_runner(preset: str, batch: int, precision: str, flip: float, device: torch.device):
-    """vlp's training step, as Trainer.fit runs it."""
+def model_config(preset: str, image_size: int, flip: float = 0.0):
+    """The preset's config, optionally at another image size (more patches, same weights' shapes
+    but the position embedding) and with FLIP patch dropout."""
     import vlp
+
+    over: dict = {"vision": {"patch_dropout": flip}} if flip else {}
+    if image_size:
+        over.setdefault("vision", {})["timm_kwargs"] = {"img_size": image_size}
+        over["preprocess"] = {"image_size": image_size}
+    return vlp.get_model_config(preset, **over)
+
+
+def vlp_runner(preset: str, batch: int, precision: str, flip: float, device: torch.device, image_size: int = 0):
+    """vlp's training step, as Trainer.fit runs it."""
     from vlp.config import load_config
     from vlp.losses import build_loss
+    from vlp.models.clip import CLIP
     from vlp.train.engine import build_engine, init_distributed
     from vlp.train.task import CLIPTask
 
@@ -80,8 +93,8 @@ def vlp_runner(preset: str, batch: int, precision: str, flip: float, device: tor
     zero = 1 if precision != "fp32" else 0  # low-precision runs keep fp32 masters under ZeRO
     cfg = load_config(None, [f"model.name={preset}", f"data.batch_size={batch}", f"train.precision={precision}",
                              f"train.zero_stage={zero}", "optim.lr=1e-4", "optim.weight_decay=0.1",
-                             "optim.warmup_steps=0"])
-    model = vlp.create_model(preset, **({"vision": {"patch_dropout": flip}} if flip else {}))
+                             "optim.warmup_steps=0", f"optim.grad_clip={GRAD_CLIP}"])
+    model = CLIP(model_config(preset, image_size, flip))
     task = CLIPTask(model, build_loss("clip"))
     engine = build_engine(task, cfg, 10_000, task.no_weight_decay())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -98,24 +111,23 @@ def vlp_runner(preset: str, batch: int, precision: str, flip: float, device: tor
     return run
 
 
-def open_clip_runner(preset: str, batch: int, precision: str, flip: float, device: torch.device):
+def open_clip_runner(preset: str, batch: int, precision: str, flip: float, device: torch.device,
+                     image_size: int = 0):
     """open_clip_train's train_one_epoch over `n` copies of the batch."""
     import logging
 
     from open_clip.loss import ClipLoss
     from open_clip_train.train import train_one_epoch
 
-    import vlp
-
     logging.disable(logging.INFO)
-    cfg = vlp.get_model_config(preset)
+    cfg = model_config(preset, image_size)
     model = open_clip_twin(cfg, flip).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     images, tokens = _batch(cfg, batch, device)
     oc_precision = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[precision]
     scaler = torch.amp.GradScaler("cuda") if oc_precision == "amp" else None
     args = SimpleNamespace(device=str(device), precision=oc_precision, distill=False, accum_freq=1,
-                           skip_scheduler=True, grad_clip_norm=None, horovod=False, log_every_n_steps=1 << 30,
+                           skip_scheduler=True, grad_clip_norm=GRAD_CLIP, horovod=False, log_every_n_steps=1 << 30,
                            world_size=1, rank=0, local_rank=0, batch_size=batch, wandb=False)
 
     class Loader(list):
@@ -145,7 +157,7 @@ def worker(config: str, a: argparse.Namespace, out: str) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     make = vlp_runner if config.startswith("vlp") else open_clip_runner
     torch.manual_seed(0)
-    run = make(a.preset, a.batch, a.precision, flip, device)
+    run = make(a.preset, a.batch, a.precision, flip, device, a.image_size)
     run(1)  # warm-up
     if cuda:
         torch.cuda.synchronize()
@@ -165,6 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="clip-tiny")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=0, help="run the preset at this image size (0: its own)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--flip", type=float, default=0.5, help="patch dropout rate of the FLIP configs")
     ap.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, metavar="CONFIG")
@@ -188,7 +201,7 @@ def main() -> None:
         for config in (a.configs if r % 2 == 0 else list(reversed(a.configs))):
             out = root / f".bench_train_{os.getpid()}.json"
             cmd = [sys.executable, __file__, "--worker", config, "--out", str(out)] + [
-                f"--{k}={v}" for k, v in [("preset", a.preset), ("batch", a.batch), ("precision", a.precision),
+                f"--{k}={v}" for k, v in [("preset", a.preset), ("batch", a.batch), ("image-size", a.image_size), ("precision", a.precision),
                                           ("flip", a.flip), ("steps", a.steps), ("threads", a.threads)]]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0 or not out.exists():
@@ -198,7 +211,7 @@ def main() -> None:
             print(f"round {r}  {config:15s} {results[config][-1]['samples_per_s']:9.2f} samples/s", flush=True)
     device = results[a.configs[0]][0]["device"]
     flops = a.flops_per_sample or (123e9 if a.preset == "ViT-B-16" else None)
-    print(f"\npreset {a.preset}, batch {a.batch}, {a.precision}, {a.threads} threads, device {device}, "
+    print(f"\npreset {a.preset}{f' at {a.image_size} px' if a.image_size else ''}, batch {a.batch}, {a.precision}, {a.threads} threads, device {device}, "
           f"median of {a.rounds} rounds x {a.steps} steps")
     med = {c: statistics.median(x["samples_per_s"] for x in v) for c, v in results.items()}
     peak = {c: max(x["peak_bytes"] for x in v) for c, v in results.items()}

@@ -2,7 +2,7 @@ from torch import nn
 
 from .contrastive import ClipLoss, all_gather_with_grad, local_sizes
 from .sigmoid import SigLipLoss
-from .tiled import tiled_logsumexp, tiled_sigmoid_loss
+from .tiled import blocked_logsumexp_sum, tiled_logsumexp, tiled_sigmoid_loss
 
 LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
 
@@ -16,5 +16,5 @@ def build_loss(name: str, tile_size: int = 0) -> nn.Module:
     raise ValueError(f"unknown loss '{name}' (known: {', '.join(LOSSES)})")
 
 
-__all__ = ["LOSSES", "ClipLoss", "SigLipLoss", "all_gather_with_grad", "build_loss", "local_sizes",
+__all__ = ["LOSSES", "ClipLoss", "blocked_logsumexp_sum", "SigLipLoss", "all_gather_with_grad", "build_loss", "local_sizes",
            "tiled_logsumexp", "tiled_sigmoid_loss"]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .tiled import tiled_logsumexp
+from .tiled import blocked_logsumexp_sum
 
 
 class _AllGather(torch.autograd.Function):
@@ -95,10 +95,10 @@ class ClipLoss(nn.Module):
         txt = text_features.float()
         scale = logit_scale.float()
         if self.tile_size > 0:
-            positive = scale * (img * txt).sum(dim=-1)  # local rows pair with local columns
-            lse_i2t = tiled_logsumexp(img, all_txt.float(), scale, self.tile_size)
-            lse_t2i = tiled_logsumexp(txt, all_img.float(), scale, self.tile_size)
-            loss = ((lse_i2t - positive).mean() + (lse_t2i - positive).mean()) / 2
+            positive = (scale * (img * txt).sum(dim=-1)).sum()  # local rows pair with local columns
+            lse_i2t = blocked_logsumexp_sum(img, all_txt.float(), scale, self.tile_size)
+            lse_t2i = blocked_logsumexp_sum(txt, all_img.float(), scale, self.tile_size)
+            loss = (lse_i2t + lse_t2i - 2 * positive) / (2 * n_local)
             return loss * weight
         logits_per_image = scale * img @ all_txt.float().t()
         logits_per_text = scale * txt @ all_img.float().t()

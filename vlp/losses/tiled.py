@@ -6,6 +6,9 @@ column tiles; the backward recomputes each tile's probabilities from the saved l
 O(rows x tile) instead of O(rows x cols), and values and gradients equal the dense computation
 up to floating-point summation order.
 
+`blocked_logsumexp_sum(x, y, scale, tile)` is the form the softmax loss uses: the sum of those
+log-sum-exps over blocks of rows, each block against all columns (same memory bound, exact), with
+its gradients accumulated in the forward so that nothing is computed twice.
 `tiled_sigmoid_loss` does the same for SigLIP's pairwise sigmoid loss (sum over pairs, with the
 gradients accumulated tile by tile in the forward, since no pair depends on another).
 """
@@ -53,6 +56,54 @@ def tiled_logsumexp(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, tile:
     if tile <= 0:
         raise ValueError(f"tile must be positive, got {tile}")
     return _TiledLSE.apply(x, y, scale, tile)
+
+
+class _BlockedLSESum(torch.autograd.Function):
+    """sum_i log sum_j exp(scale * x_i . y_j) over blocks of rows, each block against all columns.
+
+    A block's log-sum-exp is exact at once, so its softmax - the gradient of the sum - is too:
+    the forward accumulates the gradients block by block and the backward only scales them by
+    the incoming scalar. 3 matmuls per block, as the dense loss; nothing [rows, cols] is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, rows: int, need_grad: bool):  # type: ignore[override]
+        total = x.new_zeros(())
+        gx, gy, gscale = torch.zeros_like(x), torch.zeros_like(y), torch.zeros_like(scale)
+        for start in range(0, x.shape[0], rows):
+            x_b = x[start : start + rows]
+            sims = x_b @ y.t()
+            probs = sims * scale
+            lse = probs.logsumexp(dim=1)
+            total += lse.sum()
+            if not need_grad:
+                continue
+            probs.sub_(lse[:, None]).exp_()  # softmax over the row = d lse_i / d logits_i
+            gx[start : start + rows] = probs @ y
+            gy.addmm_(probs.t(), x_b)
+            gscale += torch.dot(probs.flatten(), sims.flatten())
+        if need_grad:
+            ctx.save_for_backward(gx * scale, gy * scale, gscale)
+        ctx.need_grad = need_grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        if not ctx.need_grad:
+            raise RuntimeError("blocked_logsumexp_sum ran without gradients (under no_grad) and cannot backward")
+        gx, gy, gscale = ctx.saved_tensors
+        return gx * grad_out, gy * grad_out, gscale * grad_out, None, None
+
+
+def blocked_logsumexp_sum(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, tile: int) -> torch.Tensor:
+    """sum_i logsumexp_j(scale * x_i . y_j) holding at most about rows(x) x `tile` similarities:
+    rows are taken in blocks of max(1, rows * tile // cols), each against all columns.
+    Exact value and gradients (the latter accumulated in the forward, see `_BlockedLSESum`)."""
+    if tile <= 0:
+        raise ValueError(f"tile must be positive, got {tile}")
+    rows = max(1, x.shape[0] * tile // max(y.shape[0], 1))
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale))
+    return _BlockedLSESum.apply(x, y, scale, rows, need_grad)
 
 
 class _TiledSigmoid(torch.autograd.Function):
