@@ -60,41 +60,30 @@ def test_two_process_gradients_equal_full_batch(tmp_path, sizes, loss):
 
 
 
+@pytest.mark.parametrize("form", ["per_row", "summed"])
 @pytest.mark.parametrize("tile", [1, 4, 7, 64])
-def test_tiled_logsumexp_equals_dense_in_value_and_gradients(tile):
-    from vlp.losses import tiled_logsumexp
+def test_tiled_logsumexp_forms_equal_dense_in_value_and_gradients(tile, form):
+    """per_row: tiled_logsumexp (column tiles, recomputing backward) under per-row weights;
+    summed: blocked_logsumexp_sum (row blocks, gradients from the forward), what ClipLoss uses."""
+    from vlp.losses import blocked_logsumexp_sum, tiled_logsumexp
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, generator=g, dtype=torch.float64)
-    dense = ((s * x @ y.t()).logsumexp(dim=1) * w).sum()
+    lse = (s * x @ y.t()).logsumexp(dim=1)
+    if form == "per_row":
+        dense, ours = (lse * w).sum(), (tiled_logsumexp(x, y, s, tile) * w).sum()
+    else:
+        dense, ours = lse.sum() * 0.3, blocked_logsumexp_sum(x, y, s, tile) * 0.3
+        with torch.no_grad():  # no gradients asked: value only
+            torch.testing.assert_close(blocked_logsumexp_sum(x, y, s, tile), lse.sum().detach())
     grads_dense = torch.autograd.grad(dense, (x, y, s))
-    tiled = (tiled_logsumexp(x, y, s, tile) * w).sum()
-    grads_tiled = torch.autograd.grad(tiled, (x, y, s))
-    torch.testing.assert_close(tiled, dense, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads_tiled, grads_dense):
+    grads_ours = torch.autograd.grad(ours, (x, y, s))
+    torch.testing.assert_close(ours, dense, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_ours, grads_dense):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("tile", [1, 4, 7, 64])
-def test_blocked_logsumexp_sum_equals_dense_in_value_and_gradients(tile):
-    from vlp.losses import blocked_logsumexp_sum
-
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
-    dense = (s * x @ y.t()).logsumexp(dim=1).sum()
-    grads_dense = torch.autograd.grad(dense * 0.3, (x, y, s))
-    blocked = blocked_logsumexp_sum(x, y, s, tile)
-    grads_blocked = torch.autograd.grad(blocked * 0.3, (x, y, s))
-    torch.testing.assert_close(blocked, dense, rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads_blocked, grads_dense):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    with torch.no_grad():  # no gradients asked: value only
-        torch.testing.assert_close(blocked_logsumexp_sum(x, y, s, tile), dense.detach())
 
 
 def test_tiled_clip_loss_equals_plain_single_process():
