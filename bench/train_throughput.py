@@ -10,9 +10,11 @@ random images and tokens, the same precision, AdamW settings and number of threa
     backward, AdamW step, logit-scale clamp), fed the same batches by an in-memory loader.
 
 Configs: vlp, open_clip, vlp with FLIP patch dropout (`--flip`, default 0.5), and open_clip
-with its own patch dropout at the same rate. Each config runs in a fresh process (so the
-peak-memory figure is that process's own), in rounds whose order alternates, so machine noise
-hits all alike; samples/s is the median over rounds. Peak memory: CPU - growth of ru_maxrss
+with its own patch dropout at the same rate. Peak memory comes from each config run alone in a
+fresh process (so the figure is that process's own). Throughput comes from one process holding
+all configs and timing them one step at a time in round-robin (order alternating), so load from
+other jobs on a shared machine falls on all alike; samples/s is the median over
+rounds x steps single steps. Peak memory: CPU - growth of ru_maxrss
 (the kernel's resident-set high-water mark, which sees every torch allocation) from before the
 model is built to after the timed steps, i.e. weights + optimizer state + activations;
 GPU - torch.cuda.max_memory_allocated. On a GPU also model FLOPs utilisation, from
@@ -173,6 +175,32 @@ def worker(config: str, a: argparse.Namespace, out: str) -> None:
                                      "device": torch.cuda.get_device_name() if cuda else "cpu"}))
 
 
+def interleaved_worker(a: argparse.Namespace, out: str) -> None:
+    """All configs in one process, timed one step at a time in round-robin (alternating order),
+    so that load from other jobs on a shared machine falls on every config alike."""
+    torch.set_num_threads(a.threads)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    runs = {}
+    for config in a.configs:
+        torch.manual_seed(0)
+        make = vlp_runner if config.startswith("vlp") else open_clip_runner
+        runs[config] = make(a.preset, a.batch, a.precision, a.flip if config.endswith("FLIP") else 0.0,
+                            device, a.image_size)
+        runs[config](1)  # warm-up
+    times: dict[str, list[float]] = {c: [] for c in runs}
+    for k in range(a.steps * a.rounds):
+        for config in (a.configs if k % 2 == 0 else list(reversed(a.configs))):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runs[config](1)
+            if cuda:
+                torch.cuda.synchronize()
+            times[config].append(time.perf_counter() - t0)
+    Path(out).write_text(json.dumps({c: [a.batch / t for t in v] for c, v in times.items()}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="clip-tiny")
@@ -189,31 +217,44 @@ def main() -> None:
     ap.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak FLOP/s (H100 SXM bf16)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--worker", metavar="CONFIG")
+    ap.add_argument("--interleaved-worker", action="store_true")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.worker:
         worker(a.worker, a, a.out)
         return
+    if a.interleaved_worker:
+        interleaved_worker(a, a.out)
+        return
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(a.threads)}
-    results: dict[str, list[dict]] = {c: [] for c in a.configs}
-    for r in range(a.rounds):
-        for config in (a.configs if r % 2 == 0 else list(reversed(a.configs))):
-            out = root / f".bench_train_{os.getpid()}.json"
-            cmd = [sys.executable, __file__, "--worker", config, "--out", str(out)] + [
-                f"--{k}={v}" for k, v in [("preset", a.preset), ("batch", a.batch), ("image-size", a.image_size), ("precision", a.precision),
-                                          ("flip", a.flip), ("steps", a.steps), ("threads", a.threads)]]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0 or not out.exists():
-                sys.exit(f"{config} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            results[config].append(json.loads(out.read_text()))
-            out.unlink()
-            print(f"round {r}  {config:15s} {results[config][-1]['samples_per_s']:9.2f} samples/s", flush=True)
+    common = [f"--{k}={v}" for k, v in [("preset", a.preset), ("batch", a.batch), ("image-size", a.image_size),
+                                        ("precision", a.precision), ("flip", a.flip), ("steps", a.steps),
+                                        ("rounds", a.rounds), ("threads", a.threads)]]
+    out = root / f".bench_train_{os.getpid()}.json"
+
+    def launch(extra: list[str]) -> dict:
+        proc = subprocess.run([sys.executable, __file__, *extra, "--out", str(out), *common],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            sys.exit(f"{extra} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        res = json.loads(out.read_text())
+        out.unlink()
+        return res
+
+    # peak memory: each config alone in a fresh process (one timed step)
+    results: dict[str, list[dict]] = {}
+    for config in a.configs:
+        results[config] = [launch(["--worker", config, "--steps=1"])]
+        print(f"fresh process  {config:15s} peak {results[config][0]['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+    # throughput: all configs in one process, steps interleaved
+    per_step = launch(["--interleaved-worker", "--configs", *a.configs])
     device = results[a.configs[0]][0]["device"]
     flops = a.flops_per_sample or (123e9 if a.preset == "ViT-B-16" else None)
-    print(f"\npreset {a.preset}{f' at {a.image_size} px' if a.image_size else ''}, batch {a.batch}, {a.precision}, {a.threads} threads, device {device}, "
-          f"median of {a.rounds} rounds x {a.steps} steps")
-    med = {c: statistics.median(x["samples_per_s"] for x in v) for c, v in results.items()}
+    print(f"\npreset {a.preset}{f' at {a.image_size} px' if a.image_size else ''}, batch {a.batch}, "
+          f"{a.precision}, {a.threads} threads, device {device}, "
+          f"median of {a.rounds * a.steps} interleaved steps each")
+    med = {c: statistics.median(v) for c, v in per_step.items()}
     peak = {c: max(x["peak_bytes"] for x in v) for c, v in results.items()}
     for c in a.configs:
         mfu = f"  MFU {med[c] * flops / a.peak_flops:6.1%}" if flops and device != "cpu" else ""
@@ -226,7 +267,8 @@ def main() -> None:
                   f"peak memory {peak[ours] / peak[peer]:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("worker", "out")},
-                                            "device": device, "results": results, "ratios": ratios}, indent=1))
+                                            "device": device, "memory_runs": results,
+                                            "samples_per_s_per_step": per_step, "ratios": ratios}, indent=1))
 
 
 if __name__ == "__main__":
