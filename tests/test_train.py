@@ -248,8 +248,10 @@ def test_siglip_two_process_training(tmp_path, digits_shards_dir):
     assert proc.returncode == 2 and "loss.name=siglip" in proc.stderr
 
 
-def test_tiled_loss_trains_the_same_weights(tmp_path, digits_shards_dir):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_tiled_loss_trains_the_same_weights(tmp_path, digits_shards_dir, loss):
     plain, tiled = tmp_path / "plain", tmp_path / "tiled"
-    train(plain, digits_shards_dir, 2, **{"train.steps": 6})
-    train(tiled, digits_shards_dir, 2, **{"train.steps": 6, "loss.tile_size": 7})
+    base = {"train.steps": 6} if loss == "clip" else {"train.steps": 6, "model.name": "siglip-nano", "loss.name": "siglip"}
+    train(plain, digits_shards_dir, 2, **base)
+    train(tiled, digits_shards_dir, 2, **base, **{"loss.tile_size": 7})
     assert_same_weights(weights(plain), weights(tiled), tol=1e-5)

@@ -31,8 +31,8 @@ class ModelSection:
 class LossSection:
     # clip: softmax InfoNCE over the gathered global batch; siglip: pairwise sigmoid, ring exchange
     name: str = "clip"
-    # clip only: > 0 computes the log-sum-exp in column tiles of this size with an exact
-    # recomputing backward, so the loss holds O(local batch x tile) instead of O(local x global)
+    # > 0: softmax in row blocks / sigmoid in column tiles, loss memory about local batch x tile_size
+    # instead of local x global (exact, not an approximation)
     tile_size: int = 0
 
 
@@ -203,8 +203,8 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.loss.name not in ("clip", "siglip"):
         bad("loss.name", f"unknown loss '{cfg.loss.name}' (known: clip, siglip)")
-    if cfg.loss.tile_size < 0 or (cfg.loss.tile_size and cfg.loss.name != "clip"):
-        bad("loss.tile_size", "must be >= 0, and is only used with loss.name=clip")
+    if cfg.loss.tile_size < 0 or (cfg.loss.tile_size and cfg.loss.name not in ("clip", "siglip")):
+        bad("loss.tile_size", "must be >= 0, and is only used with loss.name=clip or siglip")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
