@@ -1,129 +1,53 @@
-"""Deterministic webdataset training stream: shards -> (rank, worker) split -> samples -> batches.
+"""Deterministic, exactly resumable webdataset training stream.
 
-Reproducibility contract: for fixed (shards, seed, epoch, rank, world_size, workers, batch_size,
-shuffle_buffer) the batch sequence is identical run to run. The shard order depends on
-(seed, epoch); the sample shuffle buffer on (seed, epoch, rank, worker); augmentation only on
-(seed, epoch, sample key) through an explicit per-sample seed, so a sample is cropped the
-same way whichever worker reads it.
+    shards --(epoch order, split into rank x worker slots; vlp.data.position)--> raw samples
+      --(block shuffle)--> decode + seeded crop (vlp.data.decode) --> batches
 
-Splitting between ranks and workers: with at least world_size * max(workers, 1) shards, each
-(rank, worker) slot reads whole shards (rank first, then worker, round robin over the shuffled
-list). With fewer shards some slot would get nothing, so every slot reads all shards and keeps
-every n-th sample instead (sample index modulo the number of slots). Either way the slots are
-disjoint and together cover the data. Slots may receive a different number of samples; a
-trainer that needs equal step counts per rank must cap the steps itself.
+Reproducibility: for fixed (shards, seed, epoch, world_size, workers, batch_size,
+shuffle_buffer) and data position the batch sequence is identical run to run; augmentation
+depends only on (seed, epoch, sample key), so a sample is cropped the same way whichever
+worker reads it.
+
+Each batch carries the ids (`uid`) of its samples and of the samples its worker dropped since
+the previous batch (`dropped_uid`), so the trainer can record exactly what went into optimizer
+steps; a `DataPosition` built from those marks makes the next loader of the same epoch read
+only what is left, re-divided among however many ranks and workers there are then.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import islice
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import braceexpand
 import torch
-import webdataset as wds
-from PIL import Image
-from torch.utils.data import get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlp.data.decode import Events, SampleDecoder, decode_text
+from vlp.data.manifest import (
+    DataError,
+    expand_shards,
+    expand_shards_with_sizes,
+    num_samples_from_manifest,
+    stable_seed,
+)
+from vlp.data.position import DataPosition, ShardTable, count_samples, iter_shard, slot_units
 from vlp.data.transforms import TrainTransform, train_transform
 from vlp.models.config import PreprocessConfig
 
+__all__ = ["DataError", "DataPosition", "TrainLoader", "build_train_loader", "expand_shards",
+           "num_samples_from_manifest", "shard_table"]
+
 log = logging.getLogger(__name__)
 
-Tokenizer = Callable[[list[str]], torch.Tensor]
 
-
-class DataError(ValueError):
-    """Bad data input (shard spec, manifest); the message names the offending path or spec."""
-
-
-def _manifest_path(spec: str) -> Path | None:
-    p = Path(spec)
-    if p.suffix == ".json" and p.is_file():
-        return p
-    if p.is_dir():
-        if (p / "train.json").is_file():
-            return p / "train.json"
-        raise DataError(f"shard directory '{spec}' has no train.json manifest")
-    return None
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read shard manifest '{path}': {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise DataError(f"shard manifest '{path}' has no 'shards' list")
-    return manifest
-
-
-def _manifest_urls(path: Path) -> list[str]:
-    """Shard paths from a manifest; a shard missing at its recorded path is looked up beside it
-    so a directory of shards can be moved as a whole."""
-    urls = []
-    for shard in _read_manifest(path)["shards"]:
-        url = str(shard["url"])
-        if not url.startswith("pipe:") and not Path(url).exists() and (path.parent / Path(url).name).exists():
-            url = str(path.parent / Path(url).name)
-        urls.append(url)
-    return urls
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Shard URLs from "a-{000..009}.tar::b.tar", a manifest .json, or a dir holding train.json.
-
-    `pipe:` URLs are passed through unchecked; local paths must exist.
-    """
-    if not spec or not spec.strip():
-        raise DataError(f"empty shard spec '{spec}'")
-    urls: list[str] = []
-    for part in spec.split("::"):
-        part = part.strip()
-        if not part:
-            continue
-        manifest = _manifest_path(part)
-        if manifest is not None:
-            urls.extend(_manifest_urls(manifest))
-        else:  # pipe: commands too: 'pipe:aws s3 cp s3://b/{000..999}.tar -' is one command per shard
-            urls.extend(braceexpand.braceexpand(part))
-    for url in urls:
-        if not url.startswith("pipe:") and not Path(url).is_file():
-            raise DataError(f"shard '{url}' does not exist (from spec '{spec}')")
-    if not urls:
-        raise DataError(f"shard spec '{spec}' expands to no shards")
-    return urls
-
-
-def num_samples_from_manifest(spec: str) -> int | None:
-    """Total samples if every part of `spec` is a manifest (or dir with one); else None."""
-    total = 0
-    for part in spec.split("::"):
-        try:
-            path = _manifest_path(part.strip())
-        except DataError:
-            return None
-        if path is None:
-            return None
-        manifest = _read_manifest(path)
-        if "num_samples" in manifest:
-            total += int(manifest["num_samples"])
-        else:
-            total += sum(int(s["num_samples"]) for s in manifest["shards"])
-    return total
-
-
-def _stable_seed(*parts: object) -> int:
-    """A 63-bit seed from arbitrary parts, identical across processes (unlike hash())."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+def shard_table(spec: str) -> ShardTable:
+    """Shard URLs and per-shard sample counts: from manifests, else from the tar headers (a seek
+    through local tars; `pipe:` shards without a manifest are streamed once to count)."""
+    entries = expand_shards_with_sizes(spec)
+    sizes = [n if n is not None else count_samples(u) for u, n in entries]
+    return ShardTable([u for u, _ in entries], sizes)
 
 
 def _worker() -> tuple[int, int]:
@@ -131,187 +55,170 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _warn_and_continue(exn: Exception) -> bool:
-    """webdataset handler: a broken shard or tar member is logged and skipped."""
-    log.warning("skipping broken tar data: %r", exn)
-    return True
+class _Caption:
+    """Caption kind: text from the `text_key` member (several keys joined by ';': first present)."""
+
+    def __init__(self, text_keys: list[str], max_chars: int) -> None:
+        self.text_keys, self.max_chars = text_keys, max_chars
+
+    def __call__(self, sample: dict, events: Events) -> str | None:
+        raw = next((sample[k] for k in self.text_keys if k in sample), None)
+        return decode_text(raw, self.max_chars, events)
 
 
-class _ShardSource:
-    """First pipeline stage: fresh {"url"} dicts each epoch pass (url_opener mutates them)."""
-
-    def __init__(self, urls: Sequence[str]) -> None:
-        self.urls = list(urls)
-
-    def __call__(self) -> Iterator[dict]:
-        return ({"url": u} for u in self.urls)
-
-
-class _Assign:
-    """Pick this (rank, worker) slot's part of the data: whole shards or every n-th sample."""
-
-    def __init__(self, rank: int, world_size: int, by_shard: bool) -> None:
-        self.rank, self.world_size, self.by_shard = rank, world_size, by_shard
-
-    def shards(self, src: Iterable[dict]) -> Iterator[dict]:
-        if not self.by_shard:
-            yield from src
-            return
-        node = islice(src, self.rank, None, self.world_size)  # split by node (explicit rank)
-        yield from wds.split_by_worker(node)
-
-    def samples(self, src: Iterable[dict]) -> Iterator[dict]:
-        if self.by_shard:
-            yield from src
-            return
-        worker, num_workers = _worker()
-        slots = self.world_size * num_workers
-        yield from islice(src, self.rank * num_workers + worker, None, slots)
-
-
-class _BufferShuffle:
-    """Reservoir-style shuffle buffer with an RNG seeded per (seed, epoch, rank, worker)."""
-
-    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
-        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        if self.bufsize <= 1:
-            yield from src
-            return
-        rng = random.Random(_stable_seed("buffer", self.seed, self.epoch, self.rank, _worker()[0]))
-        buf: list[dict] = []
-        for sample in src:
-            if len(buf) < self.bufsize:
-                buf.append(sample)
-                continue
-            i = rng.randrange(len(buf))
-            yield buf[i]
-            buf[i] = sample
-        rng.shuffle(buf)
-        yield from buf
-
-
-class _DecodeAugment:
-    """Decode image + caption, apply the seeded train transform; skip and count bad samples.
-
-    Every yielded sample carries `__skipped__`, the number of samples this worker has skipped so
-    far in the epoch, which the collate step reports per batch.
-    """
-
-    def __init__(self, transform: TrainTransform, image_keys: Sequence[str], text_key: str, seed: int, epoch: int):
-        self.transform, self.image_keys, self.text_key = transform, list(image_keys), text_key
+class _Seed:
+    def __init__(self, seed: int, epoch: int) -> None:
         self.seed, self.epoch = seed, epoch
 
-    def _one(self, sample: dict) -> dict | None:
-        ext = next((k for k in self.image_keys if k in sample), None)
-        raw_text = sample.get(self.text_key)
-        if ext is None or raw_text is None:
-            return None
-        try:
-            text = raw_text.decode("utf-8").strip()
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                img.load()
-                image = img.convert("RGB")
-            tensor = self.transform.crop(image, _stable_seed("aug", self.seed, self.epoch, sample["__key__"]))
-        except Exception as e:  # undecodable bytes of any kind must not stop training
-            log.debug("skipping sample %s: %r", sample.get("__key__"), e)
-            return None
-        if not text:
-            return None
-        return {"__key__": sample["__key__"], "image": tensor, "text": text}
+    def __call__(self, key: str) -> int:
+        return stable_seed("aug", self.seed, self.epoch, key)
 
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+
+class _SlotStream(IterableDataset):
+    """The batches of one (rank, worker) slot: read its units, block-shuffle, decode, batch."""
+
+    def __init__(self, table: ShardTable, pos: DataPosition, *, rank: int, workers: int, seed: int,
+                 shuffle_buffer: int, batch_size: int, decoder: SampleDecoder, tokenizer, transform: TrainTransform,
+                 shard_retries: int) -> None:
+        self.table, self.pos, self.rank, self.workers = table, pos, rank, max(workers, 1)
+        self.seed, self.block = seed, max(int(shuffle_buffer), 1)
+        self.batch_size, self.decoder, self.tokenizer, self.transform = batch_size, decoder, tokenizer, transform
+        self.shard_retries = shard_retries
+
+    def _slot(self) -> int:
+        worker, _ = _worker()
+        # with an unchanged split, a rank that stopped after k batches resumes at worker k mod W;
+        # rotating the slots keeps the DataLoader's round robin on the uninterrupted sequence
+        rotation = self.pos.batches_since_split % self.workers
+        return self.rank * self.workers + (worker + rotation) % self.workers
+
+    def _raw(self, slot: int, events: Events) -> Iterator[tuple[int, int, dict | None]]:
+        """(position in slot, uid, raw sample or None if consumed/missing) in block-shuffled order."""
+        pos, table = self.pos, self.table
+        units = slot_units(table, pos, slot, self.seed)
+        split_id = stable_seed("split", pos.slots, int(pos.base.sum()))
+        p0 = 0
+        block: dict[int, tuple[int, dict]] = {}
+        cur = 0
+
+        def flush(b: int, size: int) -> Iterator[tuple[int, int, dict | None]]:
+            order = list(range(size))
+            random.Random(stable_seed("block", self.seed, pos.epoch, split_id, slot, b)).shuffle(order)
+            for i in order:
+                got = block.pop(b * self.block + i, None)
+                if got is not None:
+                    yield b * self.block + i, got[0], got[1]
+
+        total = sum(len(idx) for _, idx in units)
+        for shard, idx in units:
+            off = int(table.offsets[shard])
+            at = {int(i): p0 + j for j, i in enumerate(idx) if not pos.consumed[off + int(i)]}
+            p0 += len(idx)
+            if not at:
+                continue
+            for index, raw in iter_shard(table.urls[shard], set(at), self.shard_retries, events):
+                p = at[index]
+                while p // self.block > cur:
+                    yield from flush(cur, self.block)
+                    cur += 1
+                block[p] = (off + index, raw)
+        while block:
+            yield from flush(cur, min(self.block, total - cur * self.block))
+            cur += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot = self._slot()
+        events: Events = {}
+        reported: Events = {}
+        good: list[dict] = []
+        dropped: list[int] = []
         skipped = 0
-        for sample in src:
-            out = self._one(sample)
+        for _, uid, raw in self._raw(slot, events):
+            out = self.decoder(raw, events)
             if out is None:
+                dropped.append(uid)
                 skipped += 1
                 continue
-            out["__skipped__"] = skipped
-            yield out
+            out["uid"] = uid
+            good.append(out)
+            if len(good) == self.batch_size:
+                delta = {k: v - reported.get(k, 0) for k, v in events.items() if v != reported.get(k, 0)}
+                reported = dict(events)
+                yield self._collate(good, dropped, delta, skipped)
+                good, dropped = [], []
 
-
-class _Collate:
-    """List of samples -> {"image", "text", "key", "worker", "skipped"}.
-
-    Normalization and tokenization run once per batch rather than per sample.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, transform: TrainTransform) -> None:
-        self.tokenizer, self.transform = tokenizer, transform
-
-    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+    def _collate(self, samples: list[dict], dropped: list[int], events: Events, skipped: int) -> dict[str, Any]:
         return {
             "image": self.transform.normalize(torch.stack([s["image"] for s in samples])),
             "text": self.tokenizer([s["text"] for s in samples]).long(),
             "key": [s["__key__"] for s in samples],
+            "uid": torch.tensor([s["uid"] for s in samples], dtype=torch.int64),
+            "dropped_uid": torch.tensor(dropped, dtype=torch.int64),
+            "events": events,  # decode events of this worker since its previous batch
             "worker": _worker()[0],
-            "skipped": samples[-1]["__skipped__"],
+            "skipped": skipped,  # samples this worker dropped so far in this pass
         }
 
 
 class TrainLoader:
-    """One epoch of training batches; iterate it once per epoch (build a new one per epoch)."""
+    """One pass over what is left of an epoch; build a new one per epoch (or per resume).
 
-    def __init__(self, loader: Iterable[dict[str, Any]], skip_batches: int, num_samples: int | None,
-                 batch_size: int, num_shards: int, by_shard: bool) -> None:
-        self.loader, self.skip_batches = loader, skip_batches
+    `position` is the data position this loader reads from (its split matches this loader's
+    layout); the trainer marks consumed uids into it.
+    """
+
+    def __init__(self, loader, position: DataPosition, table: ShardTable, num_samples: int | None,
+                 batch_size: int) -> None:
+        self.loader, self.position, self.table = loader, position, table
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.num_shards, self.by_shard = num_shards, by_shard
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # batches before skip_batches are produced and dropped: exact resume at the cost of decode time
-        return islice(iter(self.loader), self.skip_batches, None)
+        return iter(self.loader)
 
 
 def build_train_loader(
     cfg: Any,
     *,
-    tokenizer: Tokenizer,
+    tokenizer,
     preprocess: PreprocessConfig,
     rank: int = 0,
     world_size: int = 1,
     epoch: int = 0,
     seed: int = 0,
-    skip_batches: int = 0,
+    position: DataPosition | None = None,
     pin_memory: bool = False,
+    table: ShardTable | None = None,
 ) -> TrainLoader:
-    """Batches for one epoch of `cfg` (a DataSection or the whole run config with `.data`).
+    """Batches for (the rest of) one epoch of `cfg` (a DataSection or a run config with `.data`).
 
-    Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx], key list[str], worker int,
-    skipped int (samples this worker skipped so far this epoch). Incomplete final batches of
-    each worker are dropped.
+    Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx], key list[str], uid
+    LongTensor[B], dropped_uid LongTensor, events dict, worker int, skipped int. A worker's
+    incomplete final batch is not yielded (its samples stay unconsumed).
     """
     data = cfg.data if hasattr(cfg, "data") else cfg
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if data.batch_size <= 0:
         raise DataError(f"data.batch_size must be positive, got {data.batch_size}")
-    urls = expand_shards(data.train_shards)
+    table = table or shard_table(data.train_shards)
     workers = max(int(data.workers), 0)
-    by_shard = len(urls) >= world_size * max(workers, 1)
-    order = list(urls)
-    random.Random(_stable_seed("shards", seed, epoch)).shuffle(order)
-    assign = _Assign(rank, world_size, by_shard)
+    slots = world_size * max(workers, 1)
+    if position is None:
+        position = DataPosition.fresh(epoch, table.num_units)
+    elif position.epoch != epoch or position.num_units != table.num_units:
+        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but "
+                        f"'{data.train_shards}' has {table.num_units} samples (epoch {epoch}): the shards changed")
+    position = position.for_layout(slots)
     image_keys = [k.strip() for k in str(data.image_key).split(";") if k.strip()]
+    text_keys = [k.strip() for k in str(data.text_key).split(";") if k.strip()]
     transform = train_transform(preprocess, tuple(data.crop_scale))
-    pipeline = wds.DataPipeline(
-        _ShardSource(order),
-        assign.shards,
-        wds.tarfile_to_samples(handler=_warn_and_continue),
-        assign.samples,
-        _BufferShuffle(int(data.shuffle_buffer), seed, epoch, rank),
-        _DecodeAugment(transform, image_keys, str(data.text_key), seed, epoch),
-        wds.batched(int(data.batch_size), collation_fn=_Collate(tokenizer, transform), partial=False),
-    )
-    loader: Iterable[dict[str, Any]]
-    if workers == 0:
-        loader = pipeline
-    else:
-        loader = wds.WebLoader(
-            pipeline, batch_size=None, shuffle=False, num_workers=workers,
-            pin_memory=pin_memory, persistent_workers=False, in_order=True,
-        )
+    decoder = SampleDecoder(transform, image_keys, _Caption(text_keys, int(data.max_caption_chars)),
+                            _Seed(seed, epoch), draft=bool(data.jpeg_draft))
+    stream = _SlotStream(table, position, rank=rank, workers=workers, seed=seed,
+                         shuffle_buffer=int(data.shuffle_buffer), batch_size=int(data.batch_size), decoder=decoder,
+                         tokenizer=tokenizer, transform=transform, shard_retries=int(data.shard_retries))
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=False, in_order=True) if workers else stream
     total = num_samples_from_manifest(data.train_shards)
-    return TrainLoader(loader, max(int(skip_batches), 0), total, int(data.batch_size), len(urls), by_shard)
+    return TrainLoader(loader, position, table, total, int(data.batch_size))
+
