@@ -51,8 +51,8 @@ def tok(texts: list[str]) -> torch.Tensor:
 def batches(spec: str, *, workers: int = 0, batch_size: int = 50, epoch: int = 0, rank: int = 0,
             world_size: int = 1, position: DataPosition | None = None, seed: int = 0) -> list[dict]:
     cfg = DataSection(train_shards=spec, batch_size=batch_size, workers=workers, shuffle_buffer=100)
-    return list(build_train_loader(cfg, tokenizer=tok, preprocess=PRE, rank=rank, world_size=world_size,
-                                   epoch=epoch, seed=seed, position=position))
+    return [b for b in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, rank=rank, world_size=world_size,
+                                          epoch=epoch, seed=seed, position=position) if b["key"]]
 
 
 def keys(bs: list[dict]) -> list[str]:

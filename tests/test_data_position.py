@@ -40,7 +40,7 @@ def lockstep(ls, pos: DataPosition, max_steps: int | None = None) -> list[str]:
     keys: list[str] = []
     step = 0
     while max_steps is None or step < max_steps:
-        got = [next(it, None) for it in its]
+        got = [next((b for b in it if b["key"]), None) for it in its]  # report-only batches skipped
         if any(b is None for b in got):
             break
         for b in got:

@@ -146,8 +146,16 @@ class _SlotStream(IterableDataset):
                 reported = dict(events)
                 yield self._collate(good, dropped, delta, skipped)
                 good, dropped = [], []
+        delta = {k: v - reported.get(k, 0) for k, v in events.items() if v != reported.get(k, 0)}
+        if delta or dropped:  # what happened after the last full batch: an empty batch reports it
+            yield self._collate([], dropped, delta, skipped)
 
     def _collate(self, samples: list[dict], dropped: list[int], events: Events, skipped: int) -> dict[str, Any]:
+        if not samples:  # a worker's closing report: no samples, only what it dropped or converted
+            size = self.transform.size
+            return {"image": torch.zeros(0, 3, size, size), "text": torch.zeros(0, 0, dtype=torch.long), "key": [],
+                    "uid": torch.zeros(0, dtype=torch.int64), "dropped_uid": torch.tensor(dropped, dtype=torch.int64),
+                    "events": events, "worker": _worker()[0], "skipped": skipped}
         return {
             "image": self.transform.normalize(torch.stack([s["image"] for s in samples])),
             "text": self.tokenizer([s["text"] for s in samples]).long(),
@@ -158,6 +166,11 @@ class _SlotStream(IterableDataset):
             "worker": _worker()[0],
             "skipped": skipped,  # samples this worker dropped so far in this pass
         }
+
+
+def is_report_only(batch: dict[str, Any]) -> bool:
+    """An empty batch that only reports a worker's closing events and dropped samples."""
+    return len(batch["key"]) == 0
 
 
 class TrainLoader:
@@ -193,7 +206,9 @@ def build_train_loader(
 
     Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx], key list[str], uid
     LongTensor[B], dropped_uid LongTensor, events dict, worker int, skipped int. A worker's
-    incomplete final batch is not yielded (its samples stay unconsumed).
+    incomplete final batch is not yielded (its samples stay unconsumed); a worker whose last
+    events or dropped samples came after its last full batch closes with an empty batch
+    (B = 0) that carries them, which consumers skip after recording (`is_report_only`).
     """
     data = cfg.data if hasattr(cfg, "data") else cfg
     if not 0 <= rank < world_size:

@@ -23,6 +23,7 @@ consumed units are skipped at the tar level (their bytes are seeked past, never 
 from __future__ import annotations
 
 import io
+import os
 import random
 import subprocess
 import tarfile
@@ -85,6 +86,17 @@ def _close(handle: object) -> None:
         handle.close()  # type: ignore[attr-defined]
 
 
+def _missing_end_marker(tar: tarfile.TarFile, handle: object) -> bool:
+    """A local tar must end with two zero blocks after its last member; streams are not checked."""
+    if isinstance(handle, subprocess.Popen):
+        return False
+    try:
+        size = os.fstat(handle.fileno()).st_size  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return False
+    return size - tar.offset < 2 * tarfile.BLOCKSIZE
+
+
 def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
                events: dict[str, int] | None = None) -> Iterator[tuple[int, dict]]:
     """(index, {"__key__", ext: bytes, ...}) for the samples of one tar, in tar order.
@@ -109,6 +121,9 @@ def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
                 sample = None  # the group being read may be incomplete
                 break
             if member is None:
+                if _missing_end_marker(tar, handle):  # cut at a block boundary: tarfile sees a clean end
+                    events["truncated_tar"] = events.get("truncated_tar", 0) + 1
+                    sample = None
                 break
             if not member.isfile():
                 continue

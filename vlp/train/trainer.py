@@ -20,7 +20,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from vlp.config import from_container, to_container, to_yaml
-from vlp.data.pipeline import DataPosition, build_train_loader, expand_shards, num_samples_from_manifest
+from vlp.data.pipeline import (
+    DataPosition,
+    build_train_loader,
+    expand_shards,
+    is_report_only,
+    num_samples_from_manifest,
+)
 from vlp.data.tokenizer import get_tokenizer
 from vlp.losses import build_loss
 from vlp.models import create_model, get_model_config
@@ -205,13 +211,14 @@ class Trainer:
             while self.step < stop_at:
                 t_wait = time.perf_counter()
                 batch = next(it, None)
+                while batch is not None and is_report_only(batch):
+                    self._absorb(batch)
+                    batch = next(it, None)
                 if not all_ranks_true(batch is not None, d.device):
                     break
                 got_any = True
                 window["wait"] += time.perf_counter() - t_wait
-                for reason, n in batch["events"].items():
-                    self.data_events[reason] = self.data_events.get(reason, 0) + n
-                self._pending.append(batch)
+                self._absorb(batch)
                 inputs = (batch["image"].to(d.device, self.input_dtype, non_blocking=True),
                           batch["text"].to(d.device, non_blocking=True))
                 self.in_epoch += 1
@@ -270,6 +277,12 @@ class Trainer:
     def _skipped_now(self) -> int:
         return sum(n for k, n in self.data_events.items() if k.startswith("skipped:"))
 
+    def _absorb(self, batch: dict[str, Any]) -> None:
+        """Count a batch's data events; its samples count as consumed at the next optimizer step."""
+        for reason, n in batch["events"].items():
+            self.data_events[reason] = self.data_events.get(reason, 0) + n
+        self._pending.append(batch)
+
     def _commit_consumed(self) -> None:
         """The micro-batches of the optimizer step just taken are consumed: mark their samples
         (and the samples their workers dropped on the way) in the data position."""
@@ -279,7 +292,7 @@ class Trainer:
             self.data_pos.mark(uids)
             self._unsaved.append(uids)
             keys.extend(batch["key"])
-        self.data_pos.batches_since_split += len(self._pending)
+        self.data_pos.batches_since_split += sum(not is_report_only(b) for b in self._pending)
         self._pending = []
         if self.cfg.data.log_consumed_keys:
             out = self.run_dir / "consumed"
