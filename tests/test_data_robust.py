@@ -120,6 +120,7 @@ def test_every_planted_corruption_is_counted_by_reason(bad_shards: Path, workers
         keys += b["key"]
         texts.append(b["text"])
         assert b["image"].shape[1:] == (3, 16, 16) and torch.isfinite(b["image"]).all()
+    assert events.pop("samples:train") == len(keys)  # one source: every sample is counted under its name
     assert events == planted_counts()
     ok = {k for k, (_, ev) in PLANTED.items() if ev is None or ev.startswith("converted:")}
     expect = 2 * GOOD_PER_SHARD + len(ok) + _readable_prefix(bad_shards / "c.tar")
@@ -157,7 +158,7 @@ def test_planted_set_trains_to_completion_and_reports_counts(tmp_path: Path, bad
     assert (run_dir / "model.safetensors").is_file()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first_epoch = next(r for r in rows if r.get("epoch_end") == 0)
-    counts = {k[5:]: v for k, v in first_epoch.items() if k.startswith("data/")}
+    counts = {k[5:]: v for k, v in first_epoch.items() if k.startswith("data/") and "samples:" not in k}
     assert counts == planted_counts(), proc.stdout[-2000:]
     assert "epoch 0 data: " in proc.stdout
 

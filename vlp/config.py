@@ -37,9 +37,27 @@ class LossSection:
 
 
 @dataclass
+class SourceSection:
+    """One entry of data.sources (see vlp/data/mixture.py)."""
+
+    name: str = ""
+    shards: str = ""  # same syntax as data.train_shards
+    weight: float = 1.0  # relative share of the mixed stream
+    kind: str = "caption"  # caption | label | multi_text
+    text_key: str = "txt"  # caption / multi_text: member(s) holding the text, first present of "a;b"
+    image_key: str = "jpg;png;webp;jpeg"
+    label_key: str = "cls"  # label: member holding the class id
+    classnames: list[str] = field(default_factory=list)  # label: class id -> name
+    classnames_from: str = ""  # label: a built-in dataset's class names (fashion-mnist, digits)
+    templates: list[str] = field(default_factory=list)  # label: "a photo of a {}."; default built-in
+
+
+@dataclass
 class DataSection:
     # brace-expanded shard list(s): local paths or `pipe:` commands; several joined with "::"
     train_shards: str = ""
+    # weighted mixture of sources instead of train_shards (each sample read at most once per epoch)
+    sources: list[SourceSection] = field(default_factory=list)
     # number of samples in the training shards; used for epochs -> steps when set (0 = read manifest)
     train_num_samples: int = 0
     batch_size: int = 256  # per rank (micro-batch per GPU)

@@ -21,10 +21,11 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.data.decode import Events, SampleDecoder, decode_text
+from vlp.data.decode import Events, SampleDecoder
 from vlp.data.manifest import (
     DataError,
     expand_shards,
@@ -32,6 +33,7 @@ from vlp.data.manifest import (
     num_samples_from_manifest,
     stable_seed,
 )
+from vlp.data.mixture import Source, build_sources, merge_order, source_specs
 from vlp.data.position import DataPosition, ShardTable, count_samples, iter_shard, slot_units
 from vlp.data.transforms import TrainTransform, train_transform
 from vlp.models.config import PreprocessConfig
@@ -55,17 +57,6 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class _Caption:
-    """Caption kind: text from the `text_key` member (several keys joined by ';': first present)."""
-
-    def __init__(self, text_keys: list[str], max_chars: int) -> None:
-        self.text_keys, self.max_chars = text_keys, max_chars
-
-    def __call__(self, sample: dict, events: Events) -> str | None:
-        raw = next((sample[k] for k in self.text_keys if k in sample), None)
-        return decode_text(raw, self.max_chars, events)
-
-
 class _Seed:
     def __init__(self, seed: int, epoch: int) -> None:
         self.seed, self.epoch = seed, epoch
@@ -74,15 +65,21 @@ class _Seed:
         return stable_seed("aug", self.seed, self.epoch, key)
 
 
-class _SlotStream(IterableDataset):
-    """The batches of one (rank, worker) slot: read its units, block-shuffle, decode, batch."""
+def _view(pos: DataPosition, src: Source) -> DataPosition:
+    """The part of a mixture's position that belongs to one source (numpy views, no copies)."""
+    lo, hi = src.offset, src.offset + src.table.num_units
+    return DataPosition(pos.epoch, hi - lo, pos.consumed[lo:hi], pos.base[lo:hi], pos.slots, pos.batches_since_split)
 
-    def __init__(self, table: ShardTable, pos: DataPosition, *, rank: int, workers: int, seed: int,
-                 shuffle_buffer: int, batch_size: int, decoder: SampleDecoder, tokenizer, transform: TrainTransform,
-                 shard_retries: int) -> None:
-        self.table, self.pos, self.rank, self.workers = table, pos, rank, max(workers, 1)
+
+class _SlotStream(IterableDataset):
+    """The batches of one (rank, worker) slot: read its units, mix sources, block-shuffle, decode, batch."""
+
+    def __init__(self, sources: list[Source], pos: DataPosition, *, rank: int, workers: int, seed: int,
+                 shuffle_buffer: int, batch_size: int, decoders: list[SampleDecoder], tokenizer,
+                 transform: TrainTransform, shard_retries: int) -> None:
+        self.sources, self.pos, self.rank, self.workers = sources, pos, rank, max(workers, 1)
         self.seed, self.block = seed, max(int(shuffle_buffer), 1)
-        self.batch_size, self.decoder, self.tokenizer, self.transform = batch_size, decoder, tokenizer, transform
+        self.batch_size, self.decoders, self.tokenizer, self.transform = batch_size, decoders, tokenizer, transform
         self.shard_retries = shard_retries
 
     def _slot(self) -> int:
@@ -92,39 +89,63 @@ class _SlotStream(IterableDataset):
         rotation = self.pos.batches_since_split % self.workers
         return self.rank * self.workers + (worker + rotation) % self.workers
 
-    def _raw(self, slot: int, events: Events) -> Iterator[tuple[int, int, dict | None]]:
-        """(position in slot, uid, raw sample or None if consumed/missing) in block-shuffled order."""
-        pos, table = self.pos, self.table
-        units = slot_units(table, pos, slot, self.seed)
-        split_id = stable_seed("split", pos.slots, int(pos.base.sum()))
-        p0 = 0
-        block: dict[int, tuple[int, dict]] = {}
-        cur = 0
-
-        def flush(b: int, size: int) -> Iterator[tuple[int, int, dict | None]]:
-            order = list(range(size))
-            random.Random(stable_seed("block", self.seed, pos.epoch, split_id, slot, b)).shuffle(order)
-            for i in order:
-                got = block.pop(b * self.block + i, None)
-                if got is not None:
-                    yield b * self.block + i, got[0], got[1]
-
-        total = sum(len(idx) for _, idx in units)
+    def _read_source(self, i: int, units: list[tuple[int, np.ndarray]], view: DataPosition,
+                     events: Events) -> Iterator[tuple[int, int, dict]]:
+        """(position in the slot's list of source i, uid, raw) of the unconsumed units, in read order."""
+        src = self.sources[i]
+        j0 = 0
         for shard, idx in units:
-            off = int(table.offsets[shard])
-            at = {int(i): p0 + j for j, i in enumerate(idx) if not pos.consumed[off + int(i)]}
-            p0 += len(idx)
-            if not at:
-                continue
-            for index, raw in iter_shard(table.urls[shard], set(at), self.shard_retries, events):
-                p = at[index]
-                while p // self.block > cur:
-                    yield from flush(cur, self.block)
-                    cur += 1
-                block[p] = (off + index, raw)
-        while block:
-            yield from flush(cur, min(self.block, total - cur * self.block))
-            cur += 1
+            off = int(src.table.offsets[shard])
+            at = {int(u): j0 + k for k, u in enumerate(idx) if not view.consumed[off + int(u)]}
+            j0 += len(idx)
+            if at:
+                for index, raw in iter_shard(src.table.urls[shard], set(at), self.shard_retries, events):
+                    yield at[index], src.offset + off + index, raw
+
+    def _raw(self, slot: int, events: Events) -> Iterator[tuple[int, int, dict]]:
+        """(source, uid, raw sample) in mixed, block-shuffled order; consumed units are left out."""
+        pos = self.pos
+        split_id = stable_seed("split", pos.slots, int(pos.base.sum()))
+        views = [_view(pos, src) for src in self.sources]
+        units = [slot_units(src.table, v, slot, self.seed if i == 0 else stable_seed(self.seed, src.name))
+                 for i, (src, v) in enumerate(zip(self.sources, views))]
+        lengths = [sum(len(idx) for _, idx in u) for u in units]
+        which, local = merge_order(lengths, [s.weight for s in self.sources],
+                                   stable_seed("mix", self.seed, pos.epoch, split_id, slot))
+        flat = [np.concatenate([src.table.offsets[shard] + idx for shard, idx in u]) if u else np.zeros(0, np.int64)
+                for src, u in zip(self.sources, units)]  # slot position -> unit id within the source
+        readers = [self._read_source(i, u, v, events) for i, (u, v) in enumerate(zip(units, views))]
+        ahead: list[tuple[int, int, dict] | None] = [None] * len(readers)
+
+        def fetch(i: int, j: int) -> tuple[int, dict] | None:
+            """Unit j of source i, or None if it was consumed or is missing from its tar."""
+            got = ahead[i]
+            while got is None or got[0] < j:
+                got = next(readers[i], None)
+                if got is None:
+                    ahead[i] = (len(pos.consumed) + 1, 0, {})  # exhausted: everything later is missing
+                    return None
+            ahead[i] = got
+            if got[0] != j:
+                return None
+            ahead[i] = None
+            return got[1], got[2]
+
+        for b0 in range(0, len(which), self.block):
+            size = min(self.block, len(which) - b0)
+            block = {}
+            for p in range(b0, b0 + size):
+                i, j = int(which[p]), int(local[p])
+                if views[i].consumed[flat[i][j]]:
+                    continue
+                got = fetch(i, j)
+                if got is not None:
+                    block[p - b0] = (i, *got)
+            order = list(range(size))
+            random.Random(stable_seed("block", self.seed, pos.epoch, split_id, slot, b0 // self.block)).shuffle(order)
+            for k in order:
+                if k in block:
+                    yield block[k]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot = self._slot()
@@ -133,15 +154,18 @@ class _SlotStream(IterableDataset):
         good: list[dict] = []
         dropped: list[int] = []
         skipped = 0
-        for _, uid, raw in self._raw(slot, events):
-            out = self.decoder(raw, events)
+        for i, uid, raw in self._raw(slot, events):
+            out = self.decoders[i](raw, events)
             if out is None:
                 dropped.append(uid)
                 skipped += 1
                 continue
-            out["uid"] = uid
+            out["uid"], out["source"] = uid, i
             good.append(out)
             if len(good) == self.batch_size:
+                for s in good:
+                    name = f"samples:{self.sources[s['source']].name}"
+                    events[name] = events.get(name, 0) + 1
                 delta = {k: v - reported.get(k, 0) for k, v in events.items() if v != reported.get(k, 0)}
                 reported = dict(events)
                 yield self._collate(good, dropped, delta, skipped)
@@ -151,20 +175,20 @@ class _SlotStream(IterableDataset):
             yield self._collate([], dropped, delta, skipped)
 
     def _collate(self, samples: list[dict], dropped: list[int], events: Events, skipped: int) -> dict[str, Any]:
+        common = {"dropped_uid": torch.tensor(dropped, dtype=torch.int64), "events": events,
+                  "worker": _worker()[0], "skipped": skipped}
         if not samples:  # a worker's closing report: no samples, only what it dropped or converted
             size = self.transform.size
             return {"image": torch.zeros(0, 3, size, size), "text": torch.zeros(0, 0, dtype=torch.long), "key": [],
-                    "uid": torch.zeros(0, dtype=torch.int64), "dropped_uid": torch.tensor(dropped, dtype=torch.int64),
-                    "events": events, "worker": _worker()[0], "skipped": skipped}
+                    "uid": torch.zeros(0, dtype=torch.int64), "source": [], "kind": [], **common}
         return {
             "image": self.transform.normalize(torch.stack([s["image"] for s in samples])),
             "text": self.tokenizer([s["text"] for s in samples]).long(),
             "key": [s["__key__"] for s in samples],
             "uid": torch.tensor([s["uid"] for s in samples], dtype=torch.int64),
-            "dropped_uid": torch.tensor(dropped, dtype=torch.int64),
-            "events": events,  # decode events of this worker since its previous batch
-            "worker": _worker()[0],
-            "skipped": skipped,  # samples this worker dropped so far in this pass
+            "source": [self.sources[s["source"]].name for s in samples],
+            "kind": [self.sources[s["source"]].kind for s in samples],
+            **common,  # events: this worker's decode events since its previous batch
         }
 
 
@@ -180,9 +204,9 @@ class TrainLoader:
     layout); the trainer marks consumed uids into it.
     """
 
-    def __init__(self, loader, position: DataPosition, table: ShardTable, num_samples: int | None,
+    def __init__(self, loader, position: DataPosition, tables: list[ShardTable], num_samples: int | None,
                  batch_size: int) -> None:
-        self.loader, self.position, self.table = loader, position, table
+        self.loader, self.position, self.tables = loader, position, tables
         self.num_samples, self.batch_size = num_samples, batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -200,12 +224,13 @@ def build_train_loader(
     seed: int = 0,
     position: DataPosition | None = None,
     pin_memory: bool = False,
-    table: ShardTable | None = None,
+    tables: list[ShardTable] | None = None,
 ) -> TrainLoader:
     """Batches for (the rest of) one epoch of `cfg` (a DataSection or a run config with `.data`).
 
     Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx], key list[str], uid
-    LongTensor[B], dropped_uid LongTensor, events dict, worker int, skipped int. A worker's
+    LongTensor[B], source / kind list[str], dropped_uid LongTensor, events dict (decode events
+    and `samples:<source>` counts since the worker's previous batch), worker int, skipped int. A worker's
     incomplete final batch is not yielded (its samples stay unconsumed); a worker whose last
     events or dropped samples came after its last full batch closes with an empty batch
     (B = 0) that carries them, which consumers skip after recording (`is_report_only`).
@@ -215,25 +240,27 @@ def build_train_loader(
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if data.batch_size <= 0:
         raise DataError(f"data.batch_size must be positive, got {data.batch_size}")
-    table = table or shard_table(data.train_shards)
+    specs = source_specs(data)
+    tables = tables or [shard_table(src.shards) for src in specs]
+    sources = build_sources(data, tables, seed, epoch)
+    num_units = sum(t.num_units for t in tables)
     workers = max(int(data.workers), 0)
     slots = world_size * max(workers, 1)
     if position is None:
-        position = DataPosition.fresh(epoch, table.num_units)
-    elif position.epoch != epoch or position.num_units != table.num_units:
-        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but "
-                        f"'{data.train_shards}' has {table.num_units} samples (epoch {epoch}): the shards changed")
+        position = DataPosition.fresh(epoch, num_units)
+    elif position.epoch != epoch or position.num_units != num_units:
+        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but the "
+                        f"configured shards have {num_units} samples (epoch {epoch}): the shards changed")
     position = position.for_layout(slots)
-    image_keys = [k.strip() for k in str(data.image_key).split(";") if k.strip()]
-    text_keys = [k.strip() for k in str(data.text_key).split(";") if k.strip()]
     transform = train_transform(preprocess, tuple(data.crop_scale))
-    decoder = SampleDecoder(transform, image_keys, _Caption(text_keys, int(data.max_caption_chars)),
-                            _Seed(seed, epoch), draft=bool(data.jpeg_draft))
-    stream = _SlotStream(table, position, rank=rank, workers=workers, seed=seed,
-                         shuffle_buffer=int(data.shuffle_buffer), batch_size=int(data.batch_size), decoder=decoder,
+    decoders = [SampleDecoder(transform, src.image_keys, src.text_of, _Seed(seed, epoch), draft=bool(data.jpeg_draft))
+                for src in sources]
+    stream = _SlotStream(sources, position, rank=rank, workers=workers, seed=seed,
+                         shuffle_buffer=int(data.shuffle_buffer), batch_size=int(data.batch_size), decoders=decoders,
                          tokenizer=tokenizer, transform=transform, shard_retries=int(data.shard_retries))
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=False, in_order=True) if workers else stream
-    total = num_samples_from_manifest(data.train_shards)
-    return TrainLoader(loader, position, table, total, int(data.batch_size))
+    counts = [num_samples_from_manifest(src.shards) for src in specs]
+    total = sum(counts) if all(c is not None for c in counts) else None  # type: ignore[misc]
+    return TrainLoader(loader, position, tables, total, int(data.batch_size))
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from vlp.config import from_container, to_container, to_yaml
+from vlp.data.mixture import source_specs
 from vlp.data.pipeline import (
     DataPosition,
     build_train_loader,
@@ -86,10 +87,12 @@ class Trainer:
         if cfg.loss.name == "siglip" and self.model_cfg.init_logit_bias is None:
             raise TrainError(f"loss.name=siglip needs a model with a logit bias; '{cfg.model.name}' has none "
                              "(use a siglip-* preset or model.overrides={init_logit_bias: -10.0})")
-        if not cfg.data.train_shards:
+        if not cfg.data.train_shards and not cfg.data.sources:
             raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
-        expand_shards(cfg.data.train_shards)  # raises DataError naming a missing path
-        self.total_steps = resolve_total_steps(cfg, self.dist.world_size, cfg.data.train_shards)
+        for src in source_specs(cfg.data):
+            expand_shards(src.shards)  # raises DataError naming a missing path
+        self.total_steps = resolve_total_steps(cfg, self.dist.world_size,
+                                               "::".join(src.shards for src in source_specs(cfg.data)))
         self.resume_dir = self._resolve_resume(resume)
         if self.resume_dir is not None:
             meta = ckpt.check_compatible(self.resume_dir, self.model_cfg, cfg.model.name)
