@@ -346,6 +346,7 @@ class Trainer:
             "logit_scale": logit_scale,
             "samples_per_s": w["steps"] * global_batch / max(elapsed, 1e-9),
             "data_wait_frac": w["wait"] / max(elapsed, 1e-9),
+            "data_wait_ms_per_step": 1000.0 * w["wait"] / max(w["n"], 1),  # per micro-batch fetched
             "epoch": self.epoch,
             "skipped_samples": int(stats[2].item()),
         }
