@@ -17,6 +17,7 @@ only what is left, re-divided among however many ranks and workers there are the
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -48,8 +49,22 @@ def shard_table(spec: str) -> ShardTable:
     """Shard URLs and per-shard sample counts: from manifests, else from the tar headers (a seek
     through local tars; `pipe:` shards without a manifest are streamed once to count)."""
     entries = expand_shards_with_sizes(spec)
-    sizes = [n if n is not None else count_samples(u) for u, n in entries]
+    sizes = [n if n is not None else _counted(u) for u, n in entries]
     return ShardTable([u for u, _ in entries], sizes)
+
+
+_COUNTS: dict[tuple[str, int, int], int] = {}
+
+
+def _counted(url: str) -> int:
+    """count_samples, remembered per (local path, size, mtime) so each epoch does not rescan."""
+    if url.startswith("pipe:"):
+        return count_samples(url)
+    st = os.stat(url)
+    key = (url, st.st_size, st.st_mtime_ns)
+    if key not in _COUNTS:
+        _COUNTS[key] = count_samples(url)
+    return _COUNTS[key]
 
 
 def _worker() -> tuple[int, int]:
