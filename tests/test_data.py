@@ -21,6 +21,7 @@ from vlp.data import (
     EVAL_TEMPLATES,
     TRAIN_TEMPLATES,
     DataError,
+    DataPosition,
     build_image_caption_shards,
     build_shards,
     build_train_loader,
@@ -48,10 +49,10 @@ def tok(texts: list[str]) -> torch.Tensor:
 
 
 def batches(spec: str, *, workers: int = 0, batch_size: int = 50, epoch: int = 0, rank: int = 0,
-            world_size: int = 1, skip_batches: int = 0, seed: int = 0) -> list[dict]:
+            world_size: int = 1, position: DataPosition | None = None, seed: int = 0) -> list[dict]:
     cfg = DataSection(train_shards=spec, batch_size=batch_size, workers=workers, shuffle_buffer=100)
-    return list(build_train_loader(cfg, tokenizer=tok, preprocess=PRE, rank=rank, world_size=world_size,
-                                   epoch=epoch, seed=seed, skip_batches=skip_batches))
+    return [b for b in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, rank=rank, world_size=world_size,
+                                          epoch=epoch, seed=seed, position=position) if b["key"]]
 
 
 def keys(bs: list[dict]) -> list[str]:
@@ -197,10 +198,15 @@ def test_fewer_shards_than_slots_splits_samples(digits_shards_dir: Path) -> None
     assert len(r0) == len(r1) == 100 and not set(r0) & set(r1)
 
 
-def test_skip_batches_gives_tail(digits_shards_dir: Path) -> None:
-    full = batches(str(digits_shards_dir), workers=2)
-    tail = batches(str(digits_shards_dir), workers=2, skip_batches=7)
-    assert_same(full[7:], tail)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_position_with_same_layout_gives_the_tail(digits_shards_dir: Path, workers: int) -> None:
+    """Marking the first 7 batches consumed reproduces the uninterrupted batches 7.. exactly."""
+    full = batches(str(digits_shards_dir), workers=workers)
+    pos = DataPosition.fresh(0, 1500).for_layout(max(workers, 1))
+    for b in full[:7]:
+        pos.mark(b["uid"])
+    pos.batches_since_split = 7
+    assert_same(full[7:], batches(str(digits_shards_dir), workers=workers, position=pos))
 
 
 def test_bad_samples_skipped_and_counted(tmp_path: Path) -> None:

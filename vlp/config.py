@@ -37,9 +37,27 @@ class LossSection:
 
 
 @dataclass
+class SourceSection:
+    """One entry of data.sources (see vlp/data/mixture.py)."""
+
+    name: str = ""
+    shards: str = ""  # same syntax as data.train_shards
+    weight: float = 1.0  # relative share of the mixed stream
+    kind: str = "caption"  # caption | label | multi_text
+    text_key: str = "txt"  # caption / multi_text: member(s) holding the text, first present of "a;b"
+    image_key: str = "jpg;png;webp;jpeg"
+    label_key: str = "cls"  # label: member holding the class id
+    classnames: list[str] = field(default_factory=list)  # label: class id -> name
+    classnames_from: str = ""  # label: a built-in dataset's class names (fashion-mnist, digits)
+    templates: list[str] = field(default_factory=list)  # label: "a photo of a {}."; default built-in
+
+
+@dataclass
 class DataSection:
     # brace-expanded shard list(s): local paths or `pipe:` commands; several joined with "::"
     train_shards: str = ""
+    # weighted mixture of sources instead of train_shards (each sample read at most once per epoch)
+    sources: list[SourceSection] = field(default_factory=list)
     # number of samples in the training shards; used for epochs -> steps when set (0 = read manifest)
     train_num_samples: int = 0
     batch_size: int = 256  # per rank (micro-batch per GPU)
@@ -49,6 +67,14 @@ class DataSection:
     crop_scale: tuple[float, float] = (0.6, 1.0)
     image_key: str = "jpg;png;webp;jpeg"
     text_key: str = "txt"
+    # captions longer than this many characters are cut to it (counted as caption_truncated)
+    max_caption_chars: int = 2000
+    # decode JPEGs at a reduced DCT scale when the crop is far larger than the output size
+    jpeg_draft: bool = True
+    # a shard that cannot be opened is retried this many times (with backoff), then skipped
+    shard_retries: int = 2
+    # write the keys of every optimizer step's samples to run_dir/consumed/rank*.jsonl (audit)
+    log_consumed_keys: bool = False
 
 
 @dataclass
@@ -237,6 +263,8 @@ def validate(cfg: DictConfig) -> None:
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
         bad("data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
+    if cfg.data.max_caption_chars < 0 or cfg.data.shard_retries < 0:
+        bad("data.max_caption_chars" if cfg.data.max_caption_chars < 0 else "data.shard_retries", "must be >= 0")
     if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
         bad("logging.wandb_mode", "must be online, offline or disabled")
     from vlp.eval.tasks import UnknownTaskError, get_task

@@ -12,10 +12,10 @@ saves = {"n": 0}
 original = ckpt.save_checkpoint
 
 
-def dying_save(engine, root, step, meta, keep_last):
+def dying_save(engine, root, step, meta, keep_last, **extra):
     saves["n"] += 1
     if saves["n"] < 2:
-        return original(engine, root, step, meta, keep_last)
+        return original(engine, root, step, meta, keep_last, **extra)
     engine.save_checkpoint(str(root), tag=f".tmp-{ckpt.tag_for(step)}", client_state={"vlp_step": step},
                            save_latest=False)
     os._exit(17)  # a kill: no cleanup, no publication

@@ -5,14 +5,15 @@ and the JSON manifest is written last; a manifest therefore always describes com
 re-running with the same arguments finds it and does nothing.
 
     python -m vlp.data.build fashion-mnist OUT_DIR [--split train] [--shard-size N] [--format png|jpg]
-    python -m vlp.data.build folder OUT_DIR --images DIR --captions captions.csv
+    python -m vlp.data.build folder OUT_DIR --images DIR --captions captions.csv|.jsonl|.parquet
+        [--resize-max-side 512] [--workers 8]       (resumable; writes SPLIT_stats.json)
+    python -m vlp.data.build img2dataset OUT_DIR --images IMG2DATASET_OUTPUT_DIR
     python -m vlp.data.build clipart OUT_DIR [--split train|test] [--num-scenes N] [--size PX]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlp.data.captions import make_caption
+from vlp.data.convert import convert, img2dataset_rows, read_captions_table
 from vlp.data.sources import load_source
 
 _PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -171,27 +173,8 @@ def build_shards(
 
 
 def read_captions_file(path: str | Path) -> list[tuple[str, str]]:
-    """(file, caption) pairs from a CSV with a `file,caption` header or JSONL with those keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"captions file '{p}' not found")
-    pairs: list[tuple[str, str]] = []
-    if p.suffix in (".jsonl", ".json"):
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "file" not in row or "caption" not in row:
-                raise ValueError(f"{p}:{lineno}: JSONL rows need 'file' and 'caption' keys")
-            pairs.append((str(row["file"]), str(row["caption"])))
-        return pairs
-    with p.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-            raise ValueError(f"{p}: CSV needs a header with columns 'file' and 'caption'")
-        for row in reader:
-            pairs.append((row["file"], row["caption"]))
-    return pairs
+    """(file, caption) pairs from a CSV with a `file,caption` header, JSONL with those keys, or Parquet."""
+    return read_captions_table(path)
 
 
 def build_image_caption_shards(
@@ -201,47 +184,30 @@ def build_image_caption_shards(
     split: str = "train",
     shard_size: int = 10000,
     progress: bool = False,
+    resize_max_side: int = 0,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Shards from your own images: `file` paths are relative to `folder`.
+    """Shards from your own images: `file` paths are relative to `folder` (see vlp.data.convert).
 
     Image bytes are stored as-is under their real format's extension (jpg/png/webp; others are
-    re-encoded to png). Unreadable or missing images and empty captions are skipped and counted
-    in the manifest's `skipped`.
+    re-encoded), or resized to `resize_max_side` (long side, aspect kept). Unreadable or missing
+    images and empty captions are skipped and counted (manifest `skipped`, `SPLIT_stats.json`).
+    An interrupted conversion resumes where it stopped when run again with the same arguments.
     """
-    root, out = Path(folder), Path(out_dir)
-    cap_path = Path(captions_file)
+    root, cap_path = Path(folder), Path(captions_file)
     params = {"source": "folder", "folder": str(root.resolve()), "captions": str(cap_path.resolve()),
-              "mtime": cap_path.stat().st_mtime if cap_path.exists() else None, "shard_size": shard_size}
-    existing = _existing_manifest(out, split, params)
-    if existing is not None:
-        return existing
-    pairs = read_captions_file(cap_path)
-    skipped = 0
+              "mtime": cap_path.stat().st_mtime if cap_path.exists() else None}
+    return convert(read_captions_file(cap_path), root, out_dir, split=split, shard_size=shard_size,
+                   resize_max_side=resize_max_side, workers=workers, progress=progress, params=params)
 
-    def samples() -> Iterator[dict[str, Any]]:
-        nonlocal skipped
-        for i, (name, caption) in enumerate(pairs):
-            try:
-                data = (root / name).read_bytes()
-                with Image.open(io.BytesIO(data)) as img:
-                    img.verify()
-                    fmt = img.format
-            except Exception:  # any unreadable file is skipped, never fatal
-                skipped += 1
-                continue
-            if not caption.strip():
-                skipped += 1
-                continue
-            ext = _PIL_FORMAT_EXT.get(fmt or "")
-            if ext is None:  # e.g. BMP/TIFF: re-encode so the loader can read it
-                with Image.open(io.BytesIO(data)) as img:
-                    buf = io.BytesIO()
-                    img.convert("RGB").save(buf, format="PNG")
-                data, ext = buf.getvalue(), "png"
-            yield {"__key__": f"{i:09d}", ext: data, "txt": caption.strip().encode("utf-8")}
 
-    shards = _write_shards(samples(), out, split, shard_size, len(pairs), progress)
-    return _finish(out, split, "folder", params, shards, {"skipped": skipped})
+def build_img2dataset_shards(folder: str | Path, out_dir: str | Path, split: str = "train", shard_size: int = 10000,
+                             progress: bool = False, resize_max_side: int = 0, workers: int = 1) -> dict[str, Any]:
+    """Shards from an img2dataset output folder in its "files" format (image + .txt caption)."""
+    rows = img2dataset_rows(folder)
+    params = {"source": "img2dataset", "folder": str(Path(folder).resolve())}
+    return convert(rows, folder, out_dir, split=split, shard_size=shard_size, resize_max_side=resize_max_side,
+                   workers=workers, progress=progress, params=params, source="img2dataset")
 
 
 def build_clipart_shards(
@@ -289,15 +255,18 @@ def build_clipart_shards(
 def main(argv: list[str] | None = None) -> int:
     """Console script `vlp-shards`."""
     ap = argparse.ArgumentParser(prog="vlp-shards", description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", choices=["fashion-mnist", "digits", "folder", "clipart"])
+    ap.add_argument("source", choices=["fashion-mnist", "digits", "folder", "img2dataset", "clipart"])
     ap.add_argument("out_dir")
     ap.add_argument("--split", default="train", help="train | test (folder: any name)")
     ap.add_argument("--shard-size", type=int, default=10000)
     ap.add_argument("--max-samples", type=int, default=0, help="0 = all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--format", dest="image_format", choices=["png", "jpg"], default="png")
-    ap.add_argument("--images", help="folder source: image directory")
-    ap.add_argument("--captions", help="folder source: CSV (file,caption) or JSONL")
+    ap.add_argument("--images", help="folder / img2dataset source: image directory")
+    ap.add_argument("--captions", help="folder source: CSV (file,caption), JSONL or Parquet")
+    ap.add_argument("--resize-max-side", type=int, default=0, help="folder / img2dataset: shrink larger images "
+                    "to this long side, keeping the aspect ratio (0 = store as is)")
+    ap.add_argument("--workers", type=int, default=1, help="folder / img2dataset: parallel processes")
     ap.add_argument("--num-scenes", type=int, default=0, help="clipart: scenes (0: 10000 train, 1000 test)")
     ap.add_argument("--size", type=int, default=64, help="clipart: scene side in pixels")
     ap.add_argument("--no-progress", action="store_true")
@@ -307,8 +276,15 @@ def main(argv: list[str] | None = None) -> int:
             if not args.images or not args.captions:
                 ap.error("the folder source needs --images and --captions")
             manifest = build_image_caption_shards(
-                args.images, args.captions, args.out_dir, split=args.split,
-                shard_size=args.shard_size, progress=not args.no_progress,
+                args.images, args.captions, args.out_dir, split=args.split, shard_size=args.shard_size,
+                progress=not args.no_progress, resize_max_side=args.resize_max_side, workers=args.workers,
+            )
+        elif args.source == "img2dataset":
+            if not args.images:
+                ap.error("the img2dataset source needs --images (the img2dataset output folder)")
+            manifest = build_img2dataset_shards(
+                args.images, args.out_dir, split=args.split, shard_size=args.shard_size,
+                progress=not args.no_progress, resize_max_side=args.resize_max_side, workers=args.workers,
             )
         elif args.source == "clipart":
             manifest = build_clipart_shards(

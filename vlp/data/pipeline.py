@@ -1,129 +1,70 @@
-"""Deterministic webdataset training stream: shards -> (rank, worker) split -> samples -> batches.
+"""Deterministic, exactly resumable webdataset training stream.
 
-Reproducibility contract: for fixed (shards, seed, epoch, rank, world_size, workers, batch_size,
-shuffle_buffer) the batch sequence is identical run to run. The shard order depends on
-(seed, epoch); the sample shuffle buffer on (seed, epoch, rank, worker); augmentation only on
-(seed, epoch, sample key) through an explicit per-sample seed, so a sample is cropped the
-same way whichever worker reads it.
+    shards --(epoch order, split into rank x worker slots; vlp.data.position)--> raw samples
+      --(block shuffle)--> decode + seeded crop (vlp.data.decode) --> batches
 
-Splitting between ranks and workers: with at least world_size * max(workers, 1) shards, each
-(rank, worker) slot reads whole shards (rank first, then worker, round robin over the shuffled
-list). With fewer shards some slot would get nothing, so every slot reads all shards and keeps
-every n-th sample instead (sample index modulo the number of slots). Either way the slots are
-disjoint and together cover the data. Slots may receive a different number of samples; a
-trainer that needs equal step counts per rank must cap the steps itself.
+Reproducibility: for fixed (shards, seed, epoch, world_size, workers, batch_size,
+shuffle_buffer) and data position the batch sequence is identical run to run; augmentation
+depends only on (seed, epoch, sample key), so a sample is cropped the same way whichever
+worker reads it.
+
+Each batch carries the ids (`uid`) of its samples and of the samples its worker dropped since
+the previous batch (`dropped_uid`), so the trainer can record exactly what went into optimizer
+steps; a `DataPosition` built from those marks makes the next loader of the same epoch read
+only what is left, re-divided among however many ranks and workers there are then.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
+import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import islice
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import braceexpand
+import numpy as np
 import torch
-import webdataset as wds
-from PIL import Image
-from torch.utils.data import get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlp.data.decode import Events, SampleDecoder
+from vlp.data.manifest import (
+    DataError,
+    expand_shards,
+    expand_shards_with_sizes,
+    num_samples_from_manifest,
+    stable_seed,
+)
+from vlp.data.mixture import Source, build_sources, merge_order, source_specs
+from vlp.data.position import DataPosition, ShardTable, count_samples, iter_shard, slot_units
 from vlp.data.transforms import TrainTransform, train_transform
 from vlp.models.config import PreprocessConfig
 
+__all__ = ["DataError", "DataPosition", "TrainLoader", "build_train_loader", "expand_shards",
+           "num_samples_from_manifest", "shard_table"]
+
 log = logging.getLogger(__name__)
 
-Tokenizer = Callable[[list[str]], torch.Tensor]
+
+def shard_table(spec: str) -> ShardTable:
+    """Shard URLs and per-shard sample counts: from manifests, else from the tar headers (a seek
+    through local tars; `pipe:` shards without a manifest are streamed once to count)."""
+    entries = expand_shards_with_sizes(spec)
+    sizes = [n if n is not None else _counted(u) for u, n in entries]
+    return ShardTable([u for u, _ in entries], sizes)
 
 
-class DataError(ValueError):
-    """Bad data input (shard spec, manifest); the message names the offending path or spec."""
+_COUNTS: dict[tuple[str, int, int], int] = {}
 
 
-def _manifest_path(spec: str) -> Path | None:
-    p = Path(spec)
-    if p.suffix == ".json" and p.is_file():
-        return p
-    if p.is_dir():
-        if (p / "train.json").is_file():
-            return p / "train.json"
-        raise DataError(f"shard directory '{spec}' has no train.json manifest")
-    return None
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read shard manifest '{path}': {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise DataError(f"shard manifest '{path}' has no 'shards' list")
-    return manifest
-
-
-def _manifest_urls(path: Path) -> list[str]:
-    """Shard paths from a manifest; a shard missing at its recorded path is looked up beside it
-    so a directory of shards can be moved as a whole."""
-    urls = []
-    for shard in _read_manifest(path)["shards"]:
-        url = str(shard["url"])
-        if not url.startswith("pipe:") and not Path(url).exists() and (path.parent / Path(url).name).exists():
-            url = str(path.parent / Path(url).name)
-        urls.append(url)
-    return urls
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Shard URLs from "a-{000..009}.tar::b.tar", a manifest .json, or a dir holding train.json.
-
-    `pipe:` URLs are passed through unchecked; local paths must exist.
-    """
-    if not spec or not spec.strip():
-        raise DataError(f"empty shard spec '{spec}'")
-    urls: list[str] = []
-    for part in spec.split("::"):
-        part = part.strip()
-        if not part:
-            continue
-        manifest = _manifest_path(part)
-        if manifest is not None:
-            urls.extend(_manifest_urls(manifest))
-        else:  # pipe: commands too: 'pipe:aws s3 cp s3://b/{000..999}.tar -' is one command per shard
-            urls.extend(braceexpand.braceexpand(part))
-    for url in urls:
-        if not url.startswith("pipe:") and not Path(url).is_file():
-            raise DataError(f"shard '{url}' does not exist (from spec '{spec}')")
-    if not urls:
-        raise DataError(f"shard spec '{spec}' expands to no shards")
-    return urls
-
-
-def num_samples_from_manifest(spec: str) -> int | None:
-    """Total samples if every part of `spec` is a manifest (or dir with one); else None."""
-    total = 0
-    for part in spec.split("::"):
-        try:
-            path = _manifest_path(part.strip())
-        except DataError:
-            return None
-        if path is None:
-            return None
-        manifest = _read_manifest(path)
-        if "num_samples" in manifest:
-            total += int(manifest["num_samples"])
-        else:
-            total += sum(int(s["num_samples"]) for s in manifest["shards"])
-    return total
-
-
-def _stable_seed(*parts: object) -> int:
-    """A 63-bit seed from arbitrary parts, identical across processes (unlike hash())."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+def _counted(url: str) -> int:
+    """count_samples, remembered per (local path, size, mtime) so each epoch does not rescan."""
+    if url.startswith("pipe:"):
+        return count_samples(url)
+    st = os.stat(url)
+    key = (url, st.st_size, st.st_mtime_ns)
+    if key not in _COUNTS:
+        _COUNTS[key] = count_samples(url)
+    return _COUNTS[key]
 
 
 def _worker() -> tuple[int, int]:
@@ -131,187 +72,210 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _warn_and_continue(exn: Exception) -> bool:
-    """webdataset handler: a broken shard or tar member is logged and skipped."""
-    log.warning("skipping broken tar data: %r", exn)
-    return True
-
-
-class _ShardSource:
-    """First pipeline stage: fresh {"url"} dicts each epoch pass (url_opener mutates them)."""
-
-    def __init__(self, urls: Sequence[str]) -> None:
-        self.urls = list(urls)
-
-    def __call__(self) -> Iterator[dict]:
-        return ({"url": u} for u in self.urls)
-
-
-class _Assign:
-    """Pick this (rank, worker) slot's part of the data: whole shards or every n-th sample."""
-
-    def __init__(self, rank: int, world_size: int, by_shard: bool) -> None:
-        self.rank, self.world_size, self.by_shard = rank, world_size, by_shard
-
-    def shards(self, src: Iterable[dict]) -> Iterator[dict]:
-        if not self.by_shard:
-            yield from src
-            return
-        node = islice(src, self.rank, None, self.world_size)  # split by node (explicit rank)
-        yield from wds.split_by_worker(node)
-
-    def samples(self, src: Iterable[dict]) -> Iterator[dict]:
-        if self.by_shard:
-            yield from src
-            return
-        worker, num_workers = _worker()
-        slots = self.world_size * num_workers
-        yield from islice(src, self.rank * num_workers + worker, None, slots)
-
-
-class _BufferShuffle:
-    """Reservoir-style shuffle buffer with an RNG seeded per (seed, epoch, rank, worker)."""
-
-    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
-        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        if self.bufsize <= 1:
-            yield from src
-            return
-        rng = random.Random(_stable_seed("buffer", self.seed, self.epoch, self.rank, _worker()[0]))
-        buf: list[dict] = []
-        for sample in src:
-            if len(buf) < self.bufsize:
-                buf.append(sample)
-                continue
-            i = rng.randrange(len(buf))
-            yield buf[i]
-            buf[i] = sample
-        rng.shuffle(buf)
-        yield from buf
-
-
-class _DecodeAugment:
-    """Decode image + caption, apply the seeded train transform; skip and count bad samples.
-
-    Every yielded sample carries `__skipped__`, the number of samples this worker has skipped so
-    far in the epoch, which the collate step reports per batch.
-    """
-
-    def __init__(self, transform: TrainTransform, image_keys: Sequence[str], text_key: str, seed: int, epoch: int):
-        self.transform, self.image_keys, self.text_key = transform, list(image_keys), text_key
+class _Seed:
+    def __init__(self, seed: int, epoch: int) -> None:
         self.seed, self.epoch = seed, epoch
 
-    def _one(self, sample: dict) -> dict | None:
-        ext = next((k for k in self.image_keys if k in sample), None)
-        raw_text = sample.get(self.text_key)
-        if ext is None or raw_text is None:
-            return None
-        try:
-            text = raw_text.decode("utf-8").strip()
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                img.load()
-                image = img.convert("RGB")
-            tensor = self.transform.crop(image, _stable_seed("aug", self.seed, self.epoch, sample["__key__"]))
-        except Exception as e:  # undecodable bytes of any kind must not stop training
-            log.debug("skipping sample %s: %r", sample.get("__key__"), e)
-            return None
-        if not text:
-            return None
-        return {"__key__": sample["__key__"], "image": tensor, "text": text}
+    def __call__(self, key: str) -> int:
+        return stable_seed("aug", self.seed, self.epoch, key)
 
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+
+def _view(pos: DataPosition, src: Source) -> DataPosition:
+    """The part of a mixture's position that belongs to one source (numpy views, no copies)."""
+    lo, hi = src.offset, src.offset + src.table.num_units
+    return DataPosition(pos.epoch, hi - lo, pos.consumed[lo:hi], pos.base[lo:hi], pos.slots, pos.batches_since_split)
+
+
+class _SlotStream(IterableDataset):
+    """The batches of one (rank, worker) slot: read its units, mix sources, block-shuffle, decode, batch."""
+
+    def __init__(self, sources: list[Source], pos: DataPosition, *, rank: int, workers: int, seed: int,
+                 shuffle_buffer: int, batch_size: int, decoders: list[SampleDecoder], tokenizer,
+                 transform: TrainTransform, shard_retries: int) -> None:
+        self.sources, self.pos, self.rank, self.workers = sources, pos, rank, max(workers, 1)
+        self.seed, self.block = seed, max(int(shuffle_buffer), 1)
+        self.batch_size, self.decoders, self.tokenizer, self.transform = batch_size, decoders, tokenizer, transform
+        self.shard_retries = shard_retries
+
+    def _slot(self) -> int:
+        worker, _ = _worker()
+        # with an unchanged split, a rank that stopped after k batches resumes at worker k mod W;
+        # rotating the slots keeps the DataLoader's round robin on the uninterrupted sequence
+        rotation = self.pos.batches_since_split % self.workers
+        return self.rank * self.workers + (worker + rotation) % self.workers
+
+    def _read_source(self, i: int, units: list[tuple[int, np.ndarray]], view: DataPosition,
+                     events: Events) -> Iterator[tuple[int, int, dict]]:
+        """(position in the slot's list of source i, uid, raw) of the unconsumed units, in read order."""
+        src = self.sources[i]
+        j0 = 0
+        for shard, idx in units:
+            off = int(src.table.offsets[shard])
+            at = {int(u): j0 + k for k, u in enumerate(idx) if not view.consumed[off + int(u)]}
+            j0 += len(idx)
+            if at:
+                for index, raw in iter_shard(src.table.urls[shard], set(at), self.shard_retries, events):
+                    yield at[index], src.offset + off + index, raw
+
+    def _raw(self, slot: int, events: Events) -> Iterator[tuple[int, int, dict]]:
+        """(source, uid, raw sample) in mixed, block-shuffled order; consumed units are left out."""
+        pos = self.pos
+        split_id = stable_seed("split", pos.slots, int(pos.base.sum()))
+        views = [_view(pos, src) for src in self.sources]
+        units = [slot_units(src.table, v, slot, self.seed if i == 0 else stable_seed(self.seed, src.name))
+                 for i, (src, v) in enumerate(zip(self.sources, views))]
+        lengths = [sum(len(idx) for _, idx in u) for u in units]
+        which, local = merge_order(lengths, [s.weight for s in self.sources],
+                                   stable_seed("mix", self.seed, pos.epoch, split_id, slot))
+        flat = [np.concatenate([src.table.offsets[shard] + idx for shard, idx in u]) if u else np.zeros(0, np.int64)
+                for src, u in zip(self.sources, units)]  # slot position -> unit id within the source
+        readers = [self._read_source(i, u, v, events) for i, (u, v) in enumerate(zip(units, views))]
+        ahead: list[tuple[int, int, dict] | None] = [None] * len(readers)
+
+        def fetch(i: int, j: int) -> tuple[int, dict] | None:
+            """Unit j of source i, or None if it was consumed or is missing from its tar."""
+            got = ahead[i]
+            while got is None or got[0] < j:
+                got = next(readers[i], None)
+                if got is None:
+                    ahead[i] = (len(pos.consumed) + 1, 0, {})  # exhausted: everything later is missing
+                    return None
+            ahead[i] = got
+            if got[0] != j:
+                return None
+            ahead[i] = None
+            return got[1], got[2]
+
+        for b0 in range(0, len(which), self.block):
+            size = min(self.block, len(which) - b0)
+            block = {}
+            for p in range(b0, b0 + size):
+                i, j = int(which[p]), int(local[p])
+                if views[i].consumed[flat[i][j]]:
+                    continue
+                got = fetch(i, j)
+                if got is not None:
+                    block[p - b0] = (i, *got)
+            order = list(range(size))
+            random.Random(stable_seed("block", self.seed, pos.epoch, split_id, slot, b0 // self.block)).shuffle(order)
+            for k in order:
+                if k in block:
+                    yield block[k]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot = self._slot()
+        events: Events = {}
+        reported: Events = {}
+        good: list[dict] = []
+        dropped: list[int] = []
         skipped = 0
-        for sample in src:
-            out = self._one(sample)
+        for i, uid, raw in self._raw(slot, events):
+            out = self.decoders[i](raw, events)
             if out is None:
+                dropped.append(uid)
                 skipped += 1
                 continue
-            out["__skipped__"] = skipped
-            yield out
+            out["uid"], out["source"] = uid, i
+            good.append(out)
+            if len(good) == self.batch_size:
+                for s in good:
+                    name = f"samples:{self.sources[s['source']].name}"
+                    events[name] = events.get(name, 0) + 1
+                delta = {k: v - reported.get(k, 0) for k, v in events.items() if v != reported.get(k, 0)}
+                reported = dict(events)
+                yield self._collate(good, dropped, delta, skipped)
+                good, dropped = [], []
+        delta = {k: v - reported.get(k, 0) for k, v in events.items() if v != reported.get(k, 0)}
+        if delta or dropped:  # what happened after the last full batch: an empty batch reports it
+            yield self._collate([], dropped, delta, skipped)
 
-
-class _Collate:
-    """List of samples -> {"image", "text", "key", "worker", "skipped"}.
-
-    Normalization and tokenization run once per batch rather than per sample.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, transform: TrainTransform) -> None:
-        self.tokenizer, self.transform = tokenizer, transform
-
-    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+    def _collate(self, samples: list[dict], dropped: list[int], events: Events, skipped: int) -> dict[str, Any]:
+        common = {"dropped_uid": torch.tensor(dropped, dtype=torch.int64), "events": events,
+                  "worker": _worker()[0], "skipped": skipped}
+        if not samples:  # a worker's closing report: no samples, only what it dropped or converted
+            size = self.transform.size
+            return {"image": torch.zeros(0, 3, size, size), "text": torch.zeros(0, 0, dtype=torch.long), "key": [],
+                    "uid": torch.zeros(0, dtype=torch.int64), "source": [], "kind": [], **common}
         return {
             "image": self.transform.normalize(torch.stack([s["image"] for s in samples])),
             "text": self.tokenizer([s["text"] for s in samples]).long(),
             "key": [s["__key__"] for s in samples],
-            "worker": _worker()[0],
-            "skipped": samples[-1]["__skipped__"],
+            "uid": torch.tensor([s["uid"] for s in samples], dtype=torch.int64),
+            "source": [self.sources[s["source"]].name for s in samples],
+            "kind": [self.sources[s["source"]].kind for s in samples],
+            **common,  # events: this worker's decode events since its previous batch
         }
 
 
-class TrainLoader:
-    """One epoch of training batches; iterate it once per epoch (build a new one per epoch)."""
+def is_report_only(batch: dict[str, Any]) -> bool:
+    """An empty batch that only reports a worker's closing events and dropped samples."""
+    return len(batch["key"]) == 0
 
-    def __init__(self, loader: Iterable[dict[str, Any]], skip_batches: int, num_samples: int | None,
-                 batch_size: int, num_shards: int, by_shard: bool) -> None:
-        self.loader, self.skip_batches = loader, skip_batches
+
+class TrainLoader:
+    """One pass over what is left of an epoch; build a new one per epoch (or per resume).
+
+    `position` is the data position this loader reads from (its split matches this loader's
+    layout); the trainer marks consumed uids into it.
+    """
+
+    def __init__(self, loader, position: DataPosition, tables: list[ShardTable], num_samples: int | None,
+                 batch_size: int) -> None:
+        self.loader, self.position, self.tables = loader, position, tables
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.num_shards, self.by_shard = num_shards, by_shard
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # batches before skip_batches are produced and dropped: exact resume at the cost of decode time
-        return islice(iter(self.loader), self.skip_batches, None)
+        return iter(self.loader)
 
 
 def build_train_loader(
     cfg: Any,
     *,
-    tokenizer: Tokenizer,
+    tokenizer,
     preprocess: PreprocessConfig,
     rank: int = 0,
     world_size: int = 1,
     epoch: int = 0,
     seed: int = 0,
-    skip_batches: int = 0,
+    position: DataPosition | None = None,
     pin_memory: bool = False,
+    tables: list[ShardTable] | None = None,
 ) -> TrainLoader:
-    """Batches for one epoch of `cfg` (a DataSection or the whole run config with `.data`).
+    """Batches for (the rest of) one epoch of `cfg` (a DataSection or a run config with `.data`).
 
-    Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx], key list[str], worker int,
-    skipped int (samples this worker skipped so far this epoch). Incomplete final batches of
-    each worker are dropped.
+    Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx], key list[str], uid
+    LongTensor[B], source / kind list[str], dropped_uid LongTensor, events dict (decode events
+    and `samples:<source>` counts since the worker's previous batch), worker int, skipped int. A worker's
+    incomplete final batch is not yielded (its samples stay unconsumed); a worker whose last
+    events or dropped samples came after its last full batch closes with an empty batch
+    (B = 0) that carries them, which consumers skip after recording (`is_report_only`).
     """
     data = cfg.data if hasattr(cfg, "data") else cfg
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if data.batch_size <= 0:
         raise DataError(f"data.batch_size must be positive, got {data.batch_size}")
-    urls = expand_shards(data.train_shards)
+    specs = source_specs(data)
+    tables = tables or [shard_table(src.shards) for src in specs]
+    sources = build_sources(data, tables, seed, epoch)
+    num_units = sum(t.num_units for t in tables)
     workers = max(int(data.workers), 0)
-    by_shard = len(urls) >= world_size * max(workers, 1)
-    order = list(urls)
-    random.Random(_stable_seed("shards", seed, epoch)).shuffle(order)
-    assign = _Assign(rank, world_size, by_shard)
-    image_keys = [k.strip() for k in str(data.image_key).split(";") if k.strip()]
+    slots = world_size * max(workers, 1)
+    if position is None:
+        position = DataPosition.fresh(epoch, num_units)
+    elif position.epoch != epoch or position.num_units != num_units:
+        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but the "
+                        f"configured shards have {num_units} samples (epoch {epoch}): the shards changed")
+    position = position.for_layout(slots)
     transform = train_transform(preprocess, tuple(data.crop_scale))
-    pipeline = wds.DataPipeline(
-        _ShardSource(order),
-        assign.shards,
-        wds.tarfile_to_samples(handler=_warn_and_continue),
-        assign.samples,
-        _BufferShuffle(int(data.shuffle_buffer), seed, epoch, rank),
-        _DecodeAugment(transform, image_keys, str(data.text_key), seed, epoch),
-        wds.batched(int(data.batch_size), collation_fn=_Collate(tokenizer, transform), partial=False),
-    )
-    loader: Iterable[dict[str, Any]]
-    if workers == 0:
-        loader = pipeline
-    else:
-        loader = wds.WebLoader(
-            pipeline, batch_size=None, shuffle=False, num_workers=workers,
-            pin_memory=pin_memory, persistent_workers=False, in_order=True,
-        )
-    total = num_samples_from_manifest(data.train_shards)
-    return TrainLoader(loader, max(int(skip_batches), 0), total, int(data.batch_size), len(urls), by_shard)
+    decoders = [SampleDecoder(transform, src.image_keys, src.text_of, _Seed(seed, epoch), draft=bool(data.jpeg_draft))
+                for src in sources]
+    stream = _SlotStream(sources, position, rank=rank, workers=workers, seed=seed,
+                         shuffle_buffer=int(data.shuffle_buffer), batch_size=int(data.batch_size), decoders=decoders,
+                         tokenizer=tokenizer, transform=transform, shard_retries=int(data.shard_retries))
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=False, in_order=True) if workers else stream
+    counts = [num_samples_from_manifest(src.shards) for src in specs]
+    total = sum(counts) if all(c is not None for c in counts) else None  # type: ignore[misc]
+    return TrainLoader(loader, position, tables, total, int(data.batch_size))
+

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
 from vlp.models.config import PreprocessConfig
 
@@ -19,6 +18,13 @@ _INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,
     "nearest": InterpolationMode.NEAREST,
+}
+
+
+_PIL_RESAMPLE = {
+    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
 }
 
 
@@ -77,14 +83,33 @@ class TrainTransform:
         self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
 
-    def crop(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
-        """Random resized crop as uint8 Tensor[3, size, size]."""
-        image = to_rgb(image)
+    def crop_box(self, width: int, height: int, seed: int | None = None) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the random resized crop, in full-image pixels."""
         rng = random.Random(seed)  # seed=None: fresh entropy
-        top, left, h, w = crop_params(image.width, image.height, self.scale, self.ratio, rng)
-        image = F.resized_crop(image, top, left, h, w, [self.size, self.size],
-                               interpolation=self.interpolation, antialias=True)
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        top, left, h, w = crop_params(width, height, self.scale, self.ratio, rng)
+        return left, top, left + w, top + h
+
+    def crop(self, image: Image.Image, seed: int | None = None, draft: bool = False) -> torch.Tensor:
+        """Random resized crop as uint8 Tensor[3, size, size].
+
+        The crop box is drawn in the coordinates of the full image (`image.size` before any
+        decoding), so the crop statistics do not depend on how the image is decoded. With
+        `draft=True` and a JPEG that is not decoded yet, the JPEG is decoded at the smallest DCT
+        scale (1/2, 1/4, 1/8) that still leaves at least `size` pixels across the crop, and the
+        box is mapped onto the reduced image: several times faster for web-sized photos.
+        """
+        width, height = image.size
+        box: tuple[float, ...] = self.crop_box(width, height, seed)
+        if draft and getattr(image, "format", None) == "JPEG":  # caller: only for a JPEG not loaded yet
+            w, h = box[2] - box[0], box[3] - box[1]
+            want = (math.ceil(width * self.size / w), math.ceil(height * self.size / h))
+            if want[0] < width and want[1] < height:
+                image.draft("RGB" if image.mode == "RGB" else None, want)
+                sx, sy = image.size[0] / width, image.size[1] / height
+                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        image = to_rgb(image)
+        out = image.resize((self.size, self.size), _PIL_RESAMPLE[self.interpolation], box=box)
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, H, W] -> float32 scaled to [0, 1] then normalized with mean/std."""

@@ -25,6 +25,7 @@ from vlp.models.config import CLIPConfig, config_to_dict
 from .engine import barrier
 
 META = "meta.json"
+DATA_POSITION = "data_position.npz"
 LATEST = "latest"
 
 
@@ -74,9 +75,11 @@ def tag_for(step: int) -> str:
 
 
 def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_last: int,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+                    extra: Callable[[Path], None] | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Collective: every rank calls; `extra(dir)` (every rank) adds files before publication
-    (the EMA). Returns the published checkpoint directory."""
+    (the EMA); `extra_files` (name -> bytes, given on rank 0) are written too (the data
+    position). Returns the published checkpoint directory."""
     root = Path(root)
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
@@ -91,6 +94,8 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_la
     if extra is not None:
         extra(tmp_dir)
     if _rank() == 0:
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(tmp_dir / name, data)
         atomic_write_bytes(tmp_dir / META, json.dumps({**meta, "step": step}, indent=1).encode())
     barrier()
     if _rank() == 0:
@@ -151,6 +156,19 @@ def load_checkpoint(engine, ckpt_dir: Path) -> int:
     if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh streams then
         set_rng_state(torch.load(rng_file, weights_only=True))
     return int(client["vlp_step"])
+
+
+def load_data_position(ckpt_dir: Path, epoch: int):
+    """The checkpoint's record of consumed samples in `epoch`, or None (older checkpoints)."""
+    from vlp.data.position import DataPosition
+
+    path = Path(ckpt_dir) / DATA_POSITION
+    if not path.is_file():
+        return None
+    pos = DataPosition.load(path)
+    if pos.epoch != epoch:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}': data position is for epoch {pos.epoch}, meta says {epoch}")
+    return pos
 
 
 def export_weights(state_dict: dict[str, torch.Tensor], model_cfg: CLIPConfig, model_name: str, out_dir: Path,

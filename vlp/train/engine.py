@@ -36,6 +36,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_elastic_group(backend: str) -> None:
+    """Under torchrun, join the group through a store namespaced by the restart attempt.
+
+    After `--max-restarts` restarts a group, the agent's store still holds the previous
+    attempt's peer addresses under the same keys, and gloo then connects to a dead rank
+    ("Connection refused"). A prefix per attempt keeps each attempt's keys apart.
+    """
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timedelta(minutes=30))
+    prefixed = dist.PrefixStore(f"vlp/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world)
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the process group; safe to call twice."""
     if "RANK" not in os.environ:  # plain `python train.py`: a group of one
@@ -51,6 +68,8 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         import deepspeed
 
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            _init_elastic_group(backend)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

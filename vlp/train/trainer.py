@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -19,7 +20,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from vlp.config import from_container, to_container, to_yaml
-from vlp.data.pipeline import build_train_loader, expand_shards, num_samples_from_manifest
+from vlp.data.mixture import source_specs
+from vlp.data.pipeline import (
+    DataPosition,
+    build_train_loader,
+    expand_shards,
+    is_report_only,
+    num_samples_from_manifest,
+)
 from vlp.data.tokenizer import get_tokenizer
 from vlp.losses import build_loss
 from vlp.models import create_model, get_model_config
@@ -79,10 +87,12 @@ class Trainer:
         if cfg.loss.name == "siglip" and self.model_cfg.init_logit_bias is None:
             raise TrainError(f"loss.name=siglip needs a model with a logit bias; '{cfg.model.name}' has none "
                              "(use a siglip-* preset or model.overrides={init_logit_bias: -10.0})")
-        if not cfg.data.train_shards:
+        if not cfg.data.train_shards and not cfg.data.sources:
             raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
-        expand_shards(cfg.data.train_shards)  # raises DataError naming a missing path
-        self.total_steps = resolve_total_steps(cfg, self.dist.world_size, cfg.data.train_shards)
+        for src in source_specs(cfg.data):
+            expand_shards(src.shards)  # raises DataError naming a missing path
+        self.total_steps = resolve_total_steps(cfg, self.dist.world_size,
+                                               "::".join(src.shards for src in source_specs(cfg.data)))
         self.resume_dir = self._resolve_resume(resume)
         if self.resume_dir is not None:
             meta = ckpt.check_compatible(self.resume_dir, self.model_cfg, cfg.model.name)
@@ -113,6 +123,10 @@ class Trainer:
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         seed_everything(cfg.train.seed + 1000 * self.dist.rank)
         self.step, self.epoch, self.in_epoch = 0, 0, 0
+        self.data_pos: DataPosition | None = None  # consumed samples of the current epoch
+        self._pending: list[dict] = []  # micro-batches of the optimizer step in progress
+        self._unsaved: list[np.ndarray] = []  # uids consumed on this rank since the last save
+        self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
         self._evaluated: dict[str, int] = {}  # eval name -> step it last ran at
         self.skipped_before = 0  # skipped samples of finished epochs, this rank
         self._resume_note = ""
@@ -122,12 +136,14 @@ class Trainer:
                 self._resume_note = "checkpoint holds no EMA: the EMA starts from the resumed weights"
             meta = ckpt.read_meta(self.resume_dir)
             self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
-            if meta["world_size"] != self.dist.world_size:
-                # the position counts per-rank batches of the old split; it does not map onto a
-                # new world size, so the interrupted epoch is read again from its start
-                self.in_epoch = 0
+            self.data_pos = ckpt.load_data_position(self.resume_dir, self.epoch)
+            if self.data_pos is None and self.in_epoch:
+                self.in_epoch = 0  # a checkpoint without a data position: the epoch restarts
+                self._resume_note = f"checkpoint has no data position: epoch {self.epoch} restarts from its beginning"
+            elif meta["world_size"] != self.dist.world_size:
                 self._resume_note = (f"checkpoint was written by {meta['world_size']} ranks, resuming on "
-                                     f"{self.dist.world_size}: epoch {self.epoch} restarts from its beginning")
+                                     f"{self.dist.world_size}: the {self._remaining()} samples left in epoch "
+                                     f"{self.epoch} are divided among the new ranks")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -179,7 +195,7 @@ class Trainer:
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # exact: this step's micro-batches
         global_batch = cfg.data.batch_size * d.world_size * gas
         micro = 0
-        skipped: dict[int, int] = {}
+        self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
         window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0}
         results: dict[str, Any] = {}
         stop_at = self.total_steps
@@ -189,18 +205,23 @@ class Trainer:
             loader = build_train_loader(
                 cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess,
                 rank=d.rank, world_size=d.world_size, epoch=self.epoch, seed=cfg.train.seed,
-                skip_batches=self.in_epoch,
+                position=self.data_pos,
             )
+            self.data_pos = loader.position
+            self._pending, self._unsaved = [], []
             it = iter(loader)
             fresh_epoch, got_any = self.in_epoch == 0, False
             while self.step < stop_at:
                 t_wait = time.perf_counter()
                 batch = next(it, None)
+                while batch is not None and is_report_only(batch):
+                    self._absorb(batch)
+                    batch = next(it, None)
                 if not all_ranks_true(batch is not None, d.device):
                     break
                 got_any = True
                 window["wait"] += time.perf_counter() - t_wait
-                skipped[batch.get("worker", 0)] = int(batch.get("skipped", 0))
+                self._absorb(batch)
                 inputs = (batch["image"].to(d.device, self.input_dtype, non_blocking=True),
                           batch["text"].to(d.device, non_blocking=True))
                 self.in_epoch += 1
@@ -223,10 +244,11 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.step)
                 window["steps"] += 1
+                self._commit_consumed()
                 self.log.advance()
                 if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
                     self._log_window(window, global_batch, float(out["logit_scale"]),
-                                     self.skipped_before + sum(skipped.values()))
+                                     self.skipped_before + self._skipped_now())
                 if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
                     self.save()
                 results.update(self._scheduled_evals(final=False))
@@ -236,9 +258,9 @@ class Trainer:
             if fresh_epoch and not got_any:
                 raise TrainError(f"epoch {self.epoch} produced no batch on some rank: '{cfg.data.train_shards}' "
                                  f"has too few samples for batch_size={cfg.data.batch_size} x {d.world_size} ranks")
-            self._end_epoch(sum(skipped.values()))
-            skipped.clear()
-            self.epoch, self.in_epoch = self.epoch + 1, 0
+            self._end_epoch(self._skipped_now())
+            self.data_events.clear()
+            self.epoch, self.in_epoch, self.data_pos = self.epoch + 1, 0, None
         latest = ckpt.find_latest(self.ckpt_root)
         if latest is None or ckpt.read_meta(latest)["step"] != self.step:
             self.save()
@@ -251,14 +273,66 @@ class Trainer:
         self.log.close()
         return results
 
+    # ------------------------------------------------------------ data position
+    def _remaining(self) -> int:
+        return self.data_pos.num_units - self.data_pos.num_consumed if self.data_pos is not None else 0
+
+    def _skipped_now(self) -> int:
+        return sum(n for k, n in self.data_events.items() if k.startswith("skipped:"))
+
+    def _absorb(self, batch: dict[str, Any]) -> None:
+        """Count a batch's data events; its samples count as consumed at the next optimizer step."""
+        for reason, n in batch["events"].items():
+            self.data_events[reason] = self.data_events.get(reason, 0) + n
+        self._pending.append(batch)
+
+    def _commit_consumed(self) -> None:
+        """The micro-batches of the optimizer step just taken are consumed: mark their samples
+        (and the samples their workers dropped on the way) in the data position."""
+        keys: list[str] = []
+        for batch in self._pending:
+            uids = torch.cat([batch["uid"], batch["dropped_uid"]]).numpy()
+            self.data_pos.mark(uids)
+            self._unsaved.append(uids)
+            keys.extend(batch["key"])
+        self.data_pos.batches_since_split += sum(not is_report_only(b) for b in self._pending)
+        self._pending = []
+        if self.cfg.data.log_consumed_keys:
+            out = self.run_dir / "consumed"
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / f"rank{self.dist.rank:05d}.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "epoch": self.epoch, "pid": os.getpid(), "keys": keys}) + "\n")
+
+    def _gather_position(self) -> bytes | None:
+        """Merge every rank's consumed samples since the last save; the bytes to save (rank 0)."""
+        mine = np.concatenate(self._unsaved) if self._unsaved else np.zeros(0, dtype=np.int64)
+        self._unsaved = []
+        if dist.is_initialized() and self.dist.world_size > 1:
+            parts: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(parts, mine)
+            for p in parts:
+                self.data_pos.mark(p)
+        return self.data_pos.to_bytes() if self.dist.is_main else None
+
     def _end_epoch(self, skipped_here: int) -> None:
-        """Report the samples this epoch dropped as undecodable or incomplete (all ranks)."""
-        n = _sum_over_ranks(skipped_here, self.dist.device)
+        """Report the samples this epoch dropped or converted, by reason (all ranks)."""
+        reasons = sorted(self.data_events)
+        if dist.is_initialized() and self.dist.world_size > 1:
+            parts: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(parts, self.data_events)
+            reasons = sorted({k for p in parts for k in p})
+            totals = {k: sum(p.get(k, 0) for p in parts) for k in reasons}
+        else:
+            totals = dict(self.data_events)
+        n = sum(v for k, v in totals.items() if k.startswith("skipped:"))
         self.skipped_before += skipped_here
-        self.log.log(self.step, {"epoch_end": self.epoch, "skipped_samples_epoch": n})
+        self.log.log(self.step, {"epoch_end": self.epoch, "skipped_samples_epoch": n,
+                                 **{f"data/{k}": v for k, v in totals.items()}})
+        if totals:
+            self.log.write(f"epoch {self.epoch} data: " + ", ".join(f"{k}={totals[k]}" for k in reasons))
         if n:
             self.log.write(f"epoch {self.epoch}: skipped {n} samples that could not be decoded or had no "
-                           f"image or caption (details in the data loader's warnings)")
+                           f"image or caption (counts by reason above)")
 
     def _log_window(self, w: dict[str, Any], global_batch: int, logit_scale: float, skipped: int) -> None:
         d = self.dist
@@ -272,6 +346,7 @@ class Trainer:
             "logit_scale": logit_scale,
             "samples_per_s": w["steps"] * global_batch / max(elapsed, 1e-9),
             "data_wait_frac": w["wait"] / max(elapsed, 1e-9),
+            "data_wait_ms_per_step": 1000.0 * w["wait"] / max(w["n"], 1),  # per micro-batch fetched
             "epoch": self.epoch,
             "skipped_samples": int(stats[2].item()),
         }
@@ -324,9 +399,14 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        extra = {}
+        if self.data_pos is not None:
+            data = self._gather_position()
+            if data is not None:
+                extra[ckpt.DATA_POSITION] = data
         path = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._meta(),
                                     self.cfg.train.keep_last_n_checkpoints,
-                                    extra=self.ema.save if self.ema is not None else None)
+                                    extra=self.ema.save if self.ema is not None else None, extra_files=extra)
         self.log.write(f"checkpoint: {path}")
         return path
 

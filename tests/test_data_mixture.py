@@ -1,0 +1,113 @@
+"""Weighted mixtures of sources: shares, label captions, determinism, exact resume.
+
+References: the configured weights (shares), the class ids stored in the tar files with the
+built-in digit class names and templates (label captions), the tar keys (exact resume).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.test_data import PRE, tok
+from vlp.config import DataSection, SourceSection, load_config
+from vlp.data import DataPosition, build_shards, build_train_loader
+from vlp.data.captions import CLASSNAMES, TRAIN_TEMPLATES
+from vlp.data.manifest import DataError
+
+
+@pytest.fixture(scope="module")
+def digits_test_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits_test")
+    build_shards("digits", out, split="test", shard_size=100, seed=0)
+    return out
+
+
+def labels_in(shards_dir: Path) -> dict[str, int]:
+    out = {}
+    for p in shards_dir.glob("*.tar"):
+        with tarfile.open(p) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".cls"):
+                    out[m.name[:-4]] = int(t.extractfile(m).read())
+    return out
+
+
+class RecordingTok:
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def __call__(self, texts: list[str]):
+        self.texts += texts
+        return tok(texts)
+
+
+def mixture(train_dir: Path, test_dir: Path, **kw) -> DataSection:
+    return DataSection(batch_size=50, workers=0, shuffle_buffer=100, sources=[
+        SourceSection(name="captions", shards=str(train_dir), weight=0.8),
+        SourceSection(name="labels", shards=f"{test_dir}/test.json", weight=0.2, kind="label", classnames_from="digits"),
+    ], **kw)
+
+
+def test_weights_give_shares_and_labels_become_captions(digits_shards_dir: Path, digits_test_dir: Path) -> None:
+    cfg = mixture(digits_shards_dir, digits_test_dir)
+    labels = labels_in(digits_test_dir)
+    sources: list[str] = []
+    epoch = 0
+    while len(sources) < 10_000:
+        for b in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, epoch=epoch, seed=1):
+            if not b["key"]:
+                continue
+            assert sum(v for k, v in b["events"].items() if k.startswith("samples:")) == len(b["key"])
+            sources += b["source"]
+            assert b["kind"] == [{"captions": "caption", "labels": "label"}[s] for s in b["source"]]
+        epoch += 1
+    share = sources.count("labels") / len(sources)
+    assert abs(share - 0.2) <= 0.02, share
+    # a label sample's text is one of the digit templates filled with its class name
+    recorder = RecordingTok()
+    b = next(b for b in build_train_loader(cfg, tokenizer=recorder, preprocess=PRE, seed=1) if "labels" in b["source"])
+    for key, src, text in zip(b["key"], b["source"], recorder.texts[-len(b["key"]):], strict=True):
+        if src == "labels":
+            name = CLASSNAMES["digits"][labels[key]]
+            assert text in {t.format(name) for t in TRAIN_TEMPLATES["digits"]}
+
+
+def test_same_seed_same_stream_and_exact_resume(digits_shards_dir: Path, digits_test_dir: Path) -> None:
+    cfg = mixture(digits_shards_dir, digits_test_dir)
+    a = [(b["key"], b["source"]) for b in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=3)]
+    b = [(x["key"], x["source"]) for x in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=3)]
+    assert a == b
+    c = [x["key"] for x in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=4)]
+    assert c != [k for k, _ in a]
+    # stop after 9 batches, resume with 2 workers: no sample twice
+    first = build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=3)
+    pos = first.position
+    seen = []
+    for i, x in enumerate(first):
+        if i == 9:
+            break
+        pos.mark(x["uid"])
+        seen += x["key"]
+    cfg2 = mixture(digits_shards_dir, digits_test_dir)
+    cfg2.workers = 2
+    rest = build_train_loader(cfg2, tokenizer=tok, preprocess=PRE, seed=3,
+                              position=DataPosition.from_bytes(pos.to_bytes()))
+    seen += [k for x in rest for k in x["key"]]
+    assert len(seen) == len(set(seen))
+    assert len(seen) >= sum(len(k) for k, _ in a) - 2 * 50
+
+
+def test_bad_source_config_is_named(digits_shards_dir: Path, tmp_path: Path) -> None:
+    bad = DataSection(sources=[SourceSection(name="x", shards=str(digits_shards_dir), kind="label")])
+    with pytest.raises(DataError, match=r"sources\[0\] \(x\): a label source needs classnames"):
+        build_train_loader(bad, tokenizer=tok, preprocess=PRE)
+    bad.sources[0].kind = "poem"
+    with pytest.raises(DataError, match="unknown 'poem'"):
+        build_train_loader(bad, tokenizer=tok, preprocess=PRE)
+    yaml = tmp_path / "mix.yaml"
+    yaml.write_text(f"data:\n  sources:\n    - {{name: a, shards: '{digits_shards_dir}', weight: 0.5, wieght: 1}}\n")
+    with pytest.raises(ValueError, match="wieght"):
+        load_config(yaml)
