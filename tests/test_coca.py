@@ -54,6 +54,13 @@ def _perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> to
     return model.eval()
 
 
+def _open_clip_coca(oc: OCCoCa) -> OCCoCa:
+    """open_clip leaves its decoder's vocabulary projection uninitialised (torch.empty): give it values,
+    then perturb every tensor so that a swapped or dropped mapping shows up."""
+    torch.nn.init.normal_(oc.text_decoder.text_projection, std=oc.text_decoder.width**-0.5)
+    return _perturbed(oc)
+
+
 def _texts(context_length: int) -> torch.Tensor:
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=context_length)
     return tok(["a dog on a mat", "two red cars driving on the long road of the city today"])
@@ -67,7 +74,7 @@ def test_small_open_clip_coca_round_trip_and_clis(tmp_path: Path) -> None:
     """open_clip CoCa -> `python -m vlp.import` -> vlp; vlp -> `python -m vlp.export --to open_clip` -> open_clip."""
     torch.manual_seed(0)
     cfg = {k: v for k, v in SMALL.items() if k != "custom_text"}
-    oc = _perturbed(OCCoCa(**cfg))
+    oc = _open_clip_coca(OCCoCa(**cfg))
     torch.save(oc.state_dict(), tmp_path / "oc.pt")
     (tmp_path / "cfg.json").write_text(json.dumps(SMALL))
     assert import_main(["open_clip", str(tmp_path / "oc.pt"), "--model", str(tmp_path / "cfg.json"),
@@ -96,7 +103,7 @@ def test_small_open_clip_coca_round_trip_and_clis(tmp_path: Path) -> None:
 def test_coca_vit_b_32_parity_both_ways() -> None:
     """Random-init open_clip coca_ViT-B-32 -> vlp preset coca_ViT-B-32 -> back, same outputs."""
     torch.manual_seed(0)
-    oc = open_clip.create_model("coca_ViT-B-32").eval()
+    oc = _open_clip_coca(open_clip.create_model("coca_ViT-B-32"))
     model = create_model("coca_ViT-B-32").eval()
     model.load_state_dict(open_clip_coca_to_vlp(oc.state_dict()), strict=True)
     images, texts = torch.randn(2, 3, 224, 224), _texts(76)

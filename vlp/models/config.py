@@ -46,6 +46,10 @@ class TextTowerConfig:
     eot_token_id: int = 49407
     # "gelu" (open_clip's default) or "quick_gelu" (OpenAI's CLIP checkpoints)
     act: str = "gelu"
+    # CLIP: causal attention pooled at the end-of-text token; SigLIP: bidirectional, pooled at the
+    # last position (causal=False, pool="last")
+    causal: bool = True
+    pool: str = "eot"  # eot | last
 
 
 @dataclass
@@ -58,6 +62,8 @@ class CLIPConfig:
     max_logit_scale: float = math.log(100.0)
     # a learnable logit bias (SigLIP's b, init -10); None: the model has none
     init_logit_bias: float | None = None
+    # False: the image tower's pooled output is the embedding (SigLIP; needs num_features == embed_dim)
+    image_proj: bool = True
 
 
 @dataclass

@@ -124,6 +124,32 @@ def siglip_nano() -> CLIPConfig:
     return replace(clip_nano(), init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
 
+def _siglip_architecture(base: CLIPConfig) -> CLIPConfig:
+    """SigLIP's own layout on a small preset, as in transformers' SiglipModel: ViT without class
+    token or pre-norm, MAP attention-pooling head, no image projection; bidirectional text pooled
+    at the last position. Exportable with `python -m vlp.export RUN --to hf` (SiglipModel)."""
+    kw = {k: v for k, v in base.vision.timm_kwargs.items() if k not in ("global_pool", "class_token")}
+    return replace(
+        base,
+        embed_dim=kw["embed_dim"],
+        vision=VisionTowerConfig("vit_base_patch16_siglip_224", {**kw, "global_pool": "map"}),
+        text=replace(base.text, causal=False, pool="last"),
+        image_proj=False,
+    )
+
+
+@register_model("siglip-map-nano")
+def siglip_map_nano() -> CLIPConfig:
+    """siglip-nano in SigLIP's own architecture (MAP head, bidirectional text): tests of the HF export."""
+    return _siglip_architecture(siglip_nano())
+
+
+@register_model("siglip-map-tiny")
+def siglip_map_tiny() -> CLIPConfig:
+    """siglip-tiny in SigLIP's own architecture (MAP head, bidirectional text, no image projection)."""
+    return _siglip_architecture(siglip_tiny())
+
+
 # ---- open_clip-equivalent architectures (GELU, OpenAI mean/std, bicubic 224) ----------------------
 
 
