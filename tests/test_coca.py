@@ -309,6 +309,8 @@ def test_train_coca_two_processes(tmp_path: Path, digits_shards_dir: Path) -> No
     assert isinstance(model, CoCa)
     out = generate(model, torch.randn(2, 3, 16, 16), tok, max_len=6)
     assert out.tokens.shape[0] == 2 and all(isinstance(t, str) for t in out.texts)
+    with pytest.raises(ValueError, match="CoCa model"):  # the trunk alone is not CoCa's image embedding
+        vlp.load_backbone(run_dir)
     with pytest.raises(AssertionError, match="needs a captioning model"):
         run([sys.executable, "train.py", "--config", "tests/configs/digits_nano.yaml", "loss.name=coca",
              f"run_dir={tmp_path / 'bad'}", f"data.train_shards={digits_shards_dir}/train.json"])

@@ -40,6 +40,9 @@ def hf_clip_config(cfg: CLIPConfig, sd: dict[str, torch.Tensor], layer_norm_eps:
     from transformers import CLIPConfig as HFCLIPConfig
 
     t = cfg.text
+    if not t.causal or t.pool != "eot" or not cfg.image_proj:
+        raise ValueError("HF CLIPModel has a causal text tower pooled at end-of-text and an image projection; "
+                         f"this model has text causal={t.causal}, pool={t.pool!r}, image_proj={cfg.image_proj}")
     text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
                 num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
                 hidden_act=t.act, layer_norm_eps=layer_norm_eps, projection_dim=cfg.embed_dim,

@@ -235,6 +235,10 @@ def open_clip_config_from_vlp(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor]) -
     kw = cfg.vision.timm_kwargs
     if "visual.trunk.cls_token" not in sd or kw.get("global_pool", "token") != "token":
         raise ValueError("open_clip's VisionTransformer pools a class token; this image tower has none")
+    if not cfg.image_proj or not cfg.text.causal or cfg.text.pool != "eot":
+        raise ValueError("open_clip's CLIP projects the image features and pools a causal text tower at the "
+                         f"end-of-text token; this model has image_proj={cfg.image_proj}, "
+                         f"text causal={cfg.text.causal}, pool={cfg.text.pool!r}")
     w = sd["visual.trunk.patch_embed.proj.weight"]
     width = w.shape[0]
     layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.trunk.blocks."))

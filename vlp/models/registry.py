@@ -261,7 +261,7 @@ def coca_vit_b_32() -> CoCaConfig:
         embed_dim=512,
         vision=VisionTowerConfig(
             "vit_base_patch32_clip_224",
-            dict(img_size=224, patch_size=32, embed_dim=768, depth=12, num_heads=12, final_norm=False),
+            dict(img_size=224, patch_size=32, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, final_norm=False),
         ),
         text=replace(_vit_text(width=512, heads=8), context_length=76),
         decoder=DecoderConfig(width=512, heads=8, layers=12),
