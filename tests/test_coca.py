@@ -91,6 +91,15 @@ def test_small_open_clip_coca_round_trip_and_clis(tmp_path: Path) -> None:
         assert (model.encode_text(texts, normalize=True) - ref["text_features"]).abs().max() > 1e-3
         model.text.cls_mask = "legacy"
 
+    # by preset name too (the path `--model coca_ViT-B-32` takes): a preset registered with this config
+    from vlp.models import register_model
+
+    register_model("test-coca-small")(lambda: vlp_coca_config_from_open_clip(SMALL))
+    assert import_main(["open_clip", str(tmp_path / "oc.pt"), "--model", "test-coca-small", str(tmp_path / "p")]) == 0
+    by_name, _, _ = vlp.load_model(tmp_path / "p")
+    with torch.no_grad():
+        assert max(_max_diff(ref, by_name(images, texts)).values()) <= TOL
+
     from vlp.export import main as export_main
 
     assert export_main([str(tmp_path / "vlp"), "--to", "open_clip", str(tmp_path / "oc_out")]) == 0
@@ -294,6 +303,7 @@ def test_caption_accuracy_function_counts_class_words(monkeypatch: pytest.Monkey
     assert res["caption_accuracy"] == pytest.approx(4 / 6) and res["names_a_class"] == pytest.approx(5 / 6)
 
 
+@pytest.mark.slow
 def test_train_coca_two_processes(tmp_path: Path, digits_shards_dir: Path) -> None:
     """coca-nano under torchrun x2 with DeepSpeed ZeRO-1: both loss terms fall; the export loads as CoCa."""
     from tests.helpers import torchrun
