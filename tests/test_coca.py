@@ -214,7 +214,7 @@ def test_greedy_matches_stepwise_argmax_and_beam1(captioner) -> None:
     model, tok, images = captioner
     with torch.no_grad():
         ref = _reference_greedy(model, tok, images, 10)
-        got = generate(model, images, tok, method="greedy", max_len=10)
+        got = generate(model, images, tok, method="greedy", max_len=10)  # cached decoding
         beam1 = generate(model, images, tok, method="beam", num_beams=1, max_len=10)
         topk1 = generate(model, images, tok, method="top_k", top_k=1, max_len=10)
     assert [row[:len(r)].tolist() for row, r in zip(got.tokens, ref)] == ref
@@ -222,6 +222,27 @@ def test_greedy_matches_stepwise_argmax_and_beam1(captioner) -> None:
     assert torch.equal(beam1.tokens, got.tokens) and torch.equal(topk1.tokens, got.tokens)
     assert got.texts == [tok.decode(r) for r in ref]
     assert len({len(r) for r in ref}) > 1 or len(ref[0]) == 10  # captions of this model end with eot
+
+
+def test_kv_cache_equals_rerunning_the_prefix(captioner) -> None:
+    from vlp.generate import _KVCache, _Stepper
+
+    model, tok, images = captioner
+    with torch.no_grad():
+        stepper = _Stepper(model, model.image_tokens(images)[1], tok.eot_token_id)
+        cache = _KVCache(stepper, len(images))
+        seqs = torch.full((len(images), 1), tok.sot_token_id)
+        for _ in range(8):  # teacher-forced random continuations: every position compared
+            full, cached = stepper.logits(seqs), cache.logits(seqs[:, -1])
+            ok = stepper.allowed  # the masked "other" class is -inf in both
+            assert (full[:, ok] - cached[:, ok]).abs().max() < 1e-4 and torch.isinf(cached[:, ~ok]).all()
+            seqs = torch.cat([seqs, torch.tensor(model.config.decoder.vocab_ids)[
+                torch.randint(0, len(model.config.decoder.vocab_ids), (len(images), 1))]], dim=1)
+        for method in ("greedy", "top_k"):
+            kw = dict(method=method, top_k=5, max_len=12)
+            a = generate(model, images, tok, use_cache=True, generator=torch.Generator().manual_seed(0), **kw)
+            b = generate(model, images, tok, use_cache=False, generator=torch.Generator().manual_seed(0), **kw)
+            assert torch.equal(a.tokens, b.tokens), method
 
 
 def test_beam_search_scores_at_least_greedy(captioner) -> None:
