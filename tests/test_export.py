@@ -169,3 +169,40 @@ def test_cli_runs_as_module(run_dir: tuple[Path, CLIP], tmp_path: Path) -> None:
 
     again, _, _ = vlp.load_model(tmp_path / "again")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_export_siglip_to_hf_siglipmodel(tmp_path: Path) -> None:
+    """siglip-map-nano (MAP head, bidirectional text) -> SiglipModel.from_pretrained: same embeddings and logits."""
+    from dataclasses import replace
+
+    from transformers import SiglipModel
+
+    torch.manual_seed(0)
+    model = _perturbed(create_model("siglip-map-nano"))
+    export_weights(model.state_dict(), model.config, "siglip-map-nano", tmp_path / "run")
+    assert export_main([str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    hf = SiglipModel.from_pretrained(tmp_path / "hf").eval()
+    images, tokens = torch.randn(2, 3, 16, 16), _tokens(2, 16)
+    with torch.no_grad():
+        img = _pooled(hf.get_image_features(pixel_values=images))
+        txt = _pooled(hf.get_text_features(input_ids=tokens))
+        assert (img - model.encode_image(images)).abs().max() <= TOL
+        assert (txt - model.encode_text(tokens)).abs().max() <= TOL
+        out = model(images, tokens)
+        ours = out["logit_scale"] * out["image_features"] @ out["text_features"].t() + out["logit_bias"]
+        assert (hf(pixel_values=images, input_ids=tokens).logits_per_image - ours).abs().max() <= TOL
+        # the text tower's attention pattern matters: a causal one would not match
+        causal = CLIP(replace(model.config, text=replace(model.config.text, causal=True))).eval()
+        causal.load_state_dict(model.state_dict())
+        assert (txt - causal.encode_text(tokens)).abs().max() > 1e-3
+    assert torch.equal(hf.logit_scale.detach(), model.logit_scale.detach())
+    assert torch.equal(hf.logit_bias.detach(), model.logit_bias.detach())
+
+
+def test_export_hf_refuses_clip_layout_siglip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """siglip-nano (CLIP layout + logit bias) is neither a CLIPModel nor a SiglipModel: the error says why."""
+    model = create_model("siglip-nano")
+    export_weights(model.state_dict(), model.config, "siglip-nano", tmp_path / "run")
+    assert export_main([str(tmp_path / "run"), "--to", "hf", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "SiglipModel" in err and "MAP head" in err and "causal=True" in err

@@ -1,5 +1,6 @@
 """vlp: contrastive vision-language pretraining (CLIP and friends) with webdataset and DeepSpeed."""
 
+from vlp.generate import generate
 from vlp.models import create_model, get_model_config, list_models
 
 __version__ = "0.1.0"
@@ -19,4 +20,4 @@ def load_backbone(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["create_model", "load_backbone", "get_model_config", "list_models", "load_model"]
+__all__ = ["create_model", "generate", "load_backbone", "get_model_config", "list_models", "load_model"]

@@ -159,6 +159,12 @@ def load_backbone(
         net: nn.Module = FeatureGetterNet(trunk, out_indices=out_indices, output_fmt=output_fmt)
         net.pretrained_cfg = getattr(trunk, "pretrained_cfg", {})
         return net.to(device).eval()
+    if hasattr(cfg, "decoder"):
+        raise ValueError(f"'{path}' is a CoCa model: its image embedding comes from the attentional pooler, "
+                         "not the trunk; use features_only=True for the trunk's feature maps")
     proj = nn.Linear(int(trunk.num_features), cfg.embed_dim, bias=False)
-    proj.load_state_dict({"weight": sd["image_proj.weight"]})
+    if cfg.image_proj:
+        proj.load_state_dict({"weight": sd["image_proj.weight"]})
+    else:  # SigLIP layout: the pooled trunk output is the embedding
+        nn.init.eye_(proj.weight)
     return Backbone(trunk, proj, cfg).to(device).eval()

@@ -34,6 +34,9 @@ class LossSection:
     # > 0: softmax in row blocks / sigmoid in column tiles, loss memory about local batch x tile_size
     # instead of local x global (exact, not an approximation)
     tile_size: int = 0
+    # coca: loss = clip_weight * InfoNCE + caption_weight * next-token cross-entropy
+    clip_weight: float = 1.0
+    caption_weight: float = 2.0
 
 
 @dataclass
@@ -227,10 +230,13 @@ def validate(cfg: DictConfig) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"key '{key}': {why}")
 
-    if cfg.loss.name not in ("clip", "siglip"):
-        bad("loss.name", f"unknown loss '{cfg.loss.name}' (known: clip, siglip)")
-    if cfg.loss.tile_size < 0 or (cfg.loss.tile_size and cfg.loss.name not in ("clip", "siglip")):
-        bad("loss.tile_size", "must be >= 0, and is only used with loss.name=clip or siglip")
+    if cfg.loss.name not in ("clip", "siglip", "coca"):
+        bad("loss.name", f"unknown loss '{cfg.loss.name}' (known: clip, siglip, coca)")
+    if cfg.loss.tile_size < 0:
+        bad("loss.tile_size", f"must be >= 0, got {cfg.loss.tile_size}")
+    for key in ("clip_weight", "caption_weight"):
+        if cfg.loss[key] < 0:
+            bad(f"loss.{key}", f"must be >= 0, got {cfg.loss[key]}")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
@@ -247,6 +253,9 @@ def validate(cfg: DictConfig) -> None:
         bad("train.gradient_accumulation_steps", "must be >= 1")
     if cfg.train.contrastive_accumulation not in ("micro", "exact"):
         bad("train.contrastive_accumulation", f"must be micro or exact, got '{cfg.train.contrastive_accumulation}'")
+    if cfg.train.contrastive_accumulation == "exact" and cfg.loss.name == "coca":
+        bad("train.contrastive_accumulation", "exact accumulation covers the contrastive losses; "
+            "loss.name=coca also needs its caption logits per micro-batch (use micro)")
     for tower in ("image", "text"):
         n = cfg.lock[f"{tower}_unlocked_groups"]
         if n < 0 or (n and not cfg.lock[tower]):

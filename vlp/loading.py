@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vlp.data.tokenizer import Tokenizer, get_tokenizer
-from vlp.models import CLIP
+from vlp.models import CLIP, build_model
 from vlp.models.config import CLIPConfig, PreprocessConfig, config_from_dict
 
 
@@ -237,7 +237,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                ema: bool = False) -> tuple[CLIP, PreprocessConfig, Tokenizer]:
     """(model in eval mode, preprocessing config, tokenizer) from a checkpoint path (`ema`: its EMA weights)."""
     cfg, sd = load_state(path, ema=ema)
-    model = CLIP(cfg)
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise LoadError(f"'{path}' does not match its model config: missing {missing[:5]}, unexpected {unexpected[:5]}")

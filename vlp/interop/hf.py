@@ -1,4 +1,5 @@
-"""vlp -> transformers `CLIPModel` (ViT image towers with a class token, CLIP text tower).
+"""vlp -> transformers `CLIPModel` (ViT image towers with a class token, CLIP text tower) and
+`SiglipModel` (SigLIP's architecture: MAP-pooled ViT, bidirectional text pooled at the last position).
 
 The config is built in code (no hub access) and the folder is written with `save_pretrained`, so
 `transformers.CLIPModel.from_pretrained(out_dir)` loads it offline. vlp's presets use exact GELU in
@@ -39,6 +40,9 @@ def hf_clip_config(cfg: CLIPConfig, sd: dict[str, torch.Tensor], layer_norm_eps:
     from transformers import CLIPConfig as HFCLIPConfig
 
     t = cfg.text
+    if not t.causal or t.pool != "eot" or not cfg.image_proj:
+        raise ValueError("HF CLIPModel has a causal text tower pooled at end-of-text and an image projection; "
+                         f"this model has text causal={t.causal}, pool={t.pool!r}, image_proj={cfg.image_proj}")
     text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
                 num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
                 hidden_act=t.act, layer_norm_eps=layer_norm_eps, projection_dim=cfg.embed_dim,
@@ -95,14 +99,24 @@ def vlp_to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def export_hf(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Path, layer_norm_eps: float = 1e-5) -> Path:
-    """Write a transformers CLIPModel folder (config.json + model.safetensors + preprocessor_config.json)."""
-    from transformers import CLIPModel
+    """Write a transformers folder (config.json + model.safetensors + preprocessor_config.json):
+    a SiglipModel for a model with a logit bias, else a CLIPModel."""
+    from transformers import CLIPModel, SiglipModel
 
+    if hasattr(cfg, "decoder"):
+        raise ValueError("transformers has no CoCa model; export CoCa with --to open_clip")
     out = Path(out_dir)
-    hf_cfg = hf_clip_config(cfg, sd, layer_norm_eps)
+    if cfg.init_logit_bias is not None:
+        why = _siglip_refusals(cfg, sd)
+        if why:
+            raise ValueError("a model with a logit bias exports as transformers SiglipModel, which needs "
+                             "SigLIP's architecture (the siglip-map-* presets); this one cannot: " + "; ".join(why))
+        model_cls, hf_cfg, hf_sd = SiglipModel, hf_siglip_config(cfg, sd), vlp_to_hf_siglip_state_dict(sd)
+    else:
+        model_cls, hf_cfg, hf_sd = CLIPModel, hf_clip_config(cfg, sd, layer_norm_eps), vlp_to_hf_state_dict(sd)
     with torch.device("meta"):
-        model = CLIPModel(hf_cfg)
-    missing, unexpected = model.load_state_dict(vlp_to_hf_state_dict(sd), strict=False, assign=True)
+        model = model_cls(hf_cfg)
+    missing, unexpected = model.load_state_dict(hf_sd, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"HF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -114,10 +128,91 @@ def export_hf(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Path,
     model.save_pretrained(out)
     p = cfg.preprocess
     size = p.image_size
+    processor = "SiglipImageProcessor" if model_cls is SiglipModel else "CLIPImageProcessor"
     (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "image_processor_type": processor, "do_resize": True, "size": {"shortest_edge": size},
         "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std),
         "resample": 3 if p.interpolation == "bicubic" else 2, "do_convert_rgb": True,
     }, indent=1))
     return out
+
+
+# ---- SigLIP -> transformers SiglipModel -------------------------------------------------------------
+
+_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+
+
+def _siglip_refusals(cfg: CLIPConfig, sd: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps a vlp model from being a transformers SiglipModel (empty: exportable)."""
+    why = []
+    if hasattr(cfg, "decoder"):
+        why.append("it is a CoCa model")
+    if cfg.init_logit_bias is None:
+        why.append("it has no logit bias")
+    if "visual.trunk.attn_pool.latent" not in sd:
+        why.append("its ViT does not pool with a MAP head (timm global_pool='map')")
+    if "visual.trunk.cls_token" in sd or "visual.trunk.norm_pre.weight" in sd:
+        why.append("its ViT has a class token or a pre-norm (CLIP layout)")
+    if cfg.image_proj:
+        why.append("it projects the pooled image features (SiglipModel has no image projection)")
+    if cfg.text.causal or cfg.text.pool != "last":
+        why.append(f"its text tower is causal={cfg.text.causal}, pool={cfg.text.pool!r} "
+                   "(SiglipModel: bidirectional, last position)")
+    acts = {cfg.text.act, cfg.vision.timm_kwargs.get("act_layer", "gelu")}
+    if not acts <= set(_HF_ACT):
+        why.append(f"activations {sorted(acts)} have no transformers name")
+    return why
+
+
+def hf_siglip_config(cfg: CLIPConfig, sd: dict[str, torch.Tensor]) -> Any:
+    """transformers.SiglipConfig of a vlp SigLIP-architecture model (see `_siglip_architecture`)."""
+    from transformers import SiglipConfig
+
+    from vlp.models.vision import VisionTower
+
+    with torch.device("meta"):  # the tower's own norm eps (timm's generic ViT: 1e-6)
+        vision_eps = VisionTower(cfg.vision).trunk.norm.eps
+    w = sd["visual.trunk.patch_embed.proj.weight"]
+    t = cfg.text
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
+                num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.context_length,
+                hidden_act=_HF_ACT[t.act], layer_norm_eps=1e-5, projection_size=cfg.embed_dim,
+                pad_token_id=0, bos_token_id=t.eot_token_id - 1, eos_token_id=t.eot_token_id)
+    vision = dict(hidden_size=w.shape[0], intermediate_size=sd["visual.trunk.blocks.0.mlp.fc1.weight"].shape[0],
+                  num_hidden_layers=1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.trunk.blocks.")),
+                  num_attention_heads=int(cfg.vision.timm_kwargs.get("num_heads", 12)), num_channels=w.shape[1],
+                  image_size=cfg.preprocess.image_size, patch_size=w.shape[-1],
+                  hidden_act=_HF_ACT[cfg.vision.timm_kwargs.get("act_layer", "gelu")], layer_norm_eps=vision_eps)
+    return SiglipConfig(text_config=text, vision_config=vision)
+
+
+def vlp_to_hf_siglip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vlp SigLIP-architecture state dict -> transformers SiglipModel state dict (strict-loadable)."""
+    v, t, p = "vision_model", "text_model", "visual.trunk.attn_pool"
+    pos = sd["visual.trunk.pos_embed"]
+    out: dict[str, torch.Tensor] = {
+        f"{v}.embeddings.patch_embedding.weight": sd["visual.trunk.patch_embed.proj.weight"],
+        f"{v}.embeddings.patch_embedding.bias": sd["visual.trunk.patch_embed.proj.bias"],
+        f"{v}.embeddings.position_embedding.weight": pos.reshape(-1, pos.shape[-1]),
+        f"{v}.head.probe": sd[f"{p}.latent"],
+        # timm keeps q and the fused kv apart; nn.MultiheadAttention packs q, k, v in one matrix
+        f"{v}.head.attention.in_proj_weight": torch.cat([sd[f"{p}.q.weight"], sd[f"{p}.kv.weight"]]),
+        f"{v}.head.attention.in_proj_bias": torch.cat([sd[f"{p}.q.bias"], sd[f"{p}.kv.bias"]]),
+        f"{t}.embeddings.token_embedding.weight": sd["text.token_embedding.weight"],
+        f"{t}.embeddings.position_embedding.weight": sd["text.positional_embedding"],
+        f"{t}.head.weight": sd["text_proj.weight"],
+        f"{t}.head.bias": sd["text_proj.weight"].new_zeros(sd["text_proj.weight"].shape[0]),
+        "logit_scale": sd["logit_scale"].reshape(1),
+        "logit_bias": sd["logit_bias"].reshape(1),
+    }
+    for kind in ("weight", "bias"):
+        out[f"{v}.post_layernorm.{kind}"] = sd[f"visual.trunk.norm.{kind}"]
+        out[f"{v}.head.attention.out_proj.{kind}"] = sd[f"{p}.proj.{kind}"]
+        out[f"{v}.head.layernorm.{kind}"] = sd[f"{p}.norm.{kind}"]
+        out[f"{v}.head.mlp.fc1.{kind}"] = sd[f"{p}.mlp.fc1.{kind}"]
+        out[f"{v}.head.mlp.fc2.{kind}"] = sd[f"{p}.mlp.fc2.{kind}"]
+        out[f"{t}.final_layer_norm.{kind}"] = sd[f"text.ln_final.{kind}"]
+    _blocks(sd, "visual.trunk.blocks.", f"{v}.encoder.layers", out)
+    _blocks(sd, "text.blocks.", f"{t}.encoder.layers", out)
+    return {k: x.contiguous() for k, x in out.items()}

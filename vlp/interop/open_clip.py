@@ -14,11 +14,20 @@ from typing import Any
 
 import torch
 
+from vlp.interop.open_clip_coca import (
+    is_open_clip_coca,
+    open_clip_coca_config_from_vlp,
+    open_clip_coca_to_vlp,
+    vlp_coca_config_from_open_clip,
+    vlp_coca_to_open_clip,
+)
 from vlp.models.clip import CLIP
+from vlp.models.coca import CoCa
 from vlp.models.config import (
     OPENAI_MEAN,
     OPENAI_STD,
     CLIPConfig,
+    CoCaConfig,
     PreprocessConfig,
     TextTowerConfig,
     VisionTowerConfig,
@@ -166,13 +175,14 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_open_clip_checkpoint(path: str | Path, preset_name: str, **overrides: Any) -> CLIP:
+def load_open_clip_checkpoint(path: str | Path, preset_name: str, **overrides: Any) -> CLIP | CoCa:
     """Build vlp preset `preset_name` and load an open_clip checkpoint into it (strict).
 
     The model is built on the meta device and the checkpoint tensors are assigned in place, which skips
     the (slow, immediately overwritten) random init of a full-size model.
     """
-    sd = open_clip_to_vlp_state_dict(_read_state_dict(path))
+    raw = _read_state_dict(path)
+    sd = open_clip_coca_to_vlp(raw) if is_open_clip_coca(raw) else open_clip_to_vlp_state_dict(raw)
     with torch.device("meta"):
         model = create_model(preset_name, **overrides)
     model.load_state_dict(sd, strict=True, assign=True)
@@ -225,6 +235,10 @@ def open_clip_config_from_vlp(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor]) -
     kw = cfg.vision.timm_kwargs
     if "visual.trunk.cls_token" not in sd or kw.get("global_pool", "token") != "token":
         raise ValueError("open_clip's VisionTransformer pools a class token; this image tower has none")
+    if not cfg.image_proj or not cfg.text.causal or cfg.text.pool != "eot":
+        raise ValueError("open_clip's CLIP projects the image features and pools a causal text tower at the "
+                         f"end-of-text token; this model has image_proj={cfg.image_proj}, "
+                         f"text causal={cfg.text.causal}, pool={cfg.text.pool!r}")
     w = sd["visual.trunk.patch_embed.proj.weight"]
     width = w.shape[0]
     layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.trunk.blocks."))
@@ -253,16 +267,18 @@ def export_open_clip(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor], out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = cfg.preprocess
-    doc = {"model_cfg": open_clip_config_from_vlp(cfg, sd),
+    coca = isinstance(cfg, CoCaConfig)
+    doc = {"model_cfg": open_clip_coca_config_from_vlp(cfg, sd) if coca else open_clip_config_from_vlp(cfg, sd),
            "preprocess_cfg": {"mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation,
                               "resize_mode": p.resize_mode, "size": p.image_size}}
-    oc_sd = {k: v.contiguous() for k, v in vlp_to_open_clip_state_dict(dict(sd)).items()}
+    convert = vlp_coca_to_open_clip if coca else vlp_to_open_clip_state_dict
+    oc_sd = {k: v.contiguous() for k, v in convert(dict(sd)).items()}
     save_file(oc_sd, str(out / "open_clip_model.safetensors"))
     (out / "open_clip_config.json").write_text(json.dumps(doc, indent=1))
     return out
 
 
-def load_open_clip_as_vlp(path: str | Path, model: str | Mapping[str, Any]) -> CLIP:
+def load_open_clip_as_vlp(path: str | Path, model: str | Mapping[str, Any]) -> CLIP | CoCa:
     """open_clip (or OpenAI CLIP) weights + an open_clip model name / config -> vlp CLIP (strict).
 
     A vlp preset of the same name is used when one exists; else the config comes from open_clip's
@@ -285,6 +301,10 @@ def load_open_clip_as_vlp(path: str | Path, model: str | Mapping[str, Any]) -> C
             raise ValueError(f"unknown open_clip model '{model}'")
     else:
         model_cfg = model
+    if "multimodal_cfg" in model_cfg:  # CoCa
+        coca = CoCa(vlp_coca_config_from_open_clip(model_cfg))
+        coca.load_state_dict(open_clip_coca_to_vlp(sd), strict=True)
+        return coca
     clip = CLIP(vlp_config_from_open_clip(model_cfg))
     clip.load_state_dict(open_clip_to_vlp_state_dict(sd), strict=True)
     return clip

@@ -1,19 +1,31 @@
 """CLIP models: presets, towers and the dual-encoder module."""
 
 from vlp.models.clip import CLIP
-from vlp.models.config import CLIPConfig, PreprocessConfig, TextTowerConfig, VisionTowerConfig
-from vlp.models.registry import create_model, get_model_config, list_models, register_model
+from vlp.models.coca import CoCa
+from vlp.models.config import (
+    CLIPConfig,
+    CoCaConfig,
+    DecoderConfig,
+    PreprocessConfig,
+    TextTowerConfig,
+    VisionTowerConfig,
+)
+from vlp.models.registry import build_model, create_model, get_model_config, list_models, register_model
 from vlp.models.text import TextTower
 from vlp.models.vision import VisionTower
 
 __all__ = [
     "CLIP",
     "CLIPConfig",
+    "CoCa",
+    "CoCaConfig",
+    "DecoderConfig",
     "PreprocessConfig",
     "TextTower",
     "TextTowerConfig",
     "VisionTower",
     "VisionTowerConfig",
+    "build_model",
     "create_model",
     "get_model_config",
     "list_models",

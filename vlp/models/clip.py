@@ -34,7 +34,13 @@ class CLIP(nn.Module):
         self.config = cfg
         self.preprocess: PreprocessConfig = cfg.preprocess
         self.visual = VisionTower(cfg.vision)
-        self.image_proj = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
+        if cfg.image_proj:
+            self.image_proj = nn.Linear(self.visual.num_features, cfg.embed_dim, bias=False)
+        elif self.visual.num_features == cfg.embed_dim:
+            self.image_proj = nn.Identity()
+        else:
+            raise ValueError(f"image_proj=False needs the image tower's width ({self.visual.num_features}) "
+                             f"to equal embed_dim ({cfg.embed_dim})")
         self.text = TextTower(cfg.text)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         # shape [1], not 0-dim: DeepSpeed's initial parameter broadcast cannot view 0-dim tensors as bytes
@@ -47,7 +53,8 @@ class CLIP(nn.Module):
     @torch.no_grad()
     def _init_projections(self) -> None:
         # CLIP scales projections by fan-in^-0.5 so initial embeddings have roughly unit-variance entries.
-        nn.init.normal_(self.image_proj.weight, std=self.visual.num_features**-0.5)
+        if isinstance(self.image_proj, nn.Linear):
+            nn.init.normal_(self.image_proj.weight, std=self.visual.num_features**-0.5)
         nn.init.normal_(self.text_proj.weight, std=self.config.text.width**-0.5)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -46,6 +46,10 @@ class TextTowerConfig:
     eot_token_id: int = 49407
     # "gelu" (open_clip's default) or "quick_gelu" (OpenAI's CLIP checkpoints)
     act: str = "gelu"
+    # CLIP: causal attention pooled at the end-of-text token; SigLIP: bidirectional, pooled at the
+    # last position (causal=False, pool="last")
+    causal: bool = True
+    pool: str = "eot"  # eot | last
 
 
 @dataclass
@@ -58,6 +62,41 @@ class CLIPConfig:
     max_logit_scale: float = math.log(100.0)
     # a learnable logit bias (SigLIP's b, init -10); None: the model has none
     init_logit_bias: float | None = None
+    # False: the image tower's pooled output is the embedding (SigLIP; needs num_features == embed_dim)
+    image_proj: bool = True
+
+
+@dataclass
+class DecoderConfig:
+    """CoCa's multimodal text decoder: per layer a causal self-attention block, then a block that
+    cross-attends to the image's captioning tokens; a linear head scores the next token."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    vocab_size: int = 49408
+    # token ids the head scores (a shortlist, + one "other" class for every id outside it);
+    # empty: all vocab_size ids. A small caption domain trains many times faster with a shortlist.
+    vocab_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class CoCaConfig(CLIPConfig):
+    """CLIPConfig plus CoCa's attentional pooler and multimodal decoder (`text` is the unimodal part).
+
+    The pooler holds 1 + caption_queries learned queries over the image tokens: query 0 gives the
+    contrastive embedding, the others the tokens the decoder cross-attends to (open_clip's layout).
+    The text tower appends a learned CLS embedding after the tokens; its output is the text embedding.
+    """
+
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    caption_queries: int = 255
+    pool_heads: int = 8
+    pad_token_id: int = 0
+    # which key the CLS position's padding mask is aligned to: "legacy" shifts the key-padding mask
+    # by one (open_clip's default, needed for its checkpoints), "correct" masks exactly the pad tokens
+    cls_mask: str = "correct"
 
 
 def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
@@ -93,5 +132,6 @@ def config_to_dict(cfg: CLIPConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
-    """Inverse of `config_to_dict`; unknown keys are refused by `apply_overrides`."""
-    return apply_overrides(CLIPConfig(), d)
+    """Inverse of `config_to_dict` (a CoCaConfig is recognised by its decoder section); unknown keys
+    are refused by `apply_overrides`."""
+    return apply_overrides(CoCaConfig() if "decoder" in d else CLIPConfig(), d)

@@ -8,8 +8,11 @@ from dataclasses import replace
 from typing import Any
 
 from vlp.models.clip import CLIP
+from vlp.models.coca import CoCa
 from vlp.models.config import (
     CLIPConfig,
+    CoCaConfig,
+    DecoderConfig,
     PreprocessConfig,
     TextTowerConfig,
     VisionTowerConfig,
@@ -50,9 +53,14 @@ def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def create_model(name: str, **overrides: Any) -> CLIP:
-    """Build a randomly initialised CLIP from a preset name (+ overrides)."""
-    return CLIP(get_model_config(name, **overrides))
+def build_model(cfg: CLIPConfig) -> CLIP | CoCa:
+    """The model class a config describes: CoCa for a CoCaConfig, else CLIP."""
+    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else CLIP(cfg)
+
+
+def create_model(name: str, **overrides: Any) -> CLIP | CoCa:
+    """Build a randomly initialised model from a preset name (+ overrides)."""
+    return build_model(get_model_config(name, **overrides))
 
 
 def _vit_text(width: int, heads: int, layers: int = 12) -> TextTowerConfig:
@@ -116,6 +124,32 @@ def siglip_nano() -> CLIPConfig:
     return replace(clip_nano(), init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
 
+def _siglip_architecture(base: CLIPConfig) -> CLIPConfig:
+    """SigLIP's own layout on a small preset, as in transformers' SiglipModel: ViT without class
+    token or pre-norm, MAP attention-pooling head, no image projection; bidirectional text pooled
+    at the last position. Exportable with `python -m vlp.export RUN --to hf` (SiglipModel)."""
+    kw = {k: v for k, v in base.vision.timm_kwargs.items() if k not in ("global_pool", "class_token")}
+    return replace(
+        base,
+        embed_dim=kw["embed_dim"],
+        vision=VisionTowerConfig("vit_base_patch16_siglip_224", {**kw, "global_pool": "map"}),
+        text=replace(base.text, causal=False, pool="last"),
+        image_proj=False,
+    )
+
+
+@register_model("siglip-map-nano")
+def siglip_map_nano() -> CLIPConfig:
+    """siglip-nano in SigLIP's own architecture (MAP head, bidirectional text): tests of the HF export."""
+    return _siglip_architecture(siglip_nano())
+
+
+@register_model("siglip-map-tiny")
+def siglip_map_tiny() -> CLIPConfig:
+    """siglip-tiny in SigLIP's own architecture (MAP head, bidirectional text, no image projection)."""
+    return _siglip_architecture(siglip_tiny())
+
+
 # ---- open_clip-equivalent architectures (GELU, OpenAI mean/std, bicubic 224) ----------------------
 
 
@@ -165,4 +199,73 @@ def convnext_tiny_clip() -> CLIPConfig:
         embed_dim=512,
         vision=VisionTowerConfig("convnext_tiny", {}),
         text=_vit_text(width=512, heads=8),
+    )
+
+
+# ---- CoCa ---------------------------------------------------------------------------------------
+
+
+def demo_caption_vocab() -> tuple[int, ...]:
+    """Every BPE id in the built-in sources' captions and prompts (Fashion-MNIST, digits), sot and eot.
+
+    coca-tiny's decoder scores only these (plus an "other" class): a 49,408-way head would make the
+    CPU demo about six times slower, for ids its captions never contain.
+    """
+    from vlp.data.captions import CLASSNAMES, EVAL_TEMPLATES, SYNONYMS, TRAIN_TEMPLATES
+    from vlp.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(2)
+    ids = {tok.sot_token_id, tok.eot_token_id}
+    for src in CLASSNAMES:
+        words = [w for syn in SYNONYMS[src] for w in syn] + list(CLASSNAMES[src])
+        for template in TRAIN_TEMPLATES[src] + EVAL_TEMPLATES[src]:
+            for w in words:
+                ids.update(tok.encode(template.replace("{c}", w) if "{c}" in template else template.format(w)))
+    return tuple(sorted(ids))
+
+
+def _coca_on(base: CLIPConfig, heads: int, layers: int, queries: int) -> CoCaConfig:
+    """A small CLIP preset's towers + CoCa's pooler and decoder (shortlisted demo vocabulary)."""
+    kw = {**base.vision.timm_kwargs, "final_norm": False}  # the pooler norms its keys itself
+    return CoCaConfig(
+        embed_dim=base.embed_dim,
+        vision=VisionTowerConfig(base.vision.timm_model, kw),
+        text=base.text,
+        preprocess=base.preprocess,
+        decoder=DecoderConfig(width=base.text.width, heads=heads, layers=layers, vocab_ids=demo_caption_vocab()),
+        caption_queries=queries,
+        pool_heads=heads,
+    )
+
+
+@register_model("coca-tiny")
+def coca_tiny() -> CoCaConfig:
+    """clip-tiny's towers with CoCa's attentional pooler (1 + 16 queries) and a 2-layer decoder
+    whose head scores the demo captions' ids (`demo_caption_vocab`)."""
+    return _coca_on(clip_tiny(), heads=4, layers=2, queries=16)
+
+
+@register_model("coca-nano")
+def coca_nano() -> CoCaConfig:
+    """clip-nano's towers with a 1 + 8 query pooler and a 1-layer decoder, for fast tests."""
+    return _coca_on(clip_nano(), heads=2, layers=1, queries=8)
+
+
+@register_model("coca_ViT-B-32")
+def coca_vit_b_32() -> CoCaConfig:
+    """open_clip's `coca_ViT-B-32`: ViT-B/32 trunk (no final norm), 256-query pooler, 12 + 12 text layers.
+
+    Text holds 76 tokens (+ the CLS position); open_clip's key-padding mask for the CLS is kept.
+    """
+    return CoCaConfig(
+        embed_dim=512,
+        vision=VisionTowerConfig(
+            "vit_base_patch32_clip_224",
+            dict(img_size=224, patch_size=32, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, final_norm=False),
+        ),
+        text=replace(_vit_text(width=512, heads=8), context_length=76),
+        decoder=DecoderConfig(width=512, heads=8, layers=12),
+        caption_queries=255,
+        pool_heads=8,
+        cls_mask="legacy",
     )

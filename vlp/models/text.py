@@ -32,6 +32,8 @@ class TextTower(nn.Module):
 
     def __init__(self, cfg: TextTowerConfig) -> None:
         super().__init__()
+        if cfg.pool not in ("eot", "last"):
+            raise ValueError(f"text pool must be 'eot' or 'last', got '{cfg.pool}'")
         if cfg.width % cfg.heads:
             raise ValueError(f"text width {cfg.width} is not divisible by heads {cfg.heads}")
         self.config = cfg
@@ -86,12 +88,14 @@ class TextTower(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[:seq_len]
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, None, True, use_reentrant=False)
+                x = checkpoint(blk, x, None, self.config.causal, use_reentrant=False)
             else:
-                x = blk(x, is_causal=True)
+                x = blk(x, is_causal=self.config.causal)
         return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.forward_tokens(tokens)
+        if self.config.pool == "last":
+            return x[:, -1]
         idx = eot_positions(tokens, self.eot_token_id)
         return x[torch.arange(x.shape[0], device=x.device), idx]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlp.losses import ClipLoss
+from vlp.losses import ClipLoss, build_loss
 
 
 class CLIPTask(nn.Module):
@@ -26,6 +26,9 @@ class CLIPTask(nn.Module):
         out = self.model(image, text)
         if features_only:  # exact accumulation takes the loss over several micro-batches itself
             return out
+        if getattr(self.loss, "takes_model_output", False):  # e.g. CoCa: also scores the caption logits
+            terms = self.loss(out)
+            return {**terms, "logit_scale": out["logit_scale"].detach()}
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
         metrics = {"loss": loss, "logit_scale": out["logit_scale"].detach()}
         if "logit_bias" in out:
@@ -40,3 +43,9 @@ class CLIPTask(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
+
+
+def build_task(model: nn.Module, loss_cfg) -> CLIPTask:
+    """Model + the loss of the config's `loss` section."""
+    return CLIPTask(model, build_loss(loss_cfg.name, loss_cfg.tile_size, loss_cfg.clip_weight,
+                                      loss_cfg.caption_weight))

@@ -29,7 +29,6 @@ from vlp.data.pipeline import (
     num_samples_from_manifest,
 )
 from vlp.data.tokenizer import get_tokenizer
-from vlp.losses import build_loss
 from vlp.models import create_model, get_model_config
 from vlp.models.config import config_to_dict
 
@@ -39,7 +38,7 @@ from .ema import WeightEMA
 from .engine import DistInfo, all_ranks_true, barrier, build_engine, full_state_dict, init_distributed
 from .locking import LockError, apply_locks
 from .logger import MetricsLogger
-from .task import CLIPTask
+from .task import build_task
 
 
 class TrainError(ValueError):
@@ -87,6 +86,9 @@ class Trainer:
         if cfg.loss.name == "siglip" and self.model_cfg.init_logit_bias is None:
             raise TrainError(f"loss.name=siglip needs a model with a logit bias; '{cfg.model.name}' has none "
                              "(use a siglip-* preset or model.overrides={init_logit_bias: -10.0})")
+        if cfg.loss.name == "coca" and not hasattr(self.model_cfg, "decoder"):
+            raise TrainError(f"loss.name=coca needs a captioning model; '{cfg.model.name}' has no decoder "
+                             "(use a coca-* preset)")
         if not cfg.data.train_shards and not cfg.data.sources:
             raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
         for src in source_specs(cfg.data):
@@ -114,7 +116,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same init on every rank
         self.model = create_model(cfg.model.name, **overrides)
         self.tokenizer = get_tokenizer(self.model_cfg.text)
-        self.task = CLIPTask(self.model, build_loss(cfg.loss.name, cfg.loss.tile_size))
+        self.task = build_task(self.model, cfg.loss)
         self._prepare_model()
         self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
         # under ZeRO-3 the EMA follows each rank's parameter partitions, which exist from here on
