@@ -171,18 +171,27 @@ def test_cli_runs_as_module(run_dir: tuple[Path, CLIP], tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
 
 
-def test_export_siglip_to_hf_siglipmodel(tmp_path: Path) -> None:
-    """siglip-map-nano (MAP head, bidirectional text) -> SiglipModel.from_pretrained: same embeddings and logits."""
+@pytest.mark.parametrize("preset", ["siglip-map-nano", "siglip_vit_b16"])
+def test_export_siglip_to_hf_siglipmodel(tmp_path: Path, preset: str) -> None:
+    """siglip-map-nano and the SigLIP ViT-B/16 preset (MAP head, bidirectional text) ->
+    SiglipModel.from_pretrained: same embeddings and logits."""
     from dataclasses import replace
 
-    from transformers import SiglipModel
+    from transformers import SiglipModel, SiglipTextConfig, SiglipVisionConfig
 
     torch.manual_seed(0)
-    model = _perturbed(create_model("siglip-map-nano"))
-    export_weights(model.state_dict(), model.config, "siglip-map-nano", tmp_path / "run")
+    model = _perturbed(create_model(preset))
+    export_weights(model.state_dict(), model.config, preset, tmp_path / "run")
     assert export_main([str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 0
     hf = SiglipModel.from_pretrained(tmp_path / "hf").eval()
-    images, tokens = torch.randn(2, 3, 16, 16), _tokens(2, 16)
+    if preset == "siglip_vit_b16":  # transformers' defaults are SigLIP base-patch16-224's architecture
+        for ours, ref in ((hf.config.vision_config, SiglipVisionConfig()), (hf.config.text_config, SiglipTextConfig())):
+            for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+                assert getattr(ours, key) == getattr(ref, key), key
+        assert (hf.config.vision_config.image_size, hf.config.vision_config.patch_size) == (224, 16)
+        assert hf.config.text_config.max_position_embeddings == 64
+    size, ctx = model.config.preprocess.image_size, model.config.text.context_length
+    images, tokens = torch.randn(2, 3, size, size), _tokens(2, ctx)
     with torch.no_grad():
         img = _pooled(hf.get_image_features(pixel_values=images))
         txt = _pooled(hf.get_text_features(input_ids=tokens))

@@ -150,6 +150,28 @@ def siglip_map_tiny() -> CLIPConfig:
     return _siglip_architecture(siglip_tiny())
 
 
+@register_model("siglip_vit_b16")
+def siglip_vit_b16() -> CLIPConfig:
+    """SigLIP ViT-B/16 at 224 px (Zhai et al. 2023) in SigLIP's own layout: ViT-B/16 without class
+    token, MAP head, embedding width 768; a 12-layer, 768-wide bidirectional text tower over 64
+    tokens pooled at the last position; t=10, b=-10 at init; mean = std = 0.5. The text tower uses
+    vlp's BPE vocabulary (49,408) instead of SigLIP's SentencePiece one, so it trains from scratch
+    with loss.name=siglip and exports to transformers' SiglipModel."""
+    return CLIPConfig(
+        embed_dim=768,
+        vision=VisionTowerConfig(
+            "vit_base_patch16_siglip_224",
+            dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, global_pool="map"),
+        ),
+        text=TextTowerConfig(context_length=64, vocab_size=49408, width=768, heads=12, layers=12,
+                             causal=False, pool="last"),
+        preprocess=PreprocessConfig(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        init_logit_scale=math.log(10.0),
+        init_logit_bias=-10.0,
+        image_proj=False,
+    )
+
+
 # ---- open_clip-equivalent architectures (GELU, OpenAI mean/std, bicubic 224) ----------------------
 
 
