@@ -6,6 +6,7 @@ built-in digit class names and templates (label captions), the tar keys (exact r
 
 from __future__ import annotations
 
+import math
 import tarfile
 from pathlib import Path
 
@@ -111,3 +112,82 @@ def test_bad_source_config_is_named(digits_shards_dir: Path, tmp_path: Path) -> 
     yaml.write_text(f"data:\n  sources:\n    - {{name: a, shards: '{digits_shards_dir}', weight: 0.5, wieght: 1}}\n")
     with pytest.raises(ValueError, match="wieght"):
         load_config(yaml)
+
+
+# ------------------------------------------------------------------ data.mixture: resample
+def resampled(train_dir: Path, test_dir: Path, n: int = 1000, **kw) -> DataSection:
+    cfg = mixture(train_dir, test_dir, **kw)
+    cfg.mixture, cfg.train_num_samples = "resample", n
+    return cfg
+
+
+def test_resample_shares_and_draws_with_replacement(digits_shards_dir: Path, digits_test_dir: Path) -> None:
+    cfg = resampled(digits_shards_dir, digits_test_dir, n=10_000)
+    loader = build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=1)
+    assert loader.num_samples == 10_000
+    by_source: dict[str, list[str]] = {"captions": [], "labels": []}
+    counted: dict[str, int] = {}
+    uids = []
+    for b in loader:
+        for k, v in b["events"].items():
+            counted[k] = counted.get(k, 0) + v
+        for key, src in zip(b["key"], b["source"], strict=True):
+            by_source[src].append(key)
+        uids += b["uid"].tolist()
+    n = sum(map(len, by_source.values()))
+    assert n == 10_000 and sorted(uids) == list(range(10_000))  # every position of the virtual epoch once
+    assert abs(len(by_source["labels"]) / n - 0.2) <= 0.02
+    assert counted["samples:labels"] == len(by_source["labels"])  # per-source counts as in epochs mode
+    # each key comes from its own source's tars; drawn with replacement, so keys repeat, and (uniform
+    # draws) the number of distinct keys is near the coupon-collector expectation m (1 - e^(-d/m))
+    for name, where in (("captions", digits_shards_dir), ("labels", digits_test_dir)):
+        keys, pool = by_source[name], set(labels_in(where))  # every digits sample has a .cls
+        assert set(keys) <= pool
+        assert len(set(keys)) < len(keys)
+        expected = len(pool) * (1 - math.exp(-len(keys) / len(pool)))
+        assert len(set(keys)) >= 0.95 * expected, (name, len(set(keys)), expected)
+
+
+def test_resample_same_seed_same_stream_and_exact_resume(digits_shards_dir: Path, digits_test_dir: Path) -> None:
+    cfg = resampled(digits_shards_dir, digits_test_dir)
+
+    def stream(seed: int) -> list[tuple[list[str], list[int]]]:
+        return [(b["key"], b["uid"].tolist()) for b in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=seed)]
+
+    a = stream(3)
+    assert a == stream(3)
+    assert [k for k, _ in stream(4)] != [k for k, _ in a]
+    key_at = {u: k for keys, us in a for k, u in zip(keys, us, strict=True)}
+    assert sorted(key_at) == list(range(1000))
+    # kill after 7 batches, resume on the same layout: the very same batches follow
+    first = build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=3)
+    pos = first.position
+    for i, x in enumerate(first):
+        if i == 7:
+            break
+        pos.mark(x["uid"])
+        pos.batches_since_split += 1
+    saved = pos.to_bytes()
+    rest = build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=3, position=DataPosition.from_bytes(saved))
+    assert [(b["key"], b["uid"].tolist()) for b in rest] == a[7:]
+    # resume on 2 ranks instead: the positions left are re-divided; every position is read once,
+    # with the sample the uninterrupted stream has there (650 left: 13 batches of 25 per rank)
+    again = DataPosition.from_bytes(saved)
+    cfg.batch_size = 25
+    got = {u: k for keys, us in a[:7] for k, u in zip(keys, us, strict=True)}
+    for rank in range(2):
+        for b in build_train_loader(cfg, tokenizer=tok, preprocess=PRE, seed=3, rank=rank, world_size=2,
+                                    position=again):
+            for k, u in zip(b["key"], b["uid"].tolist(), strict=True):
+                assert u not in got
+                got[u] = k
+    assert got == key_at
+
+
+def test_bad_mixture_is_named(digits_shards_dir: Path, digits_test_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data.mixture: unknown 'shuffle'"):
+        build_train_loader(mixture(digits_shards_dir, digits_test_dir, mixture="shuffle"), tokenizer=tok,
+                           preprocess=PRE)
+    with pytest.raises(ValueError, match="key 'data.mixture'"):
+        load_config(None, ["data.mixture=resampled"])
+    assert load_config(None, ["data.mixture=resample"]).data.mixture == "resample"

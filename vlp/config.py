@@ -61,6 +61,9 @@ class DataSection:
     train_shards: str = ""
     # weighted mixture of sources instead of train_shards (each sample read at most once per epoch)
     sources: list[SourceSection] = field(default_factory=list)
+    # epochs: each sample at most once per epoch; resample: sources' samples drawn with replacement
+    # by weight, a virtual epoch of train_num_samples draws (0: the sources' total) (docs/data.md)
+    mixture: str = "epochs"
     # number of samples in the training shards; used for epochs -> steps when set (0 = read manifest)
     train_num_samples: int = 0
     batch_size: int = 256  # per rank (micro-batch per GPU)
@@ -247,6 +250,8 @@ def validate(cfg: DictConfig) -> None:
         bad("train.precision", f"{cfg.train.precision} needs train.zero_stage >= 1 (ZeRO keeps named fp32 master weights)")
     if cfg.data.batch_size <= 0:
         bad("data.batch_size", "must be positive")
+    if cfg.data.mixture not in ("epochs", "resample"):
+        bad("data.mixture", f"must be epochs or resample, got '{cfg.data.mixture}'")
     if cfg.train.steps < 0 or cfg.train.epochs <= 0 and cfg.train.steps == 0:
         bad("train.steps", "set train.steps > 0 or train.epochs > 0")
     if cfg.train.gradient_accumulation_steps < 1:

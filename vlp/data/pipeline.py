@@ -36,6 +36,7 @@ from vlp.data.manifest import (
 )
 from vlp.data.mixture import Source, build_sources, merge_order, source_specs
 from vlp.data.position import DataPosition, ShardTable, count_samples, iter_shard, slot_units
+from vlp.data.resample import MIXTURES, Resampler
 from vlp.data.transforms import TrainTransform, train_transform
 from vlp.models.config import PreprocessConfig
 
@@ -91,7 +92,8 @@ class _SlotStream(IterableDataset):
 
     def __init__(self, sources: list[Source], pos: DataPosition, *, rank: int, workers: int, seed: int,
                  shuffle_buffer: int, batch_size: int, decoders: list[SampleDecoder], tokenizer,
-                 transform: TrainTransform, shard_retries: int) -> None:
+                 transform: TrainTransform, shard_retries: int, resampler: Resampler | None = None) -> None:
+        self.resampler = resampler  # data.mixture=resample: uids are positions of the virtual epoch
         self.sources, self.pos, self.rank, self.workers = sources, pos, rank, max(workers, 1)
         self.seed, self.block = seed, max(int(shuffle_buffer), 1)
         self.batch_size, self.decoders, self.tokenizer, self.transform = batch_size, decoders, tokenizer, transform
@@ -121,16 +123,24 @@ class _SlotStream(IterableDataset):
         """(source, uid, raw sample) in mixed, block-shuffled order; consumed units are left out."""
         pos = self.pos
         split_id = stable_seed("split", pos.slots, int(pos.base.sum()))
-        views = [_view(pos, src) for src in self.sources]
-        units = [slot_units(src.table, v, slot, self.seed if i == 0 else stable_seed(self.seed, src.name))
-                 for i, (src, v) in enumerate(zip(self.sources, views))]
-        lengths = [sum(len(idx) for _, idx in u) for u in units]
-        which, local = merge_order(lengths, [s.weight for s in self.sources],
-                                   stable_seed("mix", self.seed, pos.epoch, split_id, slot))
-        flat = [np.concatenate([src.table.offsets[shard] + idx for shard, idx in u]) if u else np.zeros(0, np.int64)
-                for src, u in zip(self.sources, units)]  # slot position -> unit id within the source
-        readers = [self._read_source(i, u, v, events) for i, (u, v) in enumerate(zip(units, views))]
+        if self.resampler is not None:
+            which, local, taken, readers = self._resampled(slot, events)
+        else:
+            views = [_view(pos, src) for src in self.sources]
+            units = [slot_units(src.table, v, slot, self.seed if i == 0 else stable_seed(self.seed, src.name))
+                     for i, (src, v) in enumerate(zip(self.sources, views))]
+            lengths = [sum(len(idx) for _, idx in u) for u in units]
+            which, local = merge_order(lengths, [s.weight for s in self.sources],
+                                       stable_seed("mix", self.seed, pos.epoch, split_id, slot))
+            flat = [np.concatenate([src.table.offsets[shard] + idx for shard, idx in u]) if u
+                    else np.zeros(0, np.int64) for src, u in zip(self.sources, units)]  # slot position -> unit
+            taken = np.zeros(len(which), dtype=bool)
+            for i, v in enumerate(views):
+                sel = which == i
+                taken[sel] = v.consumed[flat[i][local[sel]]]
+            readers = [self._read_source(i, u, v, events) for i, (u, v) in enumerate(zip(units, views))]
         ahead: list[tuple[int, int, dict] | None] = [None] * len(readers)
+        end = (len(which) + 1, 0, {})
 
         def fetch(i: int, j: int) -> tuple[int, dict] | None:
             """Unit j of source i, or None if it was consumed or is missing from its tar."""
@@ -138,7 +148,7 @@ class _SlotStream(IterableDataset):
             while got is None or got[0] < j:
                 got = next(readers[i], None)
                 if got is None:
-                    ahead[i] = (len(pos.consumed) + 1, 0, {})  # exhausted: everything later is missing
+                    ahead[i] = end  # exhausted: everything later is missing
                     return None
             ahead[i] = got
             if got[0] != j:
@@ -150,10 +160,10 @@ class _SlotStream(IterableDataset):
             size = min(self.block, len(which) - b0)
             block = {}
             for p in range(b0, b0 + size):
-                i, j = int(which[p]), int(local[p])
-                if views[i].consumed[flat[i][j]]:
+                if taken[p]:
                     continue
-                got = fetch(i, j)
+                i = int(which[p])
+                got = fetch(i, int(local[p]))
                 if got is not None:
                     block[p - b0] = (i, *got)
             order = list(range(size))
@@ -161,6 +171,34 @@ class _SlotStream(IterableDataset):
             for k in order:
                 if k in block:
                     yield block[k]
+
+    def _resampled(self, slot: int, events: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Iterator]]:
+        """The slot's positions of a resampled epoch: source and place in the source's list of each,
+        whether it was consumed, and one reader per source (vlp.data.resample)."""
+        pos, rs = self.pos, self.resampler
+        split = slot_units(ShardTable(["<positions>"], [pos.num_units]), pos, slot, self.seed)
+        g = split[0][1].astype(np.int64) if split else np.zeros(0, np.int64)
+        which, rank = rs.sources(g)
+        local = np.zeros(len(g), np.int64)
+        readers = []
+        for i in range(len(self.sources)):
+            sel = np.flatnonzero(which == i)
+            local[sel] = np.arange(len(sel))
+            draw, shard, index = rs.locate(i, rank[sel])
+            readers.append(self._read_draws(i, draw, shard, index, g[sel], events))
+        return which, local, pos.consumed[g], readers
+
+    def _read_draws(self, i: int, draw: np.ndarray, shard: np.ndarray, index: np.ndarray, g: np.ndarray,
+                    events: Events) -> Iterator[tuple[int, int, dict]]:
+        """(place in the slot's list of source i, position, raw) of the unconsumed positions, one
+        pass over each shard draw."""
+        urls = self.sources[i].table.urls
+        cuts = np.flatnonzero(np.diff(draw)) + 1
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(draw)]])):
+            at = {int(index[p]): p for p in range(lo, hi) if not self.pos.consumed[g[p]]}
+            if at:
+                for idx, raw in iter_shard(urls[int(shard[lo])], set(at), self.shard_retries, events):
+                    yield at[idx], int(g[at[idx]]), raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot = self._slot()
@@ -258,7 +296,14 @@ def build_train_loader(
     specs = source_specs(data)
     tables = tables or [shard_table(src.shards) for src in specs]
     sources = build_sources(data, tables, seed, epoch)
+    mixture = str(getattr(data, "mixture", "epochs"))
+    if mixture not in MIXTURES:
+        raise DataError(f"data.mixture: unknown '{mixture}' (known: {', '.join(MIXTURES)})")
+    resampler = None
     num_units = sum(t.num_units for t in tables)
+    if mixture == "resample":  # a virtual epoch of train_num_samples positions (default: all samples)
+        num_units = int(data.train_num_samples) or num_units
+        resampler = Resampler([s.name for s in sources], tables, [s.weight for s in sources], seed, epoch, num_units)
     workers = max(int(data.workers), 0)
     slots = world_size * max(workers, 1)
     if position is None:
@@ -272,10 +317,13 @@ def build_train_loader(
                 for src in sources]
     stream = _SlotStream(sources, position, rank=rank, workers=workers, seed=seed,
                          shuffle_buffer=int(data.shuffle_buffer), batch_size=int(data.batch_size), decoders=decoders,
-                         tokenizer=tokenizer, transform=transform, shard_retries=int(data.shard_retries))
+                         tokenizer=tokenizer, transform=transform, shard_retries=int(data.shard_retries),
+                         resampler=resampler)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         persistent_workers=False, in_order=True) if workers else stream
     counts = [num_samples_from_manifest(src.shards) for src in specs]
     total = sum(counts) if all(c is not None for c in counts) else None  # type: ignore[misc]
+    if resampler is not None:
+        total = num_units
     return TrainLoader(loader, position, tables, total, int(data.batch_size))
 
