@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_data import PRE, tok
 from vlp.config import DataSection, SourceSection, load_config
@@ -184,10 +185,45 @@ def test_resample_same_seed_same_stream_and_exact_resume(digits_shards_dir: Path
     assert got == key_at
 
 
-def test_bad_mixture_is_named(digits_shards_dir: Path, digits_test_dir: Path, tmp_path: Path) -> None:
+def test_bad_mixture_is_named(digits_shards_dir: Path, digits_test_dir: Path) -> None:
     with pytest.raises(DataError, match="data.mixture: unknown 'shuffle'"):
         build_train_loader(mixture(digits_shards_dir, digits_test_dir, mixture="shuffle"), tokenizer=tok,
                            preprocess=PRE)
     with pytest.raises(ValueError, match="key 'data.mixture'"):
         load_config(None, ["data.mixture=resampled"])
     assert load_config(None, ["data.mixture=resample"]).data.mixture == "resample"
+    cfg = resampled(digits_shards_dir, digits_test_dir)
+    pos = build_train_loader(cfg, tokenizer=tok, preprocess=PRE).position
+    cfg.train_num_samples = 999
+    with pytest.raises(DataError, match="data.train_num_samples changed"):
+        build_train_loader(cfg, tokenizer=tok, preprocess=PRE, position=pos)
+
+
+@pytest.mark.slow
+def test_resampled_training_killed_and_resumed_equals_uninterrupted(digits_shards_dir: Path, tmp_path: Path) -> None:
+    """Trainer level: two resampled epochs of 6 steps, stopped after step 4 (checkpoint at 3) and
+    resumed: the same keys at every step and the same final weights as an uninterrupted run."""
+    import json
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import run
+
+    def train(run_dir: Path, *extra: str) -> None:
+        run([sys.executable, "train.py", "--config", "tests/configs/digits_nano.yaml", f"run_dir={run_dir}",
+             f"data.train_shards={digits_shards_dir}/train.json", "data.mixture=resample",
+             "data.train_num_samples=300", "data.workers=1", "train.steps=12", "train.checkpoint_every_n_steps=3",
+             "data.log_consumed_keys=true", "evals={}", *extra])
+
+    def step_keys(run_dir: Path) -> dict[int, list[str]]:
+        rows = [json.loads(line) for line in (run_dir / "consumed" / "rank00000.jsonl").read_text().splitlines()]
+        return {r["step"]: r["keys"] for r in rows}  # a redone step overwrites the killed attempt's
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(full)
+    train(split, "train.stop_after_steps=4")
+    train(split, "--resume", "latest")
+    assert step_keys(full) == step_keys(split) and len(step_keys(full)) == 12
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

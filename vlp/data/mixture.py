@@ -17,7 +17,8 @@ time order up to the moment the first source runs out. The fraction of source i 
 weight_i / sum(weights) in every stretch of the stream, each sample is read at most once per
 epoch, and the order is a pure function of (seed, epoch, split, slot), which keeps the exact
 resume of vlp.data.position. Samples of the other sources not reached in an epoch come up in
-later epochs under another shuffle.
+later epochs under another shuffle. `data.mixture: resample` draws with replacement instead
+(vlp.data.resample).
 """
 
 from __future__ import annotations

@@ -309,8 +309,10 @@ def build_train_loader(
     if position is None:
         position = DataPosition.fresh(epoch, num_units)
     elif position.epoch != epoch or position.num_units != num_units:
-        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but the "
-                        f"configured shards have {num_units} samples (epoch {epoch}): the shards changed")
+        what, why = (("data.train_num_samples gives", "data.train_num_samples changed") if resampler is not None
+                     else ("the configured shards have", "the shards changed"))
+        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but "
+                        f"{what} {num_units} (epoch {epoch}): {why}")
     position = position.for_layout(slots)
     transform = train_transform(preprocess, tuple(data.crop_scale))
     decoders = [SampleDecoder(transform, src.image_keys, src.text_of, _Seed(seed, epoch), draft=bool(data.jpeg_draft))
