@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -129,11 +130,14 @@ def test_resample_shares_and_draws_with_replacement(digits_shards_dir: Path, dig
     by_source: dict[str, list[str]] = {"captions": [], "labels": []}
     counted: dict[str, int] = {}
     uids = []
+    looks: dict[str, set[float]] = {}  # image sums of each key's draws
     for b in loader:
         for k, v in b["events"].items():
             counted[k] = counted.get(k, 0) + v
         for key, src in zip(b["key"], b["source"], strict=True):
             by_source[src].append(key)
+        for key, img in zip(b["key"], b["image"], strict=True):
+            looks.setdefault(key, set()).add(round(float(img.sum()), 3))
         uids += b["uid"].tolist()
     n = sum(map(len, by_source.values()))
     assert n == 10_000 and sorted(uids) == list(range(10_000))  # every position of the virtual epoch once
@@ -147,6 +151,9 @@ def test_resample_shares_and_draws_with_replacement(digits_shards_dir: Path, dig
         assert len(set(keys)) < len(keys)
         expected = len(pool) * (1 - math.exp(-len(keys) / len(pool)))
         assert len(set(keys)) >= 0.95 * expected, (name, len(set(keys)), expected)
+    # a sample drawn several times is cropped anew each time (the crop is seeded by its position)
+    repeated = [k for k, c in Counter(by_source["captions"] + by_source["labels"]).items() if c > 1]
+    assert repeated and sum(len(looks[k]) > 1 for k in repeated) >= 0.9 * len(repeated)
 
 
 def test_resample_same_seed_same_stream_and_exact_resume(digits_shards_dir: Path, digits_test_dir: Path) -> None:

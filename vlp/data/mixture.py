@@ -8,8 +8,9 @@
 
 Kinds: `caption` reads the text member (`text_key`, first present of "txt;json"); `label` reads
 the class id (`label_key`) and writes a caption from the source's classnames and templates
-(one template per sample, seeded by the sample key); `multi_text` reads a JSON list of
-captions (or newline-separated captions) and picks one per sample, seeded the same way.
+(one template per sample, seeded by the sample key, and in resampled mixtures also by its
+position); `multi_text` reads a JSON list of captions (or newline-separated captions) and picks
+one per sample, seeded the same way.
 
 Mixing ("epochs over each source"): inside every reader slot, sample j of source i is placed at
 time (j + u) / weight_i with u uniform in [0, 1) from a seeded generator, and the slot reads in
@@ -54,6 +55,11 @@ def _keys(spec: str) -> list[str]:
     return [k.strip() for k in str(spec).split(";") if k.strip()]
 
 
+def _draw(sample: dict) -> tuple[int, ...]:
+    """The sample's position in a resampled epoch (so repeated draws choose anew), else nothing."""
+    return (sample["__draw__"],) if "__draw__" in sample else ()
+
+
 class CaptionText:
     def __init__(self, text_keys: list[str], max_chars: int) -> None:
         self.text_keys, self.max_chars = text_keys, max_chars
@@ -82,7 +88,7 @@ class LabelText:
         if not 0 <= label < len(self.classnames):
             _bump(events, "skipped:bad_label")
             return None
-        rng = random.Random(stable_seed("template", self.seed, self.epoch, sample["__key__"]))
+        rng = random.Random(stable_seed("template", self.seed, self.epoch, sample["__key__"], *_draw(sample)))
         return rng.choice(self.templates).format(self.classnames[label])
 
 
@@ -106,7 +112,7 @@ class MultiText:
         if not options:
             _bump(events, "skipped:empty_caption")
             return None
-        rng = random.Random(stable_seed("caption", self.seed, self.epoch, sample["__key__"]))
+        rng = random.Random(stable_seed("caption", self.seed, self.epoch, sample["__key__"], *_draw(sample)))
         text = rng.choice(options)
         if self.max_chars and len(text) > self.max_chars:
             _bump(events, "converted:caption_truncated")

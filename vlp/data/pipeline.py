@@ -74,11 +74,16 @@ def _worker() -> tuple[int, int]:
 
 
 class _Seed:
+    """Crop seed of a sample: (seed, epoch, key), plus its position in a resampled epoch, where
+    `draw` is set before each decode so that a sample drawn twice is cropped differently."""
+
     def __init__(self, seed: int, epoch: int) -> None:
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.draw = seed, epoch, None
 
     def __call__(self, key: str) -> int:
-        return stable_seed("aug", self.seed, self.epoch, key)
+        if self.draw is None:
+            return stable_seed("aug", self.seed, self.epoch, key)
+        return stable_seed("aug", self.seed, self.epoch, key, self.draw)
 
 
 def _view(pos: DataPosition, src: Source) -> DataPosition:
@@ -198,7 +203,8 @@ class _SlotStream(IterableDataset):
             at = {int(index[p]): p for p in range(lo, hi) if not self.pos.consumed[g[p]]}
             if at:
                 for idx, raw in iter_shard(urls[int(shard[lo])], set(at), self.shard_retries, events):
-                    yield at[idx], int(g[at[idx]]), raw
+                    raw["__draw__"] = int(g[at[idx]])  # crop and caption choice vary per draw
+                    yield at[idx], raw["__draw__"], raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot = self._slot()
@@ -208,6 +214,8 @@ class _SlotStream(IterableDataset):
         dropped: list[int] = []
         skipped = 0
         for i, uid, raw in self._raw(slot, events):
+            if "__draw__" in raw:
+                self.decoders[i].seed_of.draw = raw["__draw__"]
             out = self.decoders[i](raw, events)
             if out is None:
                 dropped.append(uid)
