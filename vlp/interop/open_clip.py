@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlp.interop.open_clip_cfg import towers_from_open_clip
 from vlp.interop.open_clip_coca import (
     is_open_clip_coca,
     open_clip_coca_config_from_vlp,
@@ -24,12 +25,8 @@ from vlp.interop.open_clip_coca import (
 from vlp.models.clip import CLIP
 from vlp.models.coca import CoCa
 from vlp.models.config import (
-    OPENAI_MEAN,
-    OPENAI_STD,
     CLIPConfig,
     CoCaConfig,
-    PreprocessConfig,
-    TextTowerConfig,
     VisionTowerConfig,
 )
 from vlp.models.registry import create_model, list_models
@@ -208,26 +205,9 @@ def vlp_config_from_open_clip(model_cfg: Mapping[str, Any], preprocess: Mapping[
     bad += [f"text pool_type={t['pool_type']}" for _ in [0] if t.get("pool_type", "argmax") != "argmax"]
     if bad or isinstance(v.get("layers"), (list, tuple)):
         raise ValueError(f"open_clip config not representable in vlp (ViT CLIP, GELU, token pooling): {bad}")
-    size = v.get("image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    width, patch = v.get("width", 768), v.get("patch_size", 16)
-    heads = width // v.get("head_width", 64)
-    pre = dict(preprocess or {})
-    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"  # OpenAI's checkpoints: QuickGELU
-    vision_kw = dict(img_size=size, patch_size=patch, embed_dim=width, depth=v.get("layers", 12),
-                     num_heads=heads, mlp_ratio=v.get("mlp_ratio", 4.0))
-    if act != "gelu":
-        vision_kw["act_layer"] = act
-    return CLIPConfig(
-        embed_dim=model_cfg["embed_dim"],
-        vision=VisionTowerConfig("vit_base_patch32_clip_224", vision_kw),
-        text=TextTowerConfig(context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
-                             width=t.get("width", 512), heads=t.get("heads", 8), layers=t.get("layers", 12),
-                             mlp_ratio=t.get("mlp_ratio", 4.0), act=act),
-        preprocess=PreprocessConfig(image_size=size, mean=tuple(pre.get("mean", OPENAI_MEAN)),
-                                    std=tuple(pre.get("std", OPENAI_STD)),
-                                    interpolation=pre.get("interpolation", "bicubic")),
-    )
+    vision_kw, text, pre = towers_from_open_clip(model_cfg, preprocess)
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=VisionTowerConfig("vit_base_patch32_clip_224", vision_kw),
+                      text=text, preprocess=pre)
 
 
 def open_clip_config_from_vlp(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:

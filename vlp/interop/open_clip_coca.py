@@ -14,13 +14,10 @@ from typing import Any
 
 import torch
 
+from vlp.interop.open_clip_cfg import towers_from_open_clip
 from vlp.models.config import (
-    OPENAI_MEAN,
-    OPENAI_STD,
     CoCaConfig,
     DecoderConfig,
-    PreprocessConfig,
-    TextTowerConfig,
     VisionTowerConfig,
 )
 
@@ -127,26 +124,12 @@ def vlp_coca_config_from_open_clip(model_cfg: Mapping[str, Any],
         bad.append("text correct_cls_mask (set cls_mask='correct' on a vlp preset instead)")
     if bad or isinstance(v.get("layers"), (list, tuple)):
         raise ValueError(f"open_clip CoCa config not representable in vlp: {bad}")
-    size = v.get("image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    width = v.get("width", 768)
-    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
-    vision_kw = dict(img_size=size, patch_size=v.get("patch_size", 16), embed_dim=width, depth=v.get("layers", 12),
-                     num_heads=width // v.get("head_width", 64), mlp_ratio=v.get("mlp_ratio", 4.0),
-                     final_norm=False)
-    if act != "gelu":
-        vision_kw["act_layer"] = act
-    pre = dict(preprocess or {})
-    embed_dim = model_cfg["embed_dim"]
+    vision_kw, text, pre = towers_from_open_clip(model_cfg, preprocess)
     return CoCaConfig(
-        embed_dim=embed_dim,
-        vision=VisionTowerConfig("vit_base_patch32_clip_224", vision_kw),
-        text=TextTowerConfig(context_length=t.get("context_length", 77), vocab_size=t.get("vocab_size", 49408),
-                             width=t.get("width", 512), heads=t.get("heads", 8), layers=t.get("layers", 12),
-                             mlp_ratio=t.get("mlp_ratio", 4.0), act=act),
-        preprocess=PreprocessConfig(image_size=size, mean=tuple(pre.get("mean", OPENAI_MEAN)),
-                                    std=tuple(pre.get("std", OPENAI_STD)),
-                                    interpolation=pre.get("interpolation", "bicubic")),
+        embed_dim=model_cfg["embed_dim"],
+        vision=VisionTowerConfig("vit_base_patch32_clip_224", {**vision_kw, "final_norm": False}),
+        text=text,
+        preprocess=pre,
         decoder=DecoderConfig(width=m.get("width", 512), heads=m.get("heads", 8), layers=m.get("layers", 12),
                               mlp_ratio=m.get("mlp_ratio", 4.0), vocab_size=m.get("vocab_size", 49408)),
         caption_queries=v.get("attn_pooler_queries", 256) - 1,
