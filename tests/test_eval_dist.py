@@ -84,3 +84,19 @@ def test_cli_under_torchrun_equals_one_process(tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["world_size"] == 2
     # rank 0 alone wrote the cache: the classifier, the test and the train features
     assert len(list((tmp_path / "two" / "cache").glob("*.pt"))) == 3
+
+
+def test_two_process_segmentation_equals_one_process(tmp_path):
+    from tests.workers.eval_segmentation import run_all
+
+    out = tmp_path / "two.pt"
+    torchrun(2, str(ROOT / "tests/workers/eval_segmentation.py"), str(out), timeout=300)
+    two = torch.load(out, weights_only=True)
+    one = run_all()
+    for mode in ("zeroshot", "linear_probe"):
+        cm = one[mode]["confusion_matrix"]
+        assert int(cm.sum()) == 5 * 64 * 64  # every pixel of the 5 scenes counted once
+        assert torch.equal(two[mode]["confusion_matrix"], cm), mode
+        assert two[mode]["miou"] == one[mode]["miou"]
+        assert two[mode]["examples"].shape == (4, 64, 64)
+        assert torch.equal(two[mode]["examples"], one[mode]["examples"]), mode

@@ -22,6 +22,10 @@ logits are upsampled bilinearly and scored on the test split.
 Metrics: a confusion matrix over background + classes (pixels equal to `ignore_index` skipped);
 IoU = TP / (TP + FP + FN) per class, NaN for a class absent from both prediction and ground truth,
 mIoU = mean over the non-NaN classes (as mmsegmentation). `miou_fg` leaves background out.
+
+Under torchrun (`ctx` with world_size > 1) each rank predicts a contiguous slice of the test set and
+the confusion matrices are summed, so every image is counted once; the linear probe's train features
+are extracted the same way and gathered in order, its head is fitted on rank 0 and broadcast.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.data.segmentation import SegmentationDataset
+from vlp.eval.common import gather_rows, shard
+from vlp.eval.tasks import EvalContext
 from vlp.eval.zeroshot import build_classifier
 from vlp.models.config import PreprocessConfig
 
@@ -187,11 +193,22 @@ def _upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(dim=1)
 
 
+def _batches(n: int, batch_size: int, ctx: EvalContext | None) -> tuple[range, list[tuple[int, int] | None]]:
+    """This rank's contiguous slice of range(n) and its batches; `None` entries are padding batches so
+    that every rank runs as many forward passes (ZeRO-3 gathers weights collectively in each forward)."""
+    rank, size = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
+    mine, per_rank = shard(n, rank, size)
+    batches: list[tuple[int, int] | None] = [(s, min(s + batch_size, mine.stop))
+                                             for s in range(mine.start, mine.stop, batch_size)]
+    return mine, batches + [None] * (-(-per_rank // batch_size) - len(batches))
+
+
 @torch.no_grad()
 def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, batch_size: int = 64,
                      device: torch.device | str = "cpu", background: str = "prompt",
-                     bg_threshold: float = 0.5) -> torch.Tensor:
-    """uint8 predictions [N, H, W] (0 background, i = classnames[i - 1])."""
+                     bg_threshold: float = 0.5, ctx: EvalContext | None = None) -> torch.Tensor:
+    """uint8 predictions [n, H, W] (0 background, i = classnames[i - 1]) for this rank's slice of `data`
+    (all of it without a distributed `ctx`)."""
     if background not in ("prompt", "threshold", "none"):
         raise ValueError(f"unknown background mode '{background}' (known: prompt, threshold, none)")
     _, _, pre = _vision_parts(model)
@@ -201,12 +218,13 @@ def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, bat
         bg_emb = build_classifier(model, tokenizer, data.background_names, data.templates, device)
     scale = float(model.clamped_logit_scale()) if hasattr(model, "clamped_logit_scale") else 100.0
     dtype = next(model.parameters()).dtype
-    preds = []
-    for start in range(0, len(data), batch_size):
-        x = preprocess_images(data.images[start:start + batch_size], pre, device, dtype)
+    preds = [torch.zeros(0, *data.masks.shape[1:], dtype=torch.uint8)]
+    for b in _batches(len(data), batch_size, ctx)[1]:
+        x = preprocess_images(data.images[b[0]:b[1]] if b else data.images[:1], pre, device, dtype)
         logits = zeroshot_logits(maskclip_embeddings(model, x), cls_emb, bg_emb, scale,
                                  bg_threshold if background == "threshold" else None)
-        preds.append(_upsample_argmax(logits, data.masks.shape[1:]).to(torch.uint8).cpu())
+        if b is not None:
+            preds.append(_upsample_argmax(logits, data.masks.shape[1:]).to(torch.uint8).cpu())
     return torch.cat(preds)
 
 
@@ -215,12 +233,16 @@ def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, bat
 
 @torch.no_grad()
 def extract_patch_features(model: nn.Module, data: SegmentationDataset, batch_size: int = 64,
-                           device: torch.device | str = "cpu") -> torch.Tensor:
+                           device: torch.device | str = "cpu", ctx: EvalContext | None = None) -> torch.Tensor:
+    """fp32 CPU patch features [n, gh, gw, C] of this rank's slice of `data` (all of it without `ctx`)."""
     _, _, pre = _vision_parts(model)
     dtype = next(model.parameters()).dtype
-    out = [patch_features(model, preprocess_images(data.images[s:s + batch_size], pre, device, dtype)).float().cpu()
-           for s in range(0, len(data), batch_size)]
-    return torch.cat(out)
+    out = []
+    for b in _batches(len(data), batch_size, ctx)[1]:
+        f = patch_features(model, preprocess_images(data.images[b[0]:b[1]] if b else data.images[:1], pre, device, dtype))
+        if b is not None:
+            out.append(f.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, *grid_size(model), _vision_parts(model)[0].num_features)
 
 
 def soft_patch_targets(masks: np.ndarray | torch.Tensor, num_classes: int, grid: tuple[int, int],
@@ -327,12 +349,25 @@ def finetune_denseclip(model: nn.Module, tokenizer, train: SegmentationDataset, 
 
 @torch.no_grad()
 def denseclip_predict(seg: nn.Module, data: SegmentationDataset, batch_size: int = 64,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
-    preds = []
-    for s in range(0, len(data), batch_size):
-        logits = seg(preprocess_images(data.images[s:s + batch_size], seg.preprocess, device))["logits"]
-        preds.append(_upsample_argmax(logits, data.masks.shape[1:]).to(torch.uint8).cpu())
+                      device: torch.device | str = "cpu", ctx: EvalContext | None = None) -> torch.Tensor:
+    """uint8 predictions [n, H, W] of this rank's slice of `data` (all of it without `ctx`)."""
+    preds = [torch.zeros(0, *data.masks.shape[1:], dtype=torch.uint8)]
+    for b in _batches(len(data), batch_size, ctx)[1]:
+        if b is not None:
+            logits = seg(preprocess_images(data.images[b[0]:b[1]], seg.preprocess, device))["logits"]
+            preds.append(_upsample_argmax(logits, data.masks.shape[1:]).to(torch.uint8).cpu())
     return torch.cat(preds)
+
+
+def _from_rank0(value: Any, ctx: EvalContext | None) -> Any:
+    """rank 0's `value` on every rank (a no-op in one process)."""
+    if ctx is None or ctx.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if ctx.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---- the evaluator --------------------------------------------------------------------------------
@@ -354,6 +389,8 @@ def evaluate_segmentation(
     probe_balance: float = 0.5,
     num_examples: int = 4,
     finetune_steps: int = 200,
+    denseclip_options: dict[str, Any] | None = None,
+    ctx: EvalContext | None = None,
 ) -> dict[str, Any]:
     """Segmentation metrics of `model` (a vlp CLIP; linear_probe also takes a Backbone) on `dataset`.
 
@@ -363,43 +400,63 @@ def evaluate_segmentation(
     head on `train_dataset` for `finetune_steps` (the model passed in is not changed). Returns miou, miou_fg (without background), pixel_accuracy,
     per_class_iou {name: IoU}, the confusion matrix (list of lists; rows ground truth), and
     `examples`: the first `num_examples` (image uint8 [H, W, 3], pred, gt uint8 [H, W]) triples.
+    `denseclip_options`: further keywords of `finetune_denseclip`. `ctx`: rank and world size under
+    torchrun (the test set, and the probe's train set, split across ranks; the same metrics on every rank).
     """
+    if mode not in ("zeroshot", "linear_probe", "denseclip"):
+        raise ValueError(f"unknown segmentation mode '{mode}' (known: zeroshot, linear_probe, denseclip)")
     was_training = model.training
     model.eval()
     try:
         if mode == "zeroshot":
             if tokenizer is None:
                 raise ValueError("zero-shot segmentation needs a tokenizer")
-            preds = zeroshot_predict(model, tokenizer, dataset, batch_size, device, background, bg_threshold)
+            preds = zeroshot_predict(model, tokenizer, dataset, batch_size, device, background, bg_threshold, ctx)
         elif mode == "linear_probe":
             if train_dataset is None:
                 raise ValueError("linear_probe segmentation needs train_dataset")
             if train_dataset.classnames != dataset.classnames:
                 raise ValueError("train_dataset and dataset have different classnames")
             grid = grid_size(model)
-            train_feats = extract_patch_features(model, train_dataset, batch_size, device)
-            targets = soft_patch_targets(train_dataset.masks, dataset.num_classes, grid, train_dataset.ignore_index)
-            head = train_linear_head(train_feats, targets, probe_epochs, probe_lr, probe_weight_decay,
-                                     balance=probe_balance)
-            test_feats = extract_patch_features(model, dataset, batch_size, device)
+            train_feats = extract_patch_features(model, train_dataset, batch_size, device, ctx)
+            if ctx is not None and ctx.world_size > 1:
+                train_feats = gather_rows(train_feats, ctx)
+            head = None
+            if ctx is None or ctx.rank == 0:
+                targets = soft_patch_targets(train_dataset.masks, dataset.num_classes, grid, train_dataset.ignore_index)
+                head = train_linear_head(train_feats, targets, probe_epochs, probe_lr, probe_weight_decay,
+                                         balance=probe_balance)
+            head = _from_rank0(head, ctx)
+            test_feats = extract_patch_features(model, dataset, batch_size, device, ctx)
             preds = linear_head_predict(head, test_feats, dataset.masks.shape[1:])
-        elif mode == "denseclip":
+        else:
             if train_dataset is None or tokenizer is None:
                 raise ValueError("denseclip segmentation needs train_dataset and a tokenizer")
-            seg = finetune_denseclip(model, tokenizer, train_dataset, finetune_steps, device=device)
-            preds = denseclip_predict(seg, dataset, batch_size, device)
-        else:
-            raise ValueError(f"unknown segmentation mode '{mode}' (known: zeroshot, linear_probe, denseclip)")
+            rank0 = ctx is None or ctx.rank == 0
+            seg = finetune_denseclip(model, tokenizer, train_dataset, finetune_steps if rank0 else 0, device=device,
+                                     **(denseclip_options or {}))
+            if ctx is not None and ctx.world_size > 1:  # fitted on rank 0, weights broadcast
+                state = _from_rank0({k: v.cpu() for k, v in seg.state_dict().items()} if rank0 else None, ctx)
+                seg.load_state_dict(state)
+            preds = denseclip_predict(seg, dataset, batch_size, device, ctx)
     finally:
         model.train(was_training)
-    return segmentation_report(preds, dataset, mode, num_examples)
+    return segmentation_report(preds, dataset, mode, num_examples, ctx)
 
 
 def segmentation_report(preds: torch.Tensor, dataset: SegmentationDataset, mode: str = "",
-                        num_examples: int = 4) -> dict[str, Any]:
-    """Metrics dict for uint8 predictions [N, H, W] against `dataset.masks`."""
-    gt = torch.as_tensor(dataset.masks)
+                        num_examples: int = 4, ctx: EvalContext | None = None) -> dict[str, Any]:
+    """Metrics dict for uint8 predictions [n, H, W] against `dataset.masks`: all of them, or with a
+    distributed `ctx` this rank's slice (the confusion matrices are summed over ranks)."""
+    rows = _batches(len(dataset), 1, ctx)[0]
+    if len(preds) != len(rows):
+        raise ValueError(f"{len(preds)} predictions for {len(rows)} images")
+    gt = torch.as_tensor(dataset.masks[rows.start:rows.stop])
     cm = confusion_matrix(preds, gt, dataset.num_classes, dataset.ignore_index)
+    shown = preds[:num_examples]
+    if ctx is not None and ctx.world_size > 1:
+        cm = gather_rows(cm[None], ctx).sum(0)
+        shown = gather_rows(shown, ctx)[:num_examples]  # rank order: the set's first images
     m = iou_from_confusion(cm)
     names = ["background", *dataset.classnames]
     fg = [v for v in m["iou"][1:] if not math.isnan(v)]
@@ -411,8 +468,7 @@ def segmentation_report(preds: torch.Tensor, dataset: SegmentationDataset, mode:
         "per_class_iou": dict(zip(names, m["iou"])),
         "confusion_matrix": cm.tolist(),
         "num_samples": len(dataset),
-        "examples": [(dataset.images[i], preds[i].numpy(), dataset.masks[i])
-                     for i in range(min(num_examples, len(dataset)))],
+        "examples": [(dataset.images[i], shown[i].numpy(), dataset.masks[i]) for i in range(len(shown))],
     }
 
 

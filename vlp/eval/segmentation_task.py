@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, tokenizer, pre, spec: DatasetSpec, ctx: EvalConte
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
             res = full[mode] = evaluate_segmentation(model, tokenizer, test, mode, spec.batch_size, ctx.device,
-                                                     train_dataset=train, **extra)
+                                                     train_dataset=train, ctx=ctx, **extra)
         metrics.update({f"{mode}/miou": res["miou"], f"{mode}/miou_fg": res["miou_fg"],
                         f"{mode}/pixel_accuracy": res["pixel_accuracy"]})
         details[mode] = {"per_class_iou": res["per_class_iou"], "confusion_matrix": res["confusion_matrix"]}
