@@ -266,6 +266,39 @@ def test_segmentation_task_adapter(nano_dir):
     assert len(res.figures) == 2 and all(figure_png(f)[:4] == b"\x89PNG" for f in res.figures)
 
 
+def test_segmentation_alias_random_init_and_examples_png(tmp_path):
+    """`python -m vlp.eval.segmentation` forwards to `python -m vlp.eval --tasks segmentation`;
+    --random-init evaluates seed-0 random weights of the checkpoint's architecture; the examples PNG
+    is the evaluator's examples grid. Reference: evaluate_segmentation on create_model(seed 0)."""
+    from PIL import Image
+
+    from vlp.data.segmentation import load_segmentation_dataset
+    from vlp.data.tokenizer import get_tokenizer
+    from vlp.eval.segmentation import evaluate_segmentation, examples_image
+    from vlp.eval.segmentation import main as alias_main
+    from vlp.models import create_model
+    from vlp.train.checkpoint import export_weights
+
+    torch.manual_seed(1)  # the checkpoint's weights differ from the seed-0 random init
+    trained = create_model("clip-nano")
+    export_weights(trained.state_dict(), trained.config, "clip-nano", tmp_path / "ckpt")
+    png = tmp_path / "ex.png"
+    assert alias_main(["--checkpoint", str(tmp_path / "ckpt"), "--modes", "zeroshot", "--max-test", "6",
+                       "--random-init", "--examples", str(png), "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["random_init"] is True
+    metrics = res["results"][0]["metrics"]
+    torch.manual_seed(0)
+    ref_model = create_model("clip-nano").eval()
+    test = load_segmentation_dataset("clipart", "test", 6)
+    ref = evaluate_segmentation(ref_model, get_tokenizer(ref_model.config.text), test, "zeroshot", 64)
+    assert metrics["zeroshot/miou"] == pytest.approx(ref["miou"], abs=1e-12)
+    assert metrics["num_samples"] == 6
+    assert np.array_equal(np.asarray(Image.open(png)), examples_image({"zeroshot": ref}, test.num_classes))
+    trained_res = evaluate_segmentation(trained.eval(), get_tokenizer(trained.config.text), test, "zeroshot", 64)
+    assert trained_res["confusion_matrix"] != ref["confusion_matrix"]  # so the flag did change the weights
+
+
 def test_cli_plan_ties_datasets_to_tasks():
     from vlp.eval.__main__ import plan
 

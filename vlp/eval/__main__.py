@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory, model.safetensors, or checkpoints/step_N")
     p.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (trained with ema.enabled)")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate the checkpoint's architecture with random weights (seed --seed): the baseline")
     p.add_argument("--tasks", default="zeroshot", help="comma list: zeroshot, retrieval, linear_probe, segmentation")
     p.add_argument("--datasets", default="fashion-mnist",
                    help="comma list: fashion-mnist, digits, directories, captions files; TASK:NAME ties one to a task")
@@ -169,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     except (LoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.random_init:
+        from vlp.models import build_model
+
+        torch.manual_seed(args.seed)
+        model = build_model(model.config).to(device).eval()
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
     ctx = make_context(device, workers=args.workers, figures=not args.no_report, seed=args.seed,
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(f"[{task} / {dataset}] " + ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()), flush=True)
     if ctx.is_main:
-        meta = {"world_size": ctx.world_size, "device": str(device), "ema": args.ema}
+        meta = {"world_size": ctx.world_size, "device": str(device), "ema": args.ema, "random_init": args.random_init}
         if args.no_report:
             from vlp.eval.report import _jsonable, results_dict
 

@@ -492,68 +492,40 @@ def examples_image(results: dict[str, dict[str, Any]], num_classes: int) -> np.n
     return np.concatenate(rows, axis=0)
 
 
-def _format(res: dict[str, Any]) -> str:
-    per = "  ".join(f"{k} {100 * v:.1f}" for k, v in res["per_class_iou"].items() if not math.isnan(v))
-    return (f"{res['mode']}: mIoU {100 * res['miou']:.2f}  mIoU(fg) {100 * res['miou_fg']:.2f}  "
-            f"pixel acc {100 * res['pixel_accuracy']:.2f}\n  per class: {per}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vlp.eval.segmentation --checkpoint RUN --dataset DIR|clipart [--random-init]`."""
+    """`python -m vlp.eval.segmentation ...`: an alias of `python -m vlp.eval --tasks segmentation`."""
     import argparse
-    import json
-    import sys
 
-    from vlp.data.segmentation import load_segmentation_dataset
-    from vlp.loading import LoadError, load_model
+    from vlp.eval.__main__ import main as eval_main
 
-    ap = argparse.ArgumentParser(prog="python -m vlp.eval.segmentation", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vlp.eval.segmentation",
+                                 description="alias of `python -m vlp.eval --tasks segmentation` (same code, "
+                                             "results.json in --out)")
     ap.add_argument("--checkpoint", required=True, help="run directory, model.safetensors or checkpoint dir")
     ap.add_argument("--dataset", default="clipart", help="'clipart' (generated) or a dir from vlp.data.build clipart")
     ap.add_argument("--modes", default="zeroshot,linear_probe", help="comma list of zeroshot, linear_probe, denseclip")
-    ap.add_argument("--finetune-steps", type=int, default=200, help="denseclip mode")
-    ap.add_argument("--max-train", type=int, default=2000, help="train scenes for the linear probe")
+    ap.add_argument("--finetune-steps", type=int, help="denseclip mode")
+    ap.add_argument("--max-train", type=int, default=2000, help="train scenes for linear_probe / denseclip")
     ap.add_argument("--max-test", type=int, default=0, help="0: the whole test split")
     ap.add_argument("--background", default="prompt", choices=["prompt", "threshold", "none"])
     ap.add_argument("--random-init", action="store_true",
                     help="evaluate the checkpoint's architecture with random weights (seed 0): the baseline")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--output", help="write the results (without example arrays) as JSON here")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
     ap.add_argument("--examples", help="write a PNG here: image | ground truth | prediction per mode")
     args = ap.parse_args(argv)
-    try:
-        model, _, tokenizer = load_model(args.checkpoint, device=args.device)
-        test = load_segmentation_dataset(args.dataset, "test", args.max_test)
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        needs_train = {"linear_probe", "denseclip"} & set(modes)
-        train = load_segmentation_dataset(args.dataset, "train", args.max_train) if needs_train else None
-    except (LoadError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.random_init:
-        from vlp.models.clip import CLIP
-
-        torch.manual_seed(0)
-        model = CLIP(model.config).to(args.device).eval()
-    out, full = {}, {}
-    for mode in modes:
-        res = full[mode] = evaluate_segmentation(model, tokenizer, test, mode, args.batch_size, args.device,
-                                    train_dataset=train, background=args.background,
-                                    finetune_steps=args.finetune_steps)
-        print(_format(res))
-        out[mode] = {k: v for k, v in res.items() if k != "examples"}
-    summary = {"checkpoint": args.checkpoint, "dataset": args.dataset, "random_init": args.random_init,
-               **{f"{m}_miou": r["miou"] for m, r in out.items()}}
-    print(json.dumps(summary))
+    forward = ["--checkpoint", args.checkpoint, "--tasks", "segmentation", "--datasets", args.dataset,
+               "--train-samples", str(args.max_train), "--max-samples", str(args.max_test),
+               "--batch-size", str(args.batch_size), "--workers", "0", "--no-report",
+               "--option", f"segmentation.modes={args.modes}", "--option", f"segmentation.background={args.background}"]
+    if args.finetune_steps is not None:
+        forward += ["--option", f"segmentation.finetune_steps={args.finetune_steps}"]
     if args.examples:
-        from PIL import Image
-
-        Image.fromarray(examples_image(full, test.num_classes)).save(args.examples)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({**summary, "results": out}, f, indent=1)
-    return 0
+        forward += ["--option", f"segmentation.examples={args.examples}"]
+    forward += ["--random-init"] * args.random_init + (["--device", args.device] if args.device else [])
+    forward += ["--out", args.out] if args.out else []
+    return eval_main(forward)
 
 
 if __name__ == "__main__":

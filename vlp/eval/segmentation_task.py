@@ -2,7 +2,10 @@
 
 Options (`DatasetSpec.options`, `evals.NAME.options`, or the CLI's defaults):
 `modes` (list or comma string of zeroshot, linear_probe, denseclip; default zeroshot,linear_probe),
-`train_split` (default train), `train_samples` (0: the loader's default), `background`, `finetune_steps`.
+`train_split` (default train), `train_samples` (0: the loader's default), `background`, `finetune_steps`,
+`denseclip` (a mapping of further `finetune_denseclip` keywords, e.g. `{lr: 1e-3, batch_size: 32}`),
+`num_examples` (default 4) and `examples` (a PNG path: rank 0 writes image | ground truth | each mode's
+prediction per row, the picture of docs/dense.md).
 Metrics are prefixed by mode: `zeroshot/miou`, `zeroshot/miou_fg`, `zeroshot/pixel_accuracy`; the per-class IoU and confusion matrix of each mode go to `details` (results.json). Every rank evaluates the whole set (the dense evaluator is not split
 across ranks), so the metrics are the same everywhere.
 """
@@ -69,7 +72,11 @@ def evaluate(model: nn.Module, tokenizer, pre, spec: DatasetSpec, ctx: EvalConte
     test = _dataset(spec.name, spec.split, spec.max_samples)
     needs_train = {"linear_probe", "denseclip"} & set(modes)
     train = _dataset(spec.name, opts.get("train_split", "train"), int(opts.get("train_samples", 0))) if needs_train else None
-    extra = {k: opts[k] for k in ("background", "finetune_steps") if k in opts}
+    extra = {k: opts[k] for k in ("background", "finetune_steps", "num_examples") if k in opts}
+    if "denseclip" in opts:
+        if not isinstance(opts["denseclip"], dict):
+            raise ValueError(f"segmentation option 'denseclip' must be a mapping, got {opts['denseclip']!r}")
+        extra["denseclip_options"] = dict(opts["denseclip"])
     metrics: dict[str, float | int] = {}
     full: dict[str, dict[str, Any]] = {}
     details: dict[str, Any] = {}
@@ -83,6 +90,10 @@ def evaluate(model: nn.Module, tokenizer, pre, spec: DatasetSpec, ctx: EvalConte
                         f"{mode}/pixel_accuracy": res["pixel_accuracy"]})
         details[mode] = {"per_class_iou": res["per_class_iou"], "confusion_matrix": res["confusion_matrix"]}
     metrics["num_samples"] = len(test)
+    if opts.get("examples") and ctx.is_main and full:
+        from PIL import Image
+
+        Image.fromarray(examples_image(full, test.num_classes)).save(str(opts["examples"]))
     figures = []
     if ctx.figures and full:
         figures.append(_examples_figure(f"segmentation maps: {spec.name} ({spec.split})", full, test.num_classes))
