@@ -199,3 +199,29 @@ def test_denseclip_forward_backward_and_fit():
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first
+
+
+def test_class_balance_weights_and_weighted_denseclip_loss():
+    from vlp.eval.segmentation import balance_weights
+
+    w = balance_weights(torch.tensor([0.8, 0.2, 0.0]), 0.5)
+    raw = torch.tensor([0.8 ** -0.5, 0.2 ** -0.5, 1e-6 ** -0.5])
+    torch.testing.assert_close(w, raw / raw[:2].mean())
+    assert torch.equal(balance_weights(torch.tensor([0.8, 0.2]), 0.0), torch.ones(2))
+    model = _tiny()
+    seg = DenseCLIPSegmenter(model, get_tokenizer(model.config.text), ["background", "a", "b"], n_ctx=2, hidden=16)
+    g = torch.Generator().manual_seed(0)
+    out = {"logits": torch.randn(2, 3, 4, 4, generator=g), "aux_logits": torch.randn(2, 3, 4, 4, generator=g)}
+    masks = torch.randint(0, 3, (2, 8, 8), generator=g)
+    masks[0, 0, :3] = 255
+    cw = torch.tensor([0.5, 2.0, 1.5])
+
+    def weighted_ce(logits):  # hand-written: sum_i w[y_i] * nll_i / sum_i w[y_i] over labelled pixels
+        logp = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False).log_softmax(1)
+        keep = masks != 255
+        y = masks.clamp(max=2)
+        nll = -logp.gather(1, y[:, None])[:, 0]
+        return (cw[y] * nll)[keep].sum() / cw[y][keep].sum()
+
+    ref = weighted_ce(out["logits"]) + 0.4 * weighted_ce(out["aux_logits"])
+    torch.testing.assert_close(seg.loss(out, masks, 0.4, class_weight=cw), ref)

@@ -158,12 +158,13 @@ class DenseCLIPSegmenter(nn.Module):
         return self.head(pixel, pooled, self.prompts(), feats if self.head.decoder is not None else None)
 
     def loss(self, out: dict[str, torch.Tensor], masks: torch.Tensor, aux_weight: float = 0.4,
-             ignore_index: int = 255) -> torch.Tensor:
-        """Cross-entropy of the upsampled logits (+ `aux_weight` x that of the score map) against masks."""
+             ignore_index: int = 255, class_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of the upsampled logits (+ `aux_weight` x that of the score map) against masks,
+        each class's pixels weighted by `class_weight` [K] if given."""
         size = masks.shape[-2:]
         ce = F.cross_entropy(F.interpolate(out["logits"], size=size, mode="bilinear", align_corners=False),
-                             masks.long(), ignore_index=ignore_index)
+                             masks.long(), weight=class_weight, ignore_index=ignore_index)
         if aux_weight > 0:
             aux = F.interpolate(out["aux_logits"], size=size, mode="bilinear", align_corners=False)
-            ce = ce + aux_weight * F.cross_entropy(aux, masks.long(), ignore_index=ignore_index)
+            ce = ce + aux_weight * F.cross_entropy(aux, masks.long(), weight=class_weight, ignore_index=ignore_index)
         return ce
