@@ -93,7 +93,7 @@ def test_two_process_segmentation_equals_one_process(tmp_path):
     torchrun(2, str(ROOT / "tests/workers/eval_segmentation.py"), str(out), timeout=300)
     two = torch.load(out, weights_only=True)
     one = run_all()
-    for mode in ("zeroshot", "linear_probe"):
+    for mode in ("zeroshot", "linear_probe", "denseclip"):
         cm = one[mode]["confusion_matrix"]
         assert int(cm.sum()) == 5 * 64 * 64  # every pixel of the 5 scenes counted once
         assert torch.equal(two[mode]["confusion_matrix"], cm), mode

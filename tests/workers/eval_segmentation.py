@@ -1,4 +1,4 @@
-"""Under torchrun (or alone): zero-shot and linear-probe segmentation of a few clipart scenes with a
+"""Under torchrun (or alone): zero-shot, linear-probe and (2-step) DenseCLIP segmentation of a few clipart scenes with a
 random-init tiny CLIP; writes each mode's confusion matrix and example predictions.
 
 5 test scenes at batch 2 leave rank 1 a padding batch under 2 processes (rank 0: scenes 0-2, rank 1: 3-4).
@@ -25,10 +25,10 @@ def run_all() -> dict:
     train = load_segmentation_dataset("clipart", "train", 12)
     ctx = make_context("cpu", figures=False)
     out: dict = {}
-    for mode in ("zeroshot", "linear_probe"):
+    for mode in ("zeroshot", "linear_probe", "denseclip"):
         torch.manual_seed(0)
         res = evaluate_segmentation(model, tok, test, mode, batch_size=2, train_dataset=train, probe_epochs=5,
-                                    num_examples=4, ctx=ctx)
+                                    num_examples=4, finetune_steps=2, denseclip_options={"batch_size": 4}, ctx=ctx)
         out[mode] = {"confusion_matrix": torch.tensor(res["confusion_matrix"]), "miou": res["miou"],
                      "examples": torch.stack([torch.from_numpy(e[1]) for e in res["examples"]])}
     return out

@@ -317,8 +317,8 @@ def linear_head_predict(head: nn.Module, feats: torch.Tensor, size: tuple[int, i
 # ---- DenseCLIP fine-tuning ------------------------------------------------------------------------
 
 
-def finetune_denseclip(model: nn.Module, tokenizer, train: SegmentationDataset, steps: int = 200,
-                       batch_size: int = 32, lr: float = 1e-3, backbone_lr_mult: float = 0.1,
+def finetune_denseclip(model: nn.Module, tokenizer, train: SegmentationDataset, steps: int = 1000,
+                       batch_size: int = 32, lr: float = 1e-3, backbone_lr_mult: float = 0.3,
                        aux_weight: float = 0.4, n_ctx: int = 4, balance: float = 0.5, flip: bool = True,
                        weight_decay: float = 1e-4, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
     """Fine-tune a copy of `model` with a DenseCLIP head on `train` (classes: background + classnames).
@@ -405,7 +405,7 @@ def evaluate_segmentation(
     probe_weight_decay: float = 1e-4,
     probe_balance: float = 0.5,
     num_examples: int = 4,
-    finetune_steps: int = 200,
+    finetune_steps: int = 1000,
     denseclip_options: dict[str, Any] | None = None,
     ctx: EvalContext | None = None,
 ) -> dict[str, Any]:
