@@ -264,6 +264,9 @@ def test_segmentation_task_adapter(nano_dir):
     assert {"linear_probe/miou", "linear_probe/pixel_accuracy", "num_samples"} <= set(res.metrics)
     assert res.details["zeroshot"]["per_class_iou"].keys() == direct["per_class_iou"].keys()
     assert len(res.figures) == 2 and all(figure_png(f)[:4] == b"\x89PNG" for f in res.figures)
+    bad = tasks.DatasetSpec("clipart", "test", 8, 8, {"modes": "denseclip", "train_samples": 16, "denseclip": {"lrr": 1}})
+    with pytest.raises(ValueError, match="lrr"):
+        tasks.run_task("segmentation", model, tok, pre, bad, tasks.EvalContext())
 
 
 def test_segmentation_alias_random_init_and_examples_png(tmp_path):

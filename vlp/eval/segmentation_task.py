@@ -6,12 +6,14 @@ Options (`DatasetSpec.options`, `evals.NAME.options`, or the CLI's defaults):
 `denseclip` (a mapping of further `finetune_denseclip` keywords, e.g. `{lr: 1e-3, batch_size: 32}`),
 `num_examples` (default 4) and `examples` (a PNG path: rank 0 writes image | ground truth | each mode's
 prediction per row, the picture of docs/dense.md).
-Metrics are prefixed by mode: `zeroshot/miou`, `zeroshot/miou_fg`, `zeroshot/pixel_accuracy`; the per-class IoU and confusion matrix of each mode go to `details` (results.json). Every rank evaluates the whole set (the dense evaluator is not split
-across ranks), so the metrics are the same everywhere.
+Metrics are prefixed by mode: `zeroshot/miou`, `zeroshot/miou_fg`, `zeroshot/pixel_accuracy`; the per-class IoU and confusion matrix of each mode go to `details` (results.json). Under torchrun the test
+set (and the probe's train set) is split across ranks and the confusion matrices summed, so each image
+counts once and the metrics are the same on every rank.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ from torch import nn
 
 from vlp.data.segmentation import SegmentationDataset, load_segmentation_dataset
 from vlp.eval.common import load_once
-from vlp.eval.segmentation import evaluate_segmentation, examples_image
+from vlp.eval.segmentation import evaluate_segmentation, examples_image, finetune_denseclip
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 
 
@@ -76,6 +78,10 @@ def evaluate(model: nn.Module, tokenizer, pre, spec: DatasetSpec, ctx: EvalConte
     if "denseclip" in opts:
         if not isinstance(opts["denseclip"], dict):
             raise ValueError(f"segmentation option 'denseclip' must be a mapping, got {opts['denseclip']!r}")
+        known = set(inspect.signature(finetune_denseclip).parameters) - {"model", "tokenizer", "train", "steps", "device"}
+        unknown = sorted(set(opts["denseclip"]) - known)
+        if unknown:
+            raise ValueError(f"unknown segmentation.denseclip key(s) {unknown} (known: {', '.join(sorted(known))})")
         extra["denseclip_options"] = dict(opts["denseclip"])
     metrics: dict[str, float | int] = {}
     full: dict[str, dict[str, Any]] = {}
