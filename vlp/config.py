@@ -53,6 +53,9 @@ class SourceSection:
     classnames: list[str] = field(default_factory=list)  # label: class id -> name
     classnames_from: str = ""  # label: a built-in dataset's class names (fashion-mnist, digits)
     templates: list[str] = field(default_factory=list)  # label: "a photo of a {}."; default built-in
+    # prefix-conditioned models (model text.prefix_kinds): the prefix this source's texts get;
+    # "" = the source's kind (caption, label, multi_text)
+    prefix: str = ""
 
 
 @dataclass

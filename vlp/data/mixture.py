@@ -159,7 +159,7 @@ class _Single:
 
     def __getattr__(self, name: str) -> Any:
         defaults = {"name": "train", "shards": self.data.train_shards, "weight": 1.0, "kind": "caption",
-                    "label_key": "cls", "classnames": [], "classnames_from": "", "templates": []}
+                    "label_key": "cls", "classnames": [], "classnames_from": "", "templates": [], "prefix": ""}
         if name in defaults:
             return defaults[name]
         return getattr(self.data, name)

@@ -237,9 +237,9 @@ def _from_captions(images: list, captions: list[list[str]], source: str) -> Retr
     return RetrievalDataset(images, texts, np.arange(len(images)), np.asarray(groups, dtype=np.int64))
 
 
-def _load_wds_retrieval(root: Path, split: str, max_samples: int) -> RetrievalDataset:
+def _load_wds_retrieval(root: Path, split: str, max_samples: int, text_key: str = "txt") -> RetrievalDataset:
     """CLIP_benchmark retrieval layout: {root}/{split}/*.tar, each sample an image and a `txt`
-    holding one caption per line."""
+    (or another `text_key`, e.g. clipart's `syn.txt`) holding one caption per line."""
     import webdataset as wds
 
     shard_dir = root / split if (root / split).is_dir() else root
@@ -249,11 +249,11 @@ def _load_wds_retrieval(root: Path, split: str, max_samples: int) -> RetrievalDa
     images, captions = [], []
     for sample in wds.tarfile_samples([{"url": str(s)} for s in shards]):
         ext = next((e for e in _IMAGE_EXTS if e in sample), None)
-        if ext is None or "txt" not in sample:
+        if ext is None or text_key not in sample:
             continue
         img = Image.open(io.BytesIO(sample[ext]))
         images.append(img.convert("RGB"))
-        captions.append([ln.strip() for ln in sample["txt"].decode().splitlines() if ln.strip()])
+        captions.append([ln.strip() for ln in sample[text_key].decode().splitlines() if ln.strip()])
         if 0 < max_samples <= len(images):
             break
     return _from_captions(images, captions, f"retrieval dataset '{root}'")
@@ -308,9 +308,11 @@ def _class_retrieval(name: str, split: str, max_samples: int) -> RetrievalDatase
     return RetrievalDataset(data.images, texts, np.asarray(data.labels), groups)
 
 
-def load_retrieval_dataset(name: str, split: str = "test", max_samples: int = 0) -> RetrievalDataset:
-    """'fashion-mnist' / 'digits' (class-level), a CLIP_benchmark retrieval wds directory, a captions
-    file (.csv / .jsonl with file,caption) or a directory holding captions.csv / captions.jsonl."""
+def load_retrieval_dataset(name: str, split: str = "test", max_samples: int = 0,
+                           text_key: str = "txt") -> RetrievalDataset:
+    """'fashion-mnist' / 'digits' (class-level), a CLIP_benchmark retrieval wds directory (captions
+    from the `text_key` member), a captions file (.csv / .jsonl with file,caption) or a directory
+    holding captions.csv / captions.jsonl."""
     if name in ("fashion-mnist", "digits"):
         return _class_retrieval(name, split, max_samples)
     path = Path(name)
@@ -321,7 +323,7 @@ def load_retrieval_dataset(name: str, split: str = "test", max_samples: int = 0)
             for base in (path / split, path):
                 if (base / fname).is_file():
                     return _load_caption_folder(base / fname, max_samples)
-        return _load_wds_retrieval(path, split, max_samples)
+        return _load_wds_retrieval(path, split, max_samples, text_key)
     raise ValueError(
         f"unknown retrieval dataset '{name}': expected 'fashion-mnist', 'digits', a CLIP_benchmark "
         "retrieval webdataset directory, or a captions .csv/.jsonl (columns file, caption) beside its images"

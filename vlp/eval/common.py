@@ -34,11 +34,11 @@ class ImageSource(Protocol):
 _LOADED: dict[tuple[Any, ...], Any] = {}
 
 
-def load_once(loader: Callable[[str, str, int], Any], name: str, split: str, max_samples: int) -> Any:
-    """loader(name, split, max_samples), memoized per process: in-training evals load nothing twice."""
-    key = (loader.__module__, loader.__qualname__, name, split, max_samples)
+def load_once(loader: Callable[..., Any], name: str, split: str, max_samples: int, *extra: Any) -> Any:
+    """loader(name, split, max_samples, *extra), memoized per process: in-training evals load nothing twice."""
+    key = (loader.__module__, loader.__qualname__, name, split, max_samples, *extra)
     if key not in _LOADED:
-        _LOADED[key] = loader(name, split, max_samples)
+        _LOADED[key] = loader(name, split, max_samples, *extra)
     return _LOADED[key]
 
 
@@ -138,18 +138,40 @@ def encode_images(model: torch.nn.Module, source: ImageSource, pre: PreprocessCo
     return gather_rows(local, ctx)
 
 
+def text_prefix(model: torch.nn.Module, options: dict[str, Any]) -> str | None:
+    """The prefix kind texts are encoded with (option `prefix`): a prefix-conditioned model
+    (Prefix Conditioning) defaults to "caption", the mode zero-shot transfer wants; a model without
+    prefixes takes none, and asking it for one is an error naming the option."""
+    kinds = tuple(getattr(getattr(model, "text", None), "prefix_kinds", ()) or ())
+    asked = options.get("prefix")
+    if not kinds:
+        if asked not in (None, ""):
+            raise ValueError(f"option prefix={asked!r}: this model has no prefix conditioning")
+        return None
+    kind = str(asked) if asked not in (None, "") else "caption"
+    if kind not in kinds:
+        raise ValueError(f"option prefix={kind!r}: not a prefix kind of this model (known: {', '.join(kinds)})")
+    return kind
+
+
+def encode_text_kind(model: torch.nn.Module, tokens: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """model.encode_text, with the prefix kind only when there is one (other models keep their signature)."""
+    return model.encode_text(tokens) if kind is None else model.encode_text(tokens, kinds=kind)
+
+
 def encode_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int,
-                 ctx: EvalContext) -> torch.Tensor:
-    """Unit-norm fp32 text features [len(texts), D], split across ranks, on every rank."""
+                 ctx: EvalContext, kind: str | None = None) -> torch.Tensor:
+    """Unit-norm fp32 text features [len(texts), D], split across ranks, on every rank; `kind`:
+    the prefix of a prefix-conditioned model (see text_prefix)."""
     mine, per_rank = shard(len(texts), ctx.rank, ctx.world_size)
     mine_texts = [texts[i] for i in mine]
     feats: list[torch.Tensor] = []
     with torch.inference_mode():
         for start in range(0, len(mine_texts), batch_size):
             tokens = tokenizer(mine_texts[start:start + batch_size]).to(ctx.device)
-            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+            feats.append(F.normalize(encode_text_kind(model, tokens, kind).float(), dim=-1).cpu())
         for _ in range(-(-per_rank // batch_size) - len(feats)):
-            model.encode_text(tokenizer([texts[0]]).to(ctx.device))
+            encode_text_kind(model, tokenizer([texts[0]]).to(ctx.device), kind)
     local = torch.cat(feats) if feats else torch.zeros(0, _embed_dim(model))
     return gather_rows(local, ctx)
 

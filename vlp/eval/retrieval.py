@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from vlp.data.sources import RetrievalDataset, load_retrieval_dataset
-from vlp.eval.common import cached_image_features, dataset_key, encode_images, encode_texts, load_once
+from vlp.eval.common import (
+    cached_image_features,
+    dataset_key,
+    encode_images,
+    encode_texts,
+    load_once,
+    text_prefix,
+)
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
@@ -83,12 +90,18 @@ def top_images_figure(title: str, data: RetrievalDataset, scores: torch.Tensor, 
 
 
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
-    """Task entry point (see vlp.eval.tasks)."""
-    data = load_once(load_retrieval_dataset, spec.name, spec.split, spec.max_samples)
+    """Task entry point (see vlp.eval.tasks). Options: `prefix`, the texts' prefix kind on a
+    prefix-conditioned model (default caption), recorded in the details; `text_key`, the member
+    holding the captions in a webdataset directory (default txt; clipart also has syn.txt)."""
+    kind = text_prefix(model, spec.options)
+    text_key = str(spec.options.get("text_key") or "txt")
+    extra = () if text_key == "txt" else (text_key,)
+    data = load_once(load_retrieval_dataset, spec.name, spec.split, spec.max_samples, *extra)
     # built-in sets share their image features with zero-shot and the linear probe
     img = cached_image_features(model, data, pre, spec.batch_size, ctx,
-                                dataset_key(spec.name, spec.split, spec.max_samples, reader="captioned"))
-    txt = encode_texts(model, tokenizer, data.texts, spec.batch_size, ctx)
+                                dataset_key(spec.name, spec.split, spec.max_samples,
+                                            reader="captioned" + "".join(f":{k}" for k in extra)))
+    txt = encode_texts(model, tokenizer, data.texts, spec.batch_size, ctx, kind)
     metrics = retrieval_metrics(img, txt, data.image_groups, data.text_groups)
     figures = []
     if ctx.figures and len(data.texts):
@@ -98,4 +111,4 @@ def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSp
         queries = [int(np.flatnonzero(data.text_groups == g)[0]) for g in picked]
         figures.append(top_images_figure(f"text -> image retrieval: {spec.name} ({spec.split})", data,
                                          txt @ img.t(), queries))
-    return TaskResult(metrics, figures)
+    return TaskResult(metrics, figures, {"text_prefix": kind} if kind is not None else {})

@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.data.sources import EvalDataset, load_eval_dataset
-from vlp.eval.common import cached, cached_image_features, dataset_key, encode_images, load_once, make_context
+from vlp.eval.common import (
+    cached,
+    cached_image_features,
+    dataset_key,
+    encode_images,
+    encode_text_kind,
+    load_once,
+    make_context,
+    text_prefix,
+)
 from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
 from vlp.models.config import PreprocessConfig
 
@@ -25,26 +34,30 @@ def fill_template(template: str, classname: str) -> str:
 
 
 def build_classifier(model: nn.Module, tokenizer, classnames: list[str], templates: list[str],
-                     device: torch.device | str = "cpu", batch_size: int = 512) -> torch.Tensor:
+                     device: torch.device | str = "cpu", batch_size: int = 512,
+                     kind: str | None = None) -> torch.Tensor:
     """[num_classes, embed_dim] unit-norm weights: the mean of each class's normalized prompt embeddings.
 
     All class x template prompts are encoded in large batches rather than one class at a time.
+    `kind`: the prompts' prefix on a prefix-conditioned model (None: the model's default).
     """
     prompts = [fill_template(t, name) for name in classnames for t in templates]
     feats = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-            feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+            feats.append(F.normalize(encode_text_kind(model, tokens, kind).float(), dim=-1))
     emb = torch.cat(feats).view(len(classnames), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1).clone()
 
 
 def cached_classifier(model: nn.Module, tokenizer, classnames: list[str], templates: list[str],
-                      ctx: EvalContext) -> torch.Tensor:
-    """build_classifier, cached under ctx.cache_dir per checkpoint fingerprint, class names and templates."""
-    clf = cached(ctx, "zeroshot_classifier", [classnames, templates],
-                 lambda: build_classifier(model, tokenizer, classnames, templates, ctx.device))
+                      ctx: EvalContext, kind: str | None = None) -> torch.Tensor:
+    """build_classifier, cached under ctx.cache_dir per checkpoint fingerprint, class names, templates
+    (and prefix kind)."""
+    key = [classnames, templates] if kind is None else [classnames, templates, kind]
+    clf = cached(ctx, "zeroshot_classifier", key,
+                 lambda: build_classifier(model, tokenizer, classnames, templates, ctx.device, kind=kind))
     return clf.to(ctx.device)
 
 
@@ -99,15 +112,17 @@ def confusion_figure(title: str, cm: np.ndarray, classnames: list[str]) -> Figur
 
 def zeroshot_predictions(model: nn.Module, tokenizer, data: EvalDataset, pre: PreprocessConfig,
                          batch_size: int = 256, device: torch.device | str = "cpu",
-                         ctx: EvalContext | None = None, cache_key: str | None = None) -> torch.Tensor:
+                         ctx: EvalContext | None = None, cache_key: str | None = None,
+                         kind: str | None = None) -> torch.Tensor:
     """[N, num_classes] cosine logits for every image of `data`, in order, on every rank.
 
     With `cache_key` (see common.dataset_key) and a caching context, image features are reused.
+    `kind`: the prompts' prefix on a prefix-conditioned model.
     """
     ctx = ctx or make_context(device)
     was_training = model.training
     model.eval()
-    classifier = cached_classifier(model, tokenizer, data.classnames, data.templates, ctx)
+    classifier = cached_classifier(model, tokenizer, data.classnames, data.templates, ctx, kind)
     if cache_key is None:
         feats = encode_images(model, data, pre, batch_size, ctx)
     else:
@@ -138,10 +153,12 @@ def run_zeroshot(model: nn.Module, tokenizer, dataset: str, split: str = "test",
 
 
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
-    """Task entry point (see vlp.eval.tasks)."""
+    """Task entry point (see vlp.eval.tasks). Option `prefix`: the prompts' prefix kind on a
+    prefix-conditioned model (default caption), recorded in the details."""
+    kind = text_prefix(model, spec.options)
     data = cached_dataset(spec.name, spec.split, spec.max_samples)
     logits = zeroshot_predictions(model, tokenizer, data, pre, spec.batch_size, ctx.device, ctx,
-                                  dataset_key(spec.name, spec.split, spec.max_samples))
+                                  dataset_key(spec.name, spec.split, spec.max_samples), kind)
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     metrics = classification_metrics(logits, labels, len(data.classnames))
     figures = []
@@ -149,4 +166,4 @@ def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSp
         cm = confusion_matrix(logits.argmax(-1), labels, len(data.classnames))
         figures.append(confusion_figure(f"zero-shot confusion matrix: {spec.name} ({spec.split})", cm,
                                         data.classnames))
-    return TaskResult(metrics, figures)
+    return TaskResult(metrics, figures, {"text_prefix": kind} if kind is not None else {})

@@ -105,6 +105,10 @@ def export_hf(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Path,
 
     if hasattr(cfg, "decoder"):
         raise ValueError("transformers has no CoCa model; export CoCa with --to open_clip")
+    if cfg.text.prefix_kinds:
+        raise ValueError(f"this model is prefix-conditioned (text.prefix_kinds={list(cfg.text.prefix_kinds)}): "
+                         "transformers' text models have no prefix tokens; export it with --to vlp (or --to "
+                         "timm for the image tower)")
     out = Path(out_dir)
     if cfg.init_logit_bias is not None:
         why = _siglip_refusals(cfg, sd)

@@ -244,6 +244,10 @@ def export_open_clip(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor], out_dir: s
 
     from safetensors.torch import save_file
 
+    if cfg.text.prefix_kinds:
+        raise ValueError(f"this model is prefix-conditioned (text.prefix_kinds={list(cfg.text.prefix_kinds)}): "
+                         "open_clip's text tower has no prefix tokens; export it with --to vlp (or --to timm "
+                         "for the image tower)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = cfg.preprocess

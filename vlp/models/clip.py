@@ -5,6 +5,8 @@ Deliberately free of torch.distributed / deepspeed so it can be built, loaded an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ _NO_DECAY_FRAGMENTS = (
     "class_embedding",
     "logit_scale",
     "logit_bias",
+    "prefix_embedding",
 )
 
 
@@ -61,8 +64,11 @@ class CLIP(nn.Module):
         x = self.image_proj(self.visual(images))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        x = self.text_proj(self.text(tokens))
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False,
+                    kinds: str | Sequence[str] | torch.Tensor | None = None) -> torch.Tensor:
+        """Text embeddings; `kinds` (prefix-conditioned models only): one kind name for all texts, a
+        name per text, or prefix indices; None means "caption" (see TextTower.kind_ids)."""
+        x = self.text_proj(self.text(tokens, kinds))
         return F.normalize(x, dim=-1) if normalize else x
 
     def clamped_logit_scale(self) -> torch.Tensor:
@@ -73,7 +79,8 @@ class CLIP(nn.Module):
         return self.logit_scale.float().clamp(max=self.config.max_logit_scale).exp().reshape(())
 
     def forward(
-        self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+        self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+        kinds: str | Sequence[str] | torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"logit_scale": self.clamped_logit_scale()}
         if self.logit_bias is not None:
@@ -81,7 +88,7 @@ class CLIP(nn.Module):
         if images is not None:
             out["image_features"] = self.encode_image(images, normalize=True)
         if tokens is not None:
-            out["text_features"] = self.encode_text(tokens, normalize=True)
+            out["text_features"] = self.encode_text(tokens, normalize=True, kinds=kinds)
         return out
 
     def no_weight_decay(self) -> set[str]:

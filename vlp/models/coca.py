@@ -221,6 +221,9 @@ class CoCa(nn.Module):
         super().__init__()
         if cfg.caption_queries < 1:
             raise ValueError(f"caption_queries must be >= 1, got {cfg.caption_queries}")
+        if cfg.text.prefix_kinds:
+            raise ValueError("text.prefix_kinds: prefix conditioning is implemented for the CLIP text tower; "
+                             "CoCa's text tower (CLS token, captioning decoder) does not take prefixes")
         if cfg.decoder.width != cfg.text.width:
             raise ValueError(f"decoder.width ({cfg.decoder.width}) must equal text.width ({cfg.text.width}): "
                              "the decoder continues the text tower's token outputs")

@@ -50,6 +50,10 @@ class TextTowerConfig:
     # last position (causal=False, pool="last")
     causal: bool = True
     pool: str = "eot"  # eot | last
+    # Prefix Conditioning (Saito et al. 2022): one learned token per data kind (e.g. caption, label),
+    # inserted after the start-of-text token, so that label-made and caption texts train the tower
+    # without one biasing the other. Empty: no prefix (the plain CLIP text tower).
+    prefix_kinds: tuple[str, ...] = ()
 
 
 @dataclass

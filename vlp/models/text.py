@@ -2,10 +2,19 @@
 
 Blocks reuse timm's pre-norm ViT `Block` (fused SDPA, `is_causal=True`) so the math matches
 open_clip's `TextTransformer` (LayerNorm eps 1e-5, exact GELU, causal mask, ln_final before pooling).
+
+Prefix Conditioning (Saito et al. 2022, `prefix_kinds`): one learned embedding per data kind is
+inserted as an extra token right after the start-of-text token, so the sequence is
+[sot, prefix(kind), t1, ..., eot, pad...]. The word tokens keep their own positional embeddings
+(index i of `tokens` still gets row i) and the prefix gets none: a learned per-kind vector already
+marks its place, and a position vector added to it would be the same for every kind. Every later
+position attends to the prefix (the mask stays causal), so the pooled end-of-text output depends on
+the kind; the outputs are returned at the token positions only, so pooling indices are unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -57,6 +66,12 @@ class TextTower(nn.Module):
             for _ in range(cfg.layers)
         )
         self.ln_final = norm(cfg.width)
+        self.prefix_kinds: tuple[str, ...] = tuple(cfg.prefix_kinds)
+        if any(not isinstance(k, str) or not k for k in self.prefix_kinds) or \
+                len(set(self.prefix_kinds)) != len(self.prefix_kinds):
+            raise ValueError(f"text prefix_kinds must be distinct non-empty names, got {list(self.prefix_kinds)}")
+        self.prefix_embedding = (nn.Parameter(torch.empty(len(self.prefix_kinds), cfg.width))
+                                 if self.prefix_kinds else None)
         self.init_weights()
 
     @torch.no_grad()
@@ -76,25 +91,69 @@ class TextTower(nn.Module):
             nn.init.zeros_(blk.mlp.fc1.bias)
             nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
             nn.init.zeros_(blk.mlp.fc2.bias)
+        if self.prefix_embedding is not None:
+            # drawn without advancing the global RNG: the other parameters start exactly as in the
+            # same model without prefixes at the same seed, so a with/without comparison isolates them
+            with torch.random.fork_rng(devices=[]):
+                nn.init.normal_(self.prefix_embedding, std=0.02)
+
+    def kind_ids(self, kinds: str | Sequence[str] | torch.Tensor | None, batch: int,
+                 device: torch.device | str) -> torch.Tensor | None:
+        """Per-sample prefix index [batch] from one kind name, a name per sample or indices.
+
+        None on a prefix-conditioned tower means "caption" (the mode zero-shot use defaults to).
+        """
+        if not self.prefix_kinds:
+            if kinds is not None:
+                raise ValueError(f"text kinds {kinds!r} given, but this text tower has no prefix "
+                                 "conditioning (model text.prefix_kinds is empty)")
+            return None
+        if kinds is None:
+            if "caption" not in self.prefix_kinds:
+                raise ValueError(f"this text tower is prefix-conditioned on {list(self.prefix_kinds)}: "
+                                 "pass the kind of the texts (there is no 'caption' kind to default to)")
+            kinds = "caption"
+        if isinstance(kinds, torch.Tensor):
+            ids = kinds.to(device=device, dtype=torch.long).reshape(-1)
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < len(self.prefix_kinds)):
+                raise ValueError(f"text kind index out of range [0, {len(self.prefix_kinds)}): {ids.tolist()}")
+        else:
+            names = [kinds] * batch if isinstance(kinds, str) else list(kinds)
+            unknown = sorted({k for k in names if k not in self.prefix_kinds})
+            if unknown:
+                raise ValueError(f"unknown text kind(s) {unknown} (this model's prefix_kinds: "
+                                 f"{', '.join(self.prefix_kinds)})")
+            ids = torch.tensor([self.prefix_kinds.index(k) for k in names], dtype=torch.long, device=device)
+        if ids.shape[0] != batch:
+            raise ValueError(f"got {ids.shape[0]} text kinds for a batch of {batch} texts")
+        return ids
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-position outputs after ln_final, `[B, L, width]`; position i sees only tokens <= i."""
+    def forward_tokens(self, tokens: torch.Tensor,
+                       kinds: str | Sequence[str] | torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position outputs after ln_final, `[B, L, width]`; position i sees only tokens <= i
+        (and, with prefix conditioning, the kind's prefix token, which every token after sot sees)."""
         seq_len = tokens.shape[1]
         if seq_len > self.context_length:
             raise ValueError(f"token length {seq_len} exceeds context_length {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:seq_len]
+        ids = self.kind_ids(kinds, tokens.shape[0], tokens.device)
+        if ids is not None:
+            prefix = self.prefix_embedding[ids].to(x.dtype)[:, None]
+            x = torch.cat([x[:, :1], prefix, x[:, 1:]], dim=1)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, None, self.config.causal, use_reentrant=False)
             else:
                 x = blk(x, is_causal=self.config.causal)
+        if ids is not None:
+            x = torch.cat([x[:, :1], x[:, 2:]], dim=1)  # drop the prefix position
         return self.ln_final(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.forward_tokens(tokens)
+    def forward(self, tokens: torch.Tensor, kinds: str | Sequence[str] | torch.Tensor | None = None) -> torch.Tensor:
+        x = self.forward_tokens(tokens, kinds)
         if self.config.pool == "last":
             return x[:, -1]
         idx = eot_positions(tokens, self.eot_token_id)

@@ -46,18 +46,18 @@ def feature_gradients(loss_fn: nn.Module, image: torch.Tensor, text: torch.Tenso
 
 
 def exact_accumulation_step(engine, loss_fn: nn.Module,
-                            micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+                            micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
     """One optimizer step of exact accumulation over `micro_batches` (as many as the engine's
-    gradient_accumulation_steps). Collective across ranks. Returns {"loss", "logit_scale"[, "logit_bias"]}."""
+    gradient_accumulation_steps), each the engine's positional inputs (image, text[, kinds]). Collective across ranks. Returns {"loss", "logit_scale"[, "logit_bias"]}."""
     k = len(micro_batches)
     if k != engine.gradient_accumulation_steps():
         raise ValueError(f"exact accumulation got {k} micro-batches, the engine accumulates "
                          f"{engine.gradient_accumulation_steps()}")
     states, images, texts = [], [], []
     with torch.no_grad():
-        for image, text in micro_batches:
+        for inputs in micro_batches:
             states.append(_rng_get())
-            out = engine(image, text, features_only=True)
+            out = engine(*inputs, features_only=True)
             images.append(out["image_features"])
             texts.append(out["text_features"])
     after = _rng_get()
@@ -65,9 +65,9 @@ def exact_accumulation_step(engine, loss_fn: nn.Module,
     loss, grads = feature_gradients(loss_fn, torch.cat(images), torch.cat(texts), scale, bias)
     sizes = [x.shape[0] for x in images]
     g_img, g_txt = grads["image"].split(sizes), grads["text"].split(sizes)
-    for i, (image, text) in enumerate(micro_batches):
+    for i, inputs in enumerate(micro_batches):
         _rng_set(states[i])
-        out = engine(image, text, features_only=True)
+        out = engine(*inputs, features_only=True)
         # a scalar whose parameter gradient is J^T g: the chain rule through the cached loss
         surrogate = (out["image_features"].float() * g_img[i]).sum() + (out["text_features"].float() * g_txt[i]).sum()
         # the temperature (and bias) enter the loss once, not once per micro-batch; the zero weight

@@ -33,7 +33,7 @@ def image_groups(trunk: nn.Module) -> list[list[str]]:
 def text_groups(text: nn.Module) -> list[list[str]]:
     """Embeddings, each block, final norm: the text tower's layer groups, input side first."""
     names = [n for n, _ in text.named_parameters()]
-    out = [[n for n in names if n.startswith(("token_embedding.", "positional_embedding"))]]
+    out = [[n for n in names if n.startswith(("token_embedding.", "positional_embedding", "prefix_embedding"))]]
     out += [[n for n in names if n.startswith(f"blocks.{i}.")] for i in range(len(text.blocks))]
     out.append([n for n in names if n.startswith("ln_final.")])
     return out

@@ -21,9 +21,10 @@ class CLIPTask(nn.Module):
         self.loss = loss if loss is not None else ClipLoss()
         self.locked: list[nn.Module] = []
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor,
+    def forward(self, image: torch.Tensor, text: torch.Tensor, kinds: torch.Tensor | None = None,
                 features_only: bool = False) -> dict[str, torch.Tensor]:
-        out = self.model(image, text)
+        """`kinds`: per-sample prefix indices for a prefix-conditioned text tower, else None."""
+        out = self.model(image, text) if kinds is None else self.model(image, text, kinds)
         if features_only:  # exact accumulation takes the loss over several micro-batches itself
             return out
         if getattr(self.loss, "takes_model_output", False):  # e.g. CoCa: also scores the caption logits

@@ -93,6 +93,7 @@ class Trainer:
             raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
         for src in source_specs(cfg.data):
             expand_shards(src.shards)  # raises DataError naming a missing path
+        self.source_prefix = self._source_prefixes()
         self.total_steps = resolve_total_steps(cfg, self.dist.world_size,
                                                "::".join(src.shards for src in source_specs(cfg.data)))
         self.resume_dir = self._resolve_resume(resume)
@@ -155,6 +156,24 @@ class Trainer:
             if self._resume_note:
                 self.log.write(f"warning: {self._resume_note}")
 
+    def _source_prefixes(self) -> dict[str, int] | None:
+        """Prefix conditioning: source name -> index of its prefix kind (None: the model has none)."""
+        kinds = tuple(self.model_cfg.text.prefix_kinds)
+        out: dict[str, int] = {}
+        for i, src in enumerate(source_specs(self.cfg.data)):
+            key = f"data.sources[{i}].prefix" if self.cfg.data.sources else "data.train_shards"
+            prefix = src.prefix or src.kind
+            if not kinds:
+                if src.prefix:
+                    raise TrainError(f"{key}='{src.prefix}' but model '{self.cfg.model.name}' has no prefix "
+                                     "conditioning (set model.overrides.text.prefix_kinds)")
+                continue
+            if prefix not in kinds:
+                raise TrainError(f"{key}: the samples of source '{src.name}' take prefix '{prefix}', which is not "
+                                 f"among model text.prefix_kinds {list(kinds)}")
+            out[src.name] = kinds.index(prefix)
+        return out if kinds else None
+
     def _prepare_model(self) -> None:
         """Locking, gradient checkpointing and compilation: before DeepSpeed sees the model."""
         cfg = self.cfg
@@ -194,7 +213,7 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         gas = cfg.train.gradient_accumulation_steps
         exact = cfg.train.contrastive_accumulation == "exact"
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # exact: this step's micro-batches
+        pending: list[tuple[torch.Tensor, ...]] = []  # exact: this step's micro-batches
         global_batch = cfg.data.batch_size * d.world_size * gas
         micro = 0
         self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
@@ -226,6 +245,9 @@ class Trainer:
                 self._absorb(batch)
                 inputs = (batch["image"].to(d.device, self.input_dtype, non_blocking=True),
                           batch["text"].to(d.device, non_blocking=True))
+                if self.source_prefix is not None:  # each sample's prefix kind, from its source
+                    inputs += (torch.tensor([self.source_prefix[s] for s in batch["source"]],
+                                            dtype=torch.long, device=d.device),)
                 self.in_epoch += 1
                 micro += 1
                 if exact:  # GradCache: the loss over all micro-batches of the step at once
