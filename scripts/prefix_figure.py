@@ -35,11 +35,15 @@ def main(argv: list[str]) -> int:
     keys = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
     labels = [f"{'t->i' if d == 'image' else 'i->t'} R@{k}" for d in ("image", "text") for k in (1, 5, 10)]
     width = 0.8 / len(runs)
+    seen: set[Path] = set()
     for i, (name, _, dirs) in enumerate(runs):
         r = _results(dirs.split(","))
         vals = [100 * next(v for k, v in r.items() if k.startswith(f"retrieval/{m}/")) for m in keys]
         ax_r.bar([j + i * width for j in range(len(keys))], vals, width, label=name)
         metrics = Path(dirs.split(",")[0]).parent / "metrics.jsonl"
+        if metrics in seen:  # another mode of the same run: one loss curve
+            continue
+        seen.add(metrics)
         rows = [json.loads(x) for x in metrics.read_text().splitlines()]
         steps = [x["step"] for x in rows if "loss" in x]
         ax_l.plot(steps, [x["loss"] for x in rows if "loss" in x], label=name)
