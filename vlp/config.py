@@ -29,7 +29,8 @@ class ModelSection:
 
 @dataclass
 class LossSection:
-    # clip: softmax InfoNCE over the gathered global batch; siglip: pairwise sigmoid, ring exchange
+    # clip: softmax InfoNCE over the gathered global batch; siglip: pairwise sigmoid, ring exchange;
+    # coca: InfoNCE + captioning; tips: InfoNCE per text stream + masked-image self-distillation (tips.*)
     name: str = "clip"
     # > 0: softmax in row blocks / sigmoid in column tiles, loss memory about local batch x tile_size
     # instead of local x global (exact, not an approximation)
@@ -37,6 +38,22 @@ class LossSection:
     # coca: loss = clip_weight * InfoNCE + caption_weight * next-token cross-entropy
     clip_weight: float = 1.0
     caption_weight: float = 2.0
+
+
+@dataclass
+class TipsSection:
+    """loss.name=tips (vlp/train/tips_task.py): weights, masking, temperatures, centre and teacher EMA."""
+
+    stream_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # one per data.text_streams
+    ibot_weight: float = 1.0  # masked patch tokens vs the teacher's (iBOT)
+    dino_weight: float = 1.0  # pooled tokens vs the teacher's (DINO global term)
+    mask_prob: float = 0.5  # fraction of the images that are masked
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # masked fraction of a masked image's patches, uniform
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # sharpening
+    center_momentum: float = 0.9  # running centre of the teacher's logits
+    teacher_momentum: float = 0.996  # EMA momentum at step 0, cosine up to teacher_momentum_end
+    teacher_momentum_end: float = 1.0
 
 
 @dataclass
@@ -76,6 +93,9 @@ class DataSection:
     crop_scale: tuple[float, float] = (0.6, 1.0)
     image_key: str = "jpg;png;webp;jpeg"
     text_key: str = "txt"
+    # several texts per image, one per stream (loss.name=tips): each entry a text key ("a;b": first
+    # present); batches then carry text [B, streams, context]. Empty: one text (text_key)
+    text_streams: list[str] = field(default_factory=list)
     # captions longer than this many characters are cut to it (counted as caption_truncated)
     max_caption_chars: int = 2000
     # decode JPEGs at a reduced DCT scale when the crop is far larger than the output size
@@ -183,6 +203,7 @@ class RunConfig:
     run_dir: str = "runs/default"
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
+    tips: TipsSection = field(default_factory=TipsSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -236,8 +257,12 @@ def validate(cfg: DictConfig) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"key '{key}': {why}")
 
-    if cfg.loss.name not in ("clip", "siglip", "coca"):
-        bad("loss.name", f"unknown loss '{cfg.loss.name}' (known: clip, siglip, coca)")
+    if cfg.loss.name not in ("clip", "siglip", "coca", "tips"):
+        bad("loss.name", f"unknown loss '{cfg.loss.name}' (known: clip, siglip, coca, tips)")
+    if cfg.loss.name == "tips":
+        _validate_tips(cfg, bad)
+    elif cfg.data.text_streams:
+        bad("data.text_streams", f"several texts per image are used only by loss.name=tips, not '{cfg.loss.name}'")
     if cfg.loss.tile_size < 0:
         bad("loss.tile_size", f"must be >= 0, got {cfg.loss.tile_size}")
     for key in ("clip_weight", "caption_weight"):
@@ -295,6 +320,40 @@ def validate(cfg: DictConfig) -> None:
             bad(f"evals.{name}.every_n_steps", "must be >= 0 (0: only at the end of training)")
         if ev.ema and not cfg.ema.enabled:
             bad(f"evals.{name}.ema", "evaluating EMA weights needs ema.enabled=true")
+
+
+def _validate_tips(cfg: DictConfig, bad) -> None:
+    t = cfg.tips
+    if cfg.train.zero_stage == 3:
+        bad("train.zero_stage", "loss.name=tips keeps its EMA teacher whole on every rank; ZeRO-3 would partition "
+            "it (use zero_stage 0, 1 or 2)")
+    if cfg.train.precision != "fp32":
+        bad("train.precision", "loss.name=tips needs fp32: the EMA teacher would be held (and averaged) in "
+            f"{cfg.train.precision}")
+    if cfg.train.contrastive_accumulation != "micro":
+        bad("train.contrastive_accumulation", "loss.name=tips supports micro only")
+    if not cfg.data.text_streams:
+        bad("data.text_streams", "loss.name=tips needs one text key per stream, e.g. [txt, syn.txt]")
+    if len(t.stream_weights) != len(cfg.data.text_streams):
+        bad("tips.stream_weights", f"has {len(t.stream_weights)} entries for {len(cfg.data.text_streams)} "
+            "data.text_streams")
+    for key in ("ibot_weight", "dino_weight"):
+        if t[key] < 0:
+            bad(f"tips.{key}", f"must be >= 0, got {t[key]}")
+    if any(w < 0 for w in t.stream_weights):
+        bad("tips.stream_weights", "must be >= 0")
+    if not 0.0 <= t.mask_prob <= 1.0:
+        bad("tips.mask_prob", f"must be in [0, 1], got {t.mask_prob}")
+    lo, hi = t.mask_ratio
+    if not 0.0 <= lo <= hi < 1.0:
+        bad("tips.mask_ratio", f"must satisfy 0 <= min <= max < 1, got {list(t.mask_ratio)}")
+    for key in ("student_temp", "teacher_temp"):
+        if not t[key] > 0:
+            bad(f"tips.{key}", f"must be > 0, got {t[key]}")
+    if not 0.0 <= t.center_momentum < 1.0:
+        bad("tips.center_momentum", f"must be in [0, 1), got {t.center_momentum}")
+    if not 0.0 <= t.teacher_momentum <= t.teacher_momentum_end <= 1.0:
+        bad("tips.teacher_momentum", "must satisfy 0 <= teacher_momentum <= teacher_momentum_end <= 1")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -69,6 +69,18 @@ class CaptionText:
         return decode_text(raw, self.max_chars, events)
 
 
+class StreamTexts:
+    """One caption per stream (e.g. the alt-text and a synthetic caption): a tuple, or None (sample
+    skipped) when any stream's text is missing."""
+
+    def __init__(self, streams: list[CaptionText]) -> None:
+        self.streams = streams
+
+    def __call__(self, sample: dict, events: Events) -> tuple[str, ...] | None:
+        texts = tuple(s(sample, events) for s in self.streams)
+        return None if any(t is None for t in texts) else texts
+
+
 class LabelText:
     """Class id -> caption from classnames x templates, one template per sample (seeded by key)."""
 
@@ -178,8 +190,13 @@ def build_sources(data: Any, tables: list[ShardTable], seed: int, epoch: int) ->
         if not src.weight > 0:
             raise DataError(f"{where}.weight must be > 0, got {src.weight}")
         max_chars = int(data.max_caption_chars)
-        if src.kind == "caption":
-            text_of: Any = CaptionText(_keys(src.text_key), max_chars)
+        streams = list(getattr(data, "text_streams", []) or [])
+        if streams and src.kind != "caption":
+            raise DataError(f"{where}: data.text_streams reads caption sources only, not kind '{src.kind}'")
+        if streams:
+            text_of: Any = StreamTexts([CaptionText(_keys(k), max_chars) for k in streams])
+        elif src.kind == "caption":
+            text_of = CaptionText(_keys(src.text_key), max_chars)
         elif src.kind == "label":
             text_of = LabelText(src.label_key, _classnames(src, where), _templates(src, where), seed, epoch)
         else:

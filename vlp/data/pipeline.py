@@ -244,13 +244,20 @@ class _SlotStream(IterableDataset):
                     "uid": torch.zeros(0, dtype=torch.int64), "source": [], "kind": [], **common}
         return {
             "image": self.transform.normalize(torch.stack([s["image"] for s in samples])),
-            "text": self.tokenizer([s["text"] for s in samples]).long(),
+            "text": _tokenize_batch(self.tokenizer, [s["text"] for s in samples]),
             "key": [s["__key__"] for s in samples],
             "uid": torch.tensor([s["uid"] for s in samples], dtype=torch.int64),
             "source": [self.sources[s["source"]].name for s in samples],
             "kind": [self.sources[s["source"]].kind for s in samples],
             **common,  # events: this worker's decode events since its previous batch
         }
+
+
+def _tokenize_batch(tokenizer, texts: list) -> torch.Tensor:
+    """LongTensor [B, ctx], or [B, streams, ctx] when each sample carries a tuple of texts."""
+    if texts and isinstance(texts[0], tuple):
+        return torch.stack([tokenizer([t[k] for t in texts]).long() for k in range(len(texts[0]))], dim=1)
+    return tokenizer(texts).long()
 
 
 def is_report_only(batch: dict[str, Any]) -> bool:
@@ -289,7 +296,8 @@ def build_train_loader(
 ) -> TrainLoader:
     """Batches for (the rest of) one epoch of `cfg` (a DataSection or a run config with `.data`).
 
-    Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx], key list[str], uid
+    Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx] (with data.text_streams:
+    [B,streams,ctx]), key list[str], uid
     LongTensor[B], source / kind list[str], dropped_uid LongTensor, events dict (decode events
     and `samples:<source>` counts since the worker's previous batch), worker int, skipped int. A worker's
     incomplete final batch is not yielded (its samples stay unconsumed); a worker whose last

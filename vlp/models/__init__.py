@@ -12,6 +12,7 @@ from vlp.models.config import (
 )
 from vlp.models.registry import build_model, create_model, get_model_config, list_models, register_model
 from vlp.models.text import TextTower
+from vlp.models.tips import TIPS, TIPSConfig
 from vlp.models.vision import VisionTower
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "CoCaConfig",
     "DecoderConfig",
     "PreprocessConfig",
+    "TIPS",
+    "TIPSConfig",
     "TextTower",
     "TextTowerConfig",
     "VisionTower",

@@ -136,6 +136,12 @@ def config_to_dict(cfg: CLIPConfig) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
-    """Inverse of `config_to_dict` (a CoCaConfig is recognised by its decoder section); unknown keys
-    are refused by `apply_overrides`."""
-    return apply_overrides(CoCaConfig() if "decoder" in d else CLIPConfig(), d)
+    """Inverse of `config_to_dict` (a CoCaConfig is recognised by its decoder section, a TIPSConfig by
+    its num_streams); unknown keys are refused by `apply_overrides`."""
+    if "decoder" in d:
+        return apply_overrides(CoCaConfig(), d)
+    if "num_streams" in d:
+        from vlp.models.tips import TIPSConfig
+
+        return apply_overrides(TIPSConfig(), d)
+    return apply_overrides(CLIPConfig(), d)

@@ -18,6 +18,7 @@ from vlp.models.config import (
     VisionTowerConfig,
     apply_overrides,
 )
+from vlp.models.tips import TIPS, TIPSConfig
 
 ConfigFn = Callable[[], CLIPConfig]
 _REGISTRY: dict[str, ConfigFn] = {}
@@ -53,12 +54,14 @@ def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def build_model(cfg: CLIPConfig) -> CLIP | CoCa:
-    """The model class a config describes: CoCa for a CoCaConfig, else CLIP."""
-    return CoCa(cfg) if isinstance(cfg, CoCaConfig) else CLIP(cfg)
+def build_model(cfg: CLIPConfig) -> CLIP | CoCa | TIPS:
+    """The model class a config describes: CoCa for a CoCaConfig, TIPS for a TIPSConfig, else CLIP."""
+    if isinstance(cfg, CoCaConfig):
+        return CoCa(cfg)
+    return TIPS(cfg) if isinstance(cfg, TIPSConfig) else CLIP(cfg)
 
 
-def create_model(name: str, **overrides: Any) -> CLIP | CoCa:
+def create_model(name: str, **overrides: Any) -> CLIP | CoCa | TIPS:
     """Build a randomly initialised model from a preset name (+ overrides)."""
     return build_model(get_model_config(name, **overrides))
 
@@ -291,3 +294,27 @@ def coca_vit_b_32() -> CoCaConfig:
         pool_heads=8,
         cls_mask="legacy",
     )
+
+
+# ---- TIPS ---------------------------------------------------------------------------------------
+
+
+def _tips_on(base: CLIPConfig, **kw: Any) -> TIPSConfig:
+    """A small CLIP preset's towers with two pooled image embeddings and a DINO/iBOT head."""
+    fields = {f: getattr(base, f) for f in ("embed_dim", "vision", "text", "preprocess", "init_logit_scale",
+                                            "max_logit_scale", "init_logit_bias", "image_proj")}
+    return TIPSConfig(**fields, **kw)
+
+
+@register_model("tips-tiny")
+def tips_tiny() -> TIPSConfig:
+    """clip-tiny's towers (mean-pooled ViT trunk) with two attention-pooled image embeddings (stream 0,
+    the default embedding, and stream 1) and a 256-prototype DINO/iBOT head; train with loss.name=tips
+    and data.text_streams (two caption keys)."""
+    return _tips_on(clip_tiny(), num_streams=2, head_hidden=256, head_bottleneck=64, prototypes=256)
+
+
+@register_model("tips-nano")
+def tips_nano() -> TIPSConfig:
+    """clip-nano's towers with two streams and a 64-prototype head, for fast tests."""
+    return _tips_on(clip_nano(), num_streams=2, head_hidden=64, head_bottleneck=32, prototypes=64)

@@ -45,8 +45,15 @@ class CLIPTask(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step `step` (1-based); tasks with a teacher move it here."""
 
-def build_task(model: nn.Module, loss_cfg) -> CLIPTask:
-    """Model + the loss of the config's `loss` section."""
+
+def build_task(model: nn.Module, loss_cfg, tips_cfg=None, total_steps: int = 1, seed: int = 0) -> CLIPTask:
+    """Model + the loss of the config's `loss` section (loss.name=tips: the `tips` section's objective)."""
+    if loss_cfg.name == "tips":
+        from .tips_task import TIPSTask
+
+        return TIPSTask(model, tips_cfg, total_steps, tile_size=loss_cfg.tile_size, seed=seed)
     return CLIPTask(model, build_loss(loss_cfg.name, loss_cfg.tile_size, loss_cfg.clip_weight,
                                       loss_cfg.caption_weight))

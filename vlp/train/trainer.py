@@ -86,6 +86,13 @@ class Trainer:
         if cfg.loss.name == "siglip" and self.model_cfg.init_logit_bias is None:
             raise TrainError(f"loss.name=siglip needs a model with a logit bias; '{cfg.model.name}' has none "
                              "(use a siglip-* preset or model.overrides={init_logit_bias: -10.0})")
+        if cfg.loss.name == "tips":
+            n = getattr(self.model_cfg, "num_streams", None)
+            if n is None:
+                raise TrainError(f"loss.name=tips needs a TIPS model; '{cfg.model.name}' is not one (use a tips-* preset)")
+            if n != len(cfg.data.text_streams):
+                raise TrainError(f"model '{cfg.model.name}' has {n} image streams but data.text_streams lists "
+                                 f"{len(cfg.data.text_streams)} texts")
         if cfg.loss.name == "coca" and not hasattr(self.model_cfg, "decoder"):
             raise TrainError(f"loss.name=coca needs a captioning model; '{cfg.model.name}' has no decoder "
                              "(use a coca-* preset)")
@@ -117,7 +124,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same init on every rank
         self.model = create_model(cfg.model.name, **overrides)
         self.tokenizer = get_tokenizer(self.model_cfg.text)
-        self.task = build_task(self.model, cfg.loss)
+        self.task = build_task(self.model, cfg.loss, cfg.tips, self.total_steps, cfg.train.seed)
         self._prepare_model()
         self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
         # under ZeRO-3 the EMA follows each rank's parameter partitions, which exist from here on
@@ -217,7 +224,7 @@ class Trainer:
         global_batch = cfg.data.batch_size * d.world_size * gas
         micro = 0
         self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
-        window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+        window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0, "terms": {}}
         results: dict[str, Any] = {}
         stop_at = self.total_steps
         if cfg.train.stop_after_steps > 0:
@@ -262,9 +269,13 @@ class Trainer:
                     self.engine.step()
                 window["loss"] += float(out["loss"].detach())
                 window["n"] += 1
+                for k, v in out.items():  # the loss's terms (e.g. loss/stream0, loss/ibot), this rank's
+                    if k.startswith("loss/"):
+                        window["terms"][k] = window["terms"].get(k, 0.0) + float(v)
                 if micro % gas:
                     continue
                 self.step += 1
+                self.task.after_step(self.step)
                 if self.ema is not None:
                     self.ema.update(self.step)
                 window["steps"] += 1
@@ -373,12 +384,13 @@ class Trainer:
             "data_wait_ms_per_step": 1000.0 * w["wait"] / max(w["n"], 1),  # per micro-batch fetched
             "epoch": self.epoch,
             "skipped_samples": int(stats[2].item()),
+            **{k: v / max(w["n"], 1) for k, v in w["terms"].items()},
         }
         self.log.log(self.step, metrics, show={
             "loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}",
             "samples/s": f"{metrics['samples_per_s']:.0f}",
         })
-        w.update(loss=0.0, n=0, t0=time.perf_counter(), wait=0.0, steps=0)
+        w.update(loss=0.0, n=0, t0=time.perf_counter(), wait=0.0, steps=0, terms={})
 
     def _scheduled_evals(self, final: bool) -> dict[str, Any]:
         from vlp.eval.common import make_context
@@ -405,9 +417,9 @@ class Trainer:
 
     def _ema_model(self) -> torch.nn.Module:
         """A plain fp32 copy of the model holding the EMA weights (collective under ZeRO-3)."""
-        from vlp.models import CLIP
+        from vlp.models import build_model
 
-        model = CLIP(self.model_cfg)
+        model = build_model(self.model_cfg)
         model.load_state_dict(self.ema.full_state_dict(), strict=True)
         return model.to(self.dist.device)
 
