@@ -155,7 +155,7 @@ def test_dense_and_backbone_paths_on_a_tips_model(tmp_path: Path) -> None:
     whose attention-weighted mean is the image embedding."""
     from safetensors.torch import save_file
 
-    from vlp.eval.segmentation import patch_features
+    from vlp.eval.segmentation import patch_features, token_embeddings
     from vlp.models.config import config_to_dict
 
     torch.manual_seed(0)
@@ -175,6 +175,7 @@ def test_dense_and_backbone_paths_on_a_tips_model(tmp_path: Path) -> None:
         tokens = model.patch_tokens(x)
         assert torch.allclose(dense, model.image_proj(tokens), atol=1e-5)
         assert torch.allclose(patch_features(loaded, x).flatten(1, 2), tokens, atol=1e-5)
+        assert torch.allclose(token_embeddings(loaded, x).flatten(1, 2), dense, atol=1e-5)
         w = (torch.einsum("bnc,c->bn", model.pool_key(tokens), model.pool_query[0]) * tokens.shape[-1] ** -0.5).softmax(-1)
         assert torch.allclose(model.encode_image(x), torch.einsum("bn,bnd->bd", w, dense), atol=1e-5)
 

@@ -151,6 +151,15 @@ def patch_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], gh, gw, -1)
 
 
+def token_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Plain patch tokens of the last block (final norms) through `image_proj`, `[B, gh, gw, embed_dim]`."""
+    _, proj, _ = _vision_parts(model)
+    return proj(patch_features(model, images))
+
+
+DENSE_READOUTS = {"maskclip": maskclip_embeddings, "tokens": token_embeddings}
+
+
 def preprocess_images(images: np.ndarray, pre: PreprocessConfig, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> normalized [B, 3, S, S] at the model's size (images are resized whole)."""
@@ -206,11 +215,19 @@ def _batches(n: int, batch_size: int, ctx: EvalContext | None) -> tuple[range, l
 @torch.no_grad()
 def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, batch_size: int = 64,
                      device: torch.device | str = "cpu", background: str = "prompt",
-                     bg_threshold: float = 0.5, ctx: EvalContext | None = None) -> torch.Tensor:
+                     bg_threshold: float = 0.5, ctx: EvalContext | None = None,
+                     dense: str = "maskclip") -> torch.Tensor:
     """uint8 predictions [n, H, W] (0 background, i = classnames[i - 1]) for this rank's slice of `data`
-    (all of it without a distributed `ctx`)."""
+    (all of it without a distributed `ctx`).
+
+    `dense` "maskclip": MaskCLIP's patch embeddings (last block without query-key attention);
+    "tokens": the plain patch tokens of the last block through `image_proj` (models whose image
+    embedding is a weighted mean of these, such as TIPS's attention pooling, are read out directly).
+    """
     if background not in ("prompt", "threshold", "none"):
         raise ValueError(f"unknown background mode '{background}' (known: prompt, threshold, none)")
+    if dense not in DENSE_READOUTS:
+        raise ValueError(f"unknown dense readout '{dense}' (known: {', '.join(DENSE_READOUTS)})")
     _, _, pre = _vision_parts(model)
     cls_emb = build_classifier(model, tokenizer, data.classnames, data.templates, device)
     bg_emb = None
@@ -221,7 +238,7 @@ def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, bat
     preds = [torch.zeros(0, *data.masks.shape[1:], dtype=torch.uint8)]
     for b in _batches(len(data), batch_size, ctx)[1]:
         x = preprocess_images(data.images[b[0]:b[1]] if b else data.images[:1], pre, device, dtype)
-        logits = zeroshot_logits(maskclip_embeddings(model, x), cls_emb, bg_emb, scale,
+        logits = zeroshot_logits(DENSE_READOUTS[dense](model, x), cls_emb, bg_emb, scale,
                                  bg_threshold if background == "threshold" else None)
         if b is not None:
             preds.append(_upsample_argmax(logits, data.masks.shape[1:]).to(torch.uint8).cpu())
@@ -408,11 +425,12 @@ def evaluate_segmentation(
     finetune_steps: int = 1000,
     denseclip_options: dict[str, Any] | None = None,
     ctx: EvalContext | None = None,
+    dense: str = "maskclip",
 ) -> dict[str, Any]:
     """Segmentation metrics of `model` (a vlp CLIP; linear_probe also takes a Backbone) on `dataset`.
 
-    mode "zeroshot": MaskCLIP patch embeddings vs class prompts (`tokenizer` needed; `background` is
-    "prompt" | "threshold" | "none"). mode "linear_probe": a linear head on frozen patch tokens trained
+    mode "zeroshot": MaskCLIP patch embeddings (`dense="tokens"`: the plain patch tokens) vs class
+    prompts (`tokenizer` needed; `background` is "prompt" | "threshold" | "none"). mode "linear_probe": a linear head on frozen patch tokens trained
     on `train_dataset` (required). mode "denseclip": a copy of the model fine-tuned with a DenseCLIP
     head on `train_dataset` for `finetune_steps` (the model passed in is not changed). Returns miou, miou_fg (without background), pixel_accuracy,
     per_class_iou {name: IoU}, the confusion matrix (list of lists; rows ground truth), and
@@ -428,7 +446,8 @@ def evaluate_segmentation(
         if mode == "zeroshot":
             if tokenizer is None:
                 raise ValueError("zero-shot segmentation needs a tokenizer")
-            preds = zeroshot_predict(model, tokenizer, dataset, batch_size, device, background, bg_threshold, ctx)
+            preds = zeroshot_predict(model, tokenizer, dataset, batch_size, device, background, bg_threshold, ctx,
+                                     dense)
         elif mode == "linear_probe":
             if train_dataset is None:
                 raise ValueError("linear_probe segmentation needs train_dataset")
@@ -525,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-train", type=int, default=2000, help="train scenes for linear_probe / denseclip")
     ap.add_argument("--max-test", type=int, default=0, help="0: the whole test split")
     ap.add_argument("--background", default="prompt", choices=["prompt", "threshold", "none"])
+    ap.add_argument("--zeroshot-dense", default="maskclip", choices=sorted(DENSE_READOUTS),
+                    help="zero-shot patch embeddings: MaskCLIP's, or the plain tokens through image_proj")
     ap.add_argument("--random-init", action="store_true",
                     help="evaluate the checkpoint's architecture with random weights (seed 0): the baseline")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -535,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     forward = ["--checkpoint", args.checkpoint, "--tasks", "segmentation", "--datasets", args.dataset,
                "--train-samples", str(args.max_train), "--max-samples", str(args.max_test),
                "--batch-size", str(args.batch_size), "--workers", "0", "--no-report",
-               "--option", f"segmentation.modes={args.modes}", "--option", f"segmentation.background={args.background}"]
+               "--option", f"segmentation.modes={args.modes}", "--option", f"segmentation.background={args.background}",
+               "--option", f"segmentation.dense={args.zeroshot_dense}"]
     if args.finetune_steps is not None:
         forward += ["--option", f"segmentation.finetune_steps={args.finetune_steps}"]
     if args.examples:

@@ -2,7 +2,8 @@
 
 Options (`DatasetSpec.options`, `evals.NAME.options`, or the CLI's defaults):
 `modes` (list or comma string of zeroshot, linear_probe, denseclip; default zeroshot,linear_probe),
-`train_split` (default train), `train_samples` (0: the loader's default), `background`, `finetune_steps`,
+`train_split` (default train), `train_samples` (0: the loader's default), `background`, `dense` (zero-shot
+patch embeddings: maskclip, the default, or tokens), `finetune_steps`,
 `denseclip` (a mapping of further `finetune_denseclip` keywords, e.g. `{lr: 1e-3, batch_size: 32}`),
 `num_examples` (default 4) and `examples` (a PNG path: rank 0 writes image | ground truth | each mode's
 prediction per row, the picture of docs/dense.md).
@@ -74,7 +75,7 @@ def evaluate(model: nn.Module, tokenizer, pre, spec: DatasetSpec, ctx: EvalConte
     test = _dataset(spec.name, spec.split, spec.max_samples)
     needs_train = {"linear_probe", "denseclip"} & set(modes)
     train = _dataset(spec.name, opts.get("train_split", "train"), int(opts.get("train_samples", 0))) if needs_train else None
-    extra = {k: opts[k] for k in ("background", "finetune_steps", "num_examples") if k in opts}
+    extra = {k: opts[k] for k in ("background", "finetune_steps", "num_examples", "dense") if k in opts}
     if "denseclip" in opts:
         if not isinstance(opts["denseclip"], dict):
             raise ValueError(f"segmentation option 'denseclip' must be a mapping, got {opts['denseclip']!r}")
