@@ -29,7 +29,7 @@ from vlp.train.tips_task import TIPSTask
 def tips_cfg(**kw):
     base = {"stream_weights": [1.0, 0.5], "ibot_weight": 1.0, "dino_weight": 0.5, "mask_prob": 0.5,
             "mask_ratio": [0.2, 0.5], "student_temp": 0.1, "teacher_temp": 0.04, "center_momentum": 0.9,
-            "teacher_momentum": 0.9, "teacher_momentum_end": 1.0}
+            "teacher_momentum": 0.9, "teacher_momentum_end": 1.0, "contrastive_view": "masked"}
     return OmegaConf.create({**base, **kw})
 
 
@@ -103,6 +103,14 @@ def test_stream_losses_equal_separate_clip_losses(task: TIPSTask) -> None:
     total += out["loss/ibot"].item() * 1.0 + out["loss/dino"].item() * 0.5
     assert out["loss"].item() == pytest.approx(total, rel=1e-5)
     assert out["loss/ibot"].item() == 0.0  # eval: nothing masked
+    # contrastive_view=full: in training too the stream terms see the unmasked images
+    task.cfg.contrastive_view = "full"
+    task.train()
+    out_full = task(images, tokens)
+    assert out_full["loss/stream0"].item() == pytest.approx(out["loss/stream0"].item(), rel=1e-5)
+    assert out_full["loss/ibot"].item() > 0
+    task.cfg.contrastive_view = "masked"
+    assert task(images, tokens)["loss/stream0"].item() != pytest.approx(out["loss/stream0"].item(), rel=1e-5)
     # stream 0 is the default embedding
     assert torch.allclose(m.encode_image(images), m.encode_image_streams(images)[:, 0], atol=1e-6)
 

@@ -49,6 +49,9 @@ class TipsSection:
     dino_weight: float = 1.0  # pooled tokens vs the teacher's (DINO global term)
     mask_prob: float = 0.5  # fraction of the images that are masked
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # masked fraction of a masked image's patches, uniform
+    # masked: one student pass over the (partly masked) batch serves every term; full: the contrastive
+    # and global terms see the unmasked images, a second pass over the masked ones the patch term
+    contrastive_view: str = "masked"
     student_temp: float = 0.1
     teacher_temp: float = 0.04  # sharpening
     center_momentum: float = 0.9  # running centre of the teacher's logits
@@ -342,6 +345,8 @@ def _validate_tips(cfg: DictConfig, bad) -> None:
             bad(f"tips.{key}", f"must be >= 0, got {t[key]}")
     if any(w < 0 for w in t.stream_weights):
         bad("tips.stream_weights", "must be >= 0")
+    if t.contrastive_view not in ("masked", "full"):
+        bad("tips.contrastive_view", f"must be masked or full, got '{t.contrastive_view}'")
     if not 0.0 <= t.mask_prob <= 1.0:
         bad("tips.mask_prob", f"must be in [0, 1], got {t.mask_prob}")
     lo, hi = t.mask_ratio

@@ -2,7 +2,9 @@
 teacher (iBOT's patch term and DINO's global term), in the module handed to deepspeed.initialize.
 
     student: image with a random subset of its patches replaced by the mask token (a `mask_prob`
-             fraction of the images, `mask_ratio` of their patches) -> tokens, pooled streams
+             fraction of the images, `mask_ratio` of their patches) -> tokens, pooled streams;
+             with contrastive_view=full the contrastive and global terms take an unmasked pass
+             and a second pass over the masked images gives the patch term
     teacher: the full image through an EMA copy of the image side (no gradients)
     loss = sum_k stream_weights[k] * InfoNCE(stream k image, stream k text)
          + ibot_weight * CE(teacher patch | student patch, at masked positions)
@@ -85,7 +87,8 @@ class TIPSTask(CLIPTask):
             raise ValueError(f"batch has {text.shape[1]} text streams per image; the model has "
                              f"{m.config.num_streams} (set data.text_streams)")
         mask = self.draw_mask(image.shape[0], image.device) if self.training else None
-        tokens = m.patch_tokens(image, mask)
+        separate = cfg.contrastive_view == "full" and mask is not None
+        tokens = m.patch_tokens(image, None if separate else mask)
         pooled = m.pool(tokens)
         img = F.normalize(m.project_streams(pooled), dim=-1)
         txt = m.encode_text_streams(text, normalize=True)
@@ -103,8 +106,14 @@ class TIPSTask(CLIPTask):
                 t_global = self.teacher.head(self.teacher.pool(t_tokens))
             if mask is None:
                 mask = torch.zeros(t_patch.shape[:2], dtype=torch.bool, device=image.device)
-            ibot = masked_patch_loss(m.head(tokens[mask]), t_patch, mask, self.patch_center.center,
-                                     cfg.student_temp, cfg.teacher_temp)
+            if separate:  # a second student pass over the masked images only
+                rows = mask.any(dim=1)
+                masked = m.patch_tokens(image[rows], mask[rows])
+                ibot = masked_patch_loss(m.head(masked[mask[rows]]), t_patch[rows], mask[rows],
+                                         self.patch_center.center, cfg.student_temp, cfg.teacher_temp)
+            else:
+                ibot = masked_patch_loss(m.head(tokens[mask]), t_patch, mask, self.patch_center.center,
+                                         cfg.student_temp, cfg.teacher_temp)
             dino = distill_cross_entropy(m.head(pooled).flatten(0, 1), t_global.flatten(0, 1),
                                          self.global_center.center, cfg.student_temp, cfg.teacher_temp).mean()
             loss = loss + cfg.ibot_weight * ibot + cfg.dino_weight * dino
