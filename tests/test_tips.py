@@ -266,3 +266,17 @@ def test_two_process_deepspeed_run_checkpoints_and_resumes(tmp_path: Path, zero:
     assert len(terms) == 8 and all(r["loss/stream0"] > 0 and r["loss/dino"] > 0 for r in terms)
     model, _, _ = vlp.load_model(full)
     assert isinstance(model, TIPS)
+
+
+def test_prefix_kinds_apply_to_every_stream() -> None:
+    """With a prefix-conditioned text tower each stream's text takes its sample's prefix."""
+    torch.manual_seed(0)
+    m = create_model("tips-nano", text={"prefix_kinds": ["caption", "label"]}).eval()
+    tokens = torch.randint(1, 400, (3, 2, 16))
+    kinds = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        got = m.encode_text_streams(tokens, kinds=kinds)
+        for k in range(2):
+            assert torch.allclose(got[:, k], m.encode_text(tokens[:, k], kinds=kinds), atol=1e-6)
+        assert torch.allclose(got, m.encode_text_streams(tokens, kinds=["caption", "label", "caption"]), atol=1e-6)
+        assert not torch.allclose(got, m.encode_text_streams(tokens, kinds=torch.tensor([1, 1, 1])), atol=1e-4)

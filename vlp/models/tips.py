@@ -127,10 +127,16 @@ class TIPS(CLIP):
         x = self.image_proj(self.pool(self.patch_tokens(images))[:, 0])
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text_streams(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """`[B, S, T]` tokens (one caption per stream) -> `[B, S, embed_dim]`."""
+    def encode_text_streams(self, tokens: torch.Tensor, normalize: bool = False,
+                            kinds: str | list[str] | torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, S, T]` tokens (one caption per stream) -> `[B, S, embed_dim]`; `kinds` `[B]` (prefix-
+        conditioned text towers only) applies to every stream of a sample."""
         b, s, t = tokens.shape
-        return self.encode_text(tokens.reshape(b * s, t), normalize).reshape(b, s, -1)
+        if isinstance(kinds, torch.Tensor):
+            kinds = kinds.repeat_interleave(s)
+        elif kinds is not None and not isinstance(kinds, str):  # one name per sample
+            kinds = [k for k in kinds for _ in range(s)]
+        return self.encode_text(tokens.reshape(b * s, t), normalize, kinds=kinds).reshape(b, s, -1)
 
     def no_weight_decay(self) -> set[str]:
         frags = (*_NO_DECAY_FRAGMENTS, "pool_query", "mask_token", "prototypes")

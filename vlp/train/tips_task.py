@@ -77,7 +77,10 @@ class TIPSTask(CLIPTask):
         order = torch.rand(batch, n, generator=g).argsort(dim=1).argsort(dim=1)  # a random rank per patch
         return (order < counts.unsqueeze(1)).to(device)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, features_only: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, kinds: torch.Tensor | None = None,
+                features_only: bool = False) -> dict[str, torch.Tensor]:
+        """`kinds`: per-sample prefix indices for a prefix-conditioned text tower (every stream's text
+        takes its sample's prefix), else None."""
         if features_only:
             raise ValueError("loss.name=tips has no exact contrastive accumulation (use train.contrastive_accumulation=micro)")
         m, cfg = self.model, self.cfg
@@ -91,7 +94,7 @@ class TIPSTask(CLIPTask):
         tokens = m.patch_tokens(image, None if separate else mask)
         pooled = m.pool(tokens)
         img = F.normalize(m.project_streams(pooled), dim=-1)
-        txt = m.encode_text_streams(text, normalize=True)
+        txt = m.encode_text_streams(text, normalize=True, kinds=kinds)
         scale = m.clamped_logit_scale()
         out: dict[str, torch.Tensor] = {"logit_scale": scale.detach()}
         loss = torch.zeros((), device=image.device)
