@@ -17,8 +17,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RESTART_COUNT")
+
+
 def run(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    # a test that built a Trainer in-process leaves RANK/MASTER_PORT/... of its group of one in
+    # os.environ; a child must not inherit them (it would try to join that group's port)
+    inherited = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    full_env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(

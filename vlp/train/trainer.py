@@ -74,7 +74,6 @@ def _sum_over_ranks(n: int, device: torch.device) -> int:
 class Trainer:
     def __init__(self, cfg: DictConfig, resume: str | None = None) -> None:
         self.cfg = cfg
-        self.dist: DistInfo = init_distributed()
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         # -- cheap checks first: nothing below starts workers or allocates the optimizer
@@ -101,6 +100,8 @@ class Trainer:
         for src in source_specs(cfg.data):
             expand_shards(src.shards)  # raises DataError naming a missing path
         self.source_prefix = self._source_prefixes()
+        # the checks above read only the config: a refused run never joins (or creates) a process group
+        self.dist: DistInfo = init_distributed()
         self.total_steps = resolve_total_steps(cfg, self.dist.world_size,
                                                "::".join(src.shards for src in source_specs(cfg.data)))
         self.resume_dir = self._resolve_resume(resume)
