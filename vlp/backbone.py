@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlp.models.config import CLIPConfig, PreprocessConfig
+from vlp.models.vision import patch_tokens_of_features
 
 
 class Backbone(nn.Module):
@@ -92,10 +93,7 @@ class Backbone(nn.Module):
             if isinstance(head_norm, nn.Module):
                 tokens = _norm_tokens(head_norm, tokens)
         else:
-            tokens = feats[:, self.num_prefix_tokens:]
-            fc_norm = getattr(self.trunk, "fc_norm", None)
-            if isinstance(fc_norm, nn.Module):
-                tokens = fc_norm(tokens)
+            tokens = patch_tokens_of_features(self.trunk, feats)
         out = self.image_proj(tokens)
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 

@@ -183,6 +183,7 @@ def build_sources(data: Any, tables: list[ShardTable], seed: int, epoch: int) ->
     names = [s.name for s in specs]
     if len(set(names)) != len(names) or not all(names):
         raise DataError(f"data.sources: every source needs a unique name, got {names}")
+    streams = list(getattr(data, "text_streams", []) or [])
     for i, (src, table) in enumerate(zip(specs, tables)):
         where = f"data.sources[{i}] ({src.name})"
         if src.kind not in KINDS:
@@ -190,7 +191,6 @@ def build_sources(data: Any, tables: list[ShardTable], seed: int, epoch: int) ->
         if not src.weight > 0:
             raise DataError(f"{where}.weight must be > 0, got {src.weight}")
         max_chars = int(data.max_caption_chars)
-        streams = list(getattr(data, "text_streams", []) or [])
         if streams and src.kind != "caption":
             raise DataError(f"{where}: data.text_streams reads caption sources only, not kind '{src.kind}'")
         if streams:

@@ -43,6 +43,7 @@ from vlp.eval.common import gather_rows, shard
 from vlp.eval.tasks import EvalContext
 from vlp.eval.zeroshot import build_classifier
 from vlp.models.config import PreprocessConfig
+from vlp.models.vision import final_patch_tokens
 
 # ---- metrics --------------------------------------------------------------------------------------
 
@@ -115,15 +116,6 @@ def _tokens_before_last_block(trunk: nn.Module, images: torch.Tensor) -> torch.T
     return x
 
 
-def _final_norms(trunk: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Final norm, prefix tokens dropped, then (mean-pooled ViTs) fc_norm per token: the pooled path's steps."""
-    x = trunk.norm(tokens)[:, int(getattr(trunk, "num_prefix_tokens", 0)):]
-    fc_norm = getattr(trunk, "fc_norm", None)
-    if isinstance(fc_norm, nn.Module):
-        x = fc_norm(x)
-    return x
-
-
 def maskclip_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """MaskCLIP patch embeddings in the text space, `[B, gh, gw, embed_dim]` (not normalized).
 
@@ -137,7 +129,7 @@ def maskclip_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     diag = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype)
     diag.fill_diagonal_(0.0)
     x = trunk.blocks[-1](x, attn_mask=diag)
-    out = proj(_final_norms(trunk, x))
+    out = proj(final_patch_tokens(trunk, x))
     gh, gw = trunk.patch_embed.grid_size
     return out.reshape(out.shape[0], gh, gw, -1)
 
@@ -146,7 +138,7 @@ def patch_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Frozen patch tokens of the last block after the final norm(s), `[B, gh, gw, num_features]`."""
     trunk, _, _ = _vision_parts(model)
     _check_vit(trunk)
-    x = _final_norms(trunk, trunk.blocks[-1](_tokens_before_last_block(trunk, images)))
+    x = final_patch_tokens(trunk, trunk.blocks[-1](_tokens_before_last_block(trunk, images)))
     gh, gw = trunk.patch_embed.grid_size
     return x.reshape(x.shape[0], gh, gw, -1)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.models.text import eot_positions
+from vlp.models.vision import patch_tokens_of_features
 
 
 class PromptLearner(nn.Module):
@@ -145,10 +146,7 @@ class DenseCLIPSegmenter(nn.Module):
         trunk = self.clip.visual.trunk
         tokens = trunk.forward_features(images)
         pooled = self.clip.image_proj(trunk.forward_head(tokens, pre_logits=True))
-        patches = tokens[:, int(getattr(trunk, "num_prefix_tokens", 0)):]
-        fc_norm = getattr(trunk, "fc_norm", None)
-        if isinstance(fc_norm, nn.Module):
-            patches = fc_norm(patches)
+        patches = patch_tokens_of_features(trunk, tokens)
         gh, gw = trunk.patch_embed.grid_size
         feats = patches.reshape(patches.shape[0], gh, gw, -1)
         return self.clip.image_proj(feats), pooled, feats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from vlp.models.clip import CLIP
@@ -301,9 +301,7 @@ def coca_vit_b_32() -> CoCaConfig:
 
 def _tips_on(base: CLIPConfig, **kw: Any) -> TIPSConfig:
     """A small CLIP preset's towers with two pooled image embeddings and a DINO/iBOT head."""
-    fields = {f: getattr(base, f) for f in ("embed_dim", "vision", "text", "preprocess", "init_logit_scale",
-                                            "max_logit_scale", "init_logit_bias", "image_proj")}
-    return TIPSConfig(**fields, **kw)
+    return TIPSConfig(**{f.name: getattr(base, f.name) for f in fields(CLIPConfig)}, **kw)
 
 
 @register_model("tips-tiny")

@@ -30,6 +30,7 @@ from torch import nn
 
 from vlp.models.clip import _NO_DECAY_FRAGMENTS, CLIP
 from vlp.models.config import CLIPConfig
+from vlp.models.vision import final_patch_tokens
 
 
 @dataclass
@@ -103,9 +104,7 @@ class TIPS(CLIP):
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = t.norm_pre(t.patch_drop(t._pos_embed(x)))
         x = checkpoint_seq(t.blocks, x) if t.grad_checkpointing and torch.is_grad_enabled() else t.blocks(x)
-        x = t.norm(x)[:, int(getattr(t, "num_prefix_tokens", 0)):]
-        fc_norm = getattr(t, "fc_norm", None)
-        return fc_norm(x) if isinstance(fc_norm, nn.Module) else x
+        return final_patch_tokens(t, x)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """One attention-pooled token per stream, `[B, num_streams, C]` (convex combinations of tokens)."""

@@ -73,3 +73,17 @@ def _patch_dropout_kwargs(cfg: VisionTowerConfig) -> dict[str, Any]:
     if "patch_drop_rate" in cfg.timm_kwargs:
         raise ValueError("set vision.patch_dropout, not vision.timm_kwargs.patch_drop_rate")
     return {"patch_drop_rate": p} if p > 0 else {}
+
+
+def patch_tokens_of_features(trunk: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A timm ViT's `forward_features` output (final norm applied) as patch tokens that took the pooled
+    path's per-token steps: prefix (class / register) tokens dropped, then `fc_norm` for mean-pooled
+    ViTs. `[B, N_patches, C]`."""
+    x = features[:, int(getattr(trunk, "num_prefix_tokens", 0)):]
+    fc_norm = getattr(trunk, "fc_norm", None)
+    return fc_norm(x) if isinstance(fc_norm, nn.Module) else x
+
+
+def final_patch_tokens(trunk: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A timm ViT's last-block tokens through its final norm and `patch_tokens_of_features`."""
+    return patch_tokens_of_features(trunk, trunk.norm(tokens))
