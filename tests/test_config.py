@@ -1,18 +1,30 @@
 """Config tree: YAML presets, dotted overrides, and refusal of unknown keys / wrong types by name."""
 
+from pathlib import Path
+
 import pytest
 
 from vlp.config import ConfigError, from_container, load_config, to_container
+from vlp.models.registry import get_model_config
 from vlp.train.engine import cosine_with_warmup, deepspeed_config, param_groups
 
-PRESETS = ["configs/demo.yaml", "configs/clip_vit_b16.yaml", "configs/clip_vit_b32.yaml", "configs/clip_vit_l14.yaml"]
+ROOT = Path(__file__).resolve().parents[1]
+
+PRESETS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_is_listed():
+    assert {"configs/demo.yaml", "configs/clip_vit_b16.yaml", "configs/prefix_clipart.yaml"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("path", PRESETS)
 def test_presets_load(path):
-    cfg = load_config(path)
+    """Every shipped config passes the key and type checks, and its model overrides apply to the preset."""
+    cfg = load_config(str(ROOT / path))
     assert cfg.model.name
     assert cfg.data.batch_size > 0
+    model_cfg = get_model_config(cfg.model.name, **to_container(cfg.model.overrides))
+    assert model_cfg.embed_dim > 0
 
 
 def test_dotted_overrides_apply_with_types():
