@@ -29,11 +29,15 @@ from vlp.models import create_model
 from vlp.models.denseclip import DenseCLIPSegmenter, PromptLearner
 
 
-def _tiny(class_token: bool = False, size: int = 32):
+def _tiny(class_token: bool = False, size: int = 32, conv_stem: bool = False):
+    """clip-nano on a 4x4 grid: 8-px patches, or (conv_stem) timm's hybrid ViT whose ResNet stem
+    (stride 4) feeds 2x2 patches, as in docs/dense.md's conv-stem run."""
     torch.manual_seed(0)
     pool = {"global_pool": "token", "class_token": True} if class_token else {}
-    return create_model("clip-nano", vision={"timm_kwargs": {"img_size": size, "patch_size": 8, **pool}},
-                        preprocess={"image_size": size}).eval()
+    vision: dict = {"timm_kwargs": {"img_size": size, "patch_size": 2 if conv_stem else 8, **pool}}
+    if conv_stem:
+        vision["timm_model"] = "vit_tiny_r_s16_p8_224"
+    return create_model("clip-nano", vision=vision, preprocess={"image_size": size}).eval()
 
 
 def test_iou_hand_computed():
@@ -60,9 +64,9 @@ def test_iou_matches_sklearn():
     assert m["miou"] == pytest.approx(ref.mean())
 
 
-@pytest.mark.parametrize("class_token", [False, True])
-def test_maskclip_matches_a_step_by_step_value_path(class_token):
-    model = _tiny(class_token)
+@pytest.mark.parametrize("class_token,conv_stem", [(False, False), (True, False), (False, True)])
+def test_maskclip_matches_a_step_by_step_value_path(class_token, conv_stem):
+    model = _tiny(class_token, conv_stem=conv_stem)
     trunk, blk = model.visual.trunk, model.visual.trunk.blocks[-1]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
