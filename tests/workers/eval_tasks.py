@@ -17,7 +17,11 @@ from vlp.eval.tasks import DatasetSpec, run_task
 from vlp.eval.zeroshot import cached_dataset, zeroshot_predictions
 from vlp.models import create_model
 
-PROBE = {"train_samples": 401, "k_shot": 0, "seed": 0}
+# C <= 1: on random-init clip-nano features a weakly regularized fit (C = 10, 100) is ill-conditioned, and
+# the ~1e-7 differences between features encoded in other batch shapes on 2 ranks move its optimum enough
+# to flip test predictions (seen: top-1 0.5051 vs 0.5118 at C = 100, at any L-BFGS tolerance); at C <= 1
+# the fitted scores agree to ~3e-5, so the metrics compare exactly
+PROBE = {"train_samples": 401, "k_shot": 0, "seed": 0, "cs": [0.01, 0.1, 1.0]}
 
 
 def run_all() -> dict:
