@@ -1,7 +1,9 @@
 """How learnable are the clipart categories for a given image tower and budget? (docs/dense.md)
 
 Trains the image tower of a vlp model *with labels*: image embedding -> linear head -> cross-entropy
-on the category of each train scene's largest object (the class `python -m vlp.eval zeroshot` scores),
+on the category covering the most pixels of each train scene (read from its mask; it differs from
+the shards' `cls`, the category of the largest single object that `python -m vlp.eval zeroshot` scores,
+only where two objects of one category together outsize it),
 then reports top-1 on the train scenes (seen SVG files) and on the test scenes (held-out files). This
 is an upper reference for what contrastive pretraining on captions can reach at the same budget:
 zero-shot classification, and with it zero-shot segmentation of objects, cannot be expected to

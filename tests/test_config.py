@@ -27,6 +27,16 @@ def test_presets_load(path):
     assert model_cfg.embed_dim > 0
 
 
+def test_prefix_clipart_label_source_names_the_clipart_classes_in_order():
+    """The label source turns `cls` (an index into vlp.data.clipart.CLASSNAMES) into text by position,
+    so the config's hand-written list must be that list in that order."""
+    from vlp.data.clipart import CLASSNAMES
+
+    cfg = load_config(str(ROOT / "configs/prefix_clipart.yaml"))
+    label = [s for s in cfg.data.sources if s.kind == "label"]
+    assert [list(s.classnames) for s in label] == [CLASSNAMES]
+
+
 def test_dotted_overrides_apply_with_types():
     cfg = load_config("configs/demo.yaml", ["optim.lr=0.01", "data.train_shards=a/{0..3}.tar", "train.zero_stage=2",
                                              "model.overrides={text: {layers: 1}}"])
