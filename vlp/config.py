@@ -92,8 +92,8 @@ class DataSection:
     batch_size: int = 256  # per rank (micro-batch per GPU)
     workers: int = 2
     shuffle_buffer: int = 2000
-    # random resized crop scale range
-    crop_scale: tuple[float, float] = (0.6, 1.0)
+    # random resized crop scale range (open_clip_train's; 0.6 cost 5.5 points of zero-shot, issue 13)
+    crop_scale: tuple[float, float] = (0.9, 1.0)
     image_key: str = "jpg;png;webp;jpeg"
     text_key: str = "txt"
     # several texts per image, one per stream (loss.name=tips): each entry a text key ("a;b": first

@@ -74,7 +74,7 @@ class TrainTransform:
     crops to uint8 per sample (4x less worker->trainer traffic) and normalizes whole batches.
     """
 
-    def __init__(self, pre: PreprocessConfig, crop_scale: Sequence[float] = (0.6, 1.0),
+    def __init__(self, pre: PreprocessConfig, crop_scale: Sequence[float] = (0.9, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         self.size = pre.image_size
         self.scale = (float(crop_scale[0]), float(crop_scale[1]))
@@ -119,7 +119,7 @@ class TrainTransform:
         return self.normalize(self.crop(image, seed))
 
 
-def train_transform(pre: PreprocessConfig, crop_scale: Sequence[float] = (0.6, 1.0)) -> TrainTransform:
+def train_transform(pre: PreprocessConfig, crop_scale: Sequence[float] = (0.9, 1.0)) -> TrainTransform:
     """The training augmentation for a model's preprocessing config (see TrainTransform)."""
     return TrainTransform(pre, crop_scale)
 

@@ -31,6 +31,9 @@ class VisionTowerConfig:
     # FLIP: fraction of patch tokens (never prefix / class tokens) dropped at random per sample
     # before the transformer blocks, in training only; ViT-style timm models (timm's PatchDropout)
     patch_dropout: float = 0.0
+    # weight init of the trunk: "clip" re-initialises timm ViTs as open_clip initialises its ViT
+    # (vlp/models/init.py; far better contrastive learning at small widths), "timm" keeps timm's
+    init: str = "clip"
 
 
 @dataclass

@@ -94,16 +94,16 @@ def clip_nano() -> CLIPConfig:
 
 @register_model("clip-tiny")
 def clip_tiny() -> CLIPConfig:
-    """CPU demo on 28x28 Fashion-MNIST (gray repeated to RGB): 16 patches of 7 px, mean-pooled.
+    """CPU demo on 28x28 Fashion-MNIST (gray repeated to RGB): 16 patches of 7 px + a class token.
 
-    Patch 7 is ~3x cheaper than patch 4 on two CPU cores; captions fit in 16 tokens.
+    Patch 7 is ~3x cheaper than patch 4 on two CPU cores; captions fit in 16 tokens. The class-token
+    layout is open_clip's, so the demo model exports to open_clip and transformers.
     """
     return CLIPConfig(
         embed_dim=128,
         vision=VisionTowerConfig(
             timm_model="vit_base_patch32_clip_224",
-            timm_kwargs=dict(img_size=28, patch_size=7, embed_dim=192, depth=4, num_heads=3,
-                             global_pool="avg", class_token=False),
+            timm_kwargs=dict(img_size=28, patch_size=7, embed_dim=192, depth=4, num_heads=3),
         ),
         text=TextTowerConfig(context_length=16, width=128, heads=4, layers=3),
         preprocess=PreprocessConfig(

@@ -87,10 +87,11 @@ class TextTower(nn.Module):
             nn.init.zeros_(blk.attn.qkv.bias)
             nn.init.normal_(blk.attn.proj.weight, std=proj_std)
             nn.init.zeros_(blk.attn.proj.bias)
+            # MLP biases keep PyTorch's Linear init, as open_clip's (only attention biases start at 0)
+            blk.mlp.fc1.reset_parameters()
             nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
-            nn.init.zeros_(blk.mlp.fc1.bias)
+            blk.mlp.fc2.reset_parameters()
             nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
-            nn.init.zeros_(blk.mlp.fc2.bias)
         if self.prefix_embedding is not None:
             # drawn without advancing the global RNG: the other parameters start exactly as in the
             # same model without prefixes at the same seed, so a with/without comparison isolates them

@@ -14,6 +14,7 @@ from timm.layers import PatchDropout
 from torch import nn
 
 from vlp.models.config import VisionTowerConfig
+from vlp.models.init import init_image_trunk
 
 
 class VisionTower(nn.Module):
@@ -36,6 +37,7 @@ class VisionTower(nn.Module):
             raise
         if cfg.patch_dropout and not isinstance(getattr(self.trunk, "patch_drop", None), PatchDropout):
             raise no_flip
+        init_image_trunk(self.trunk, cfg.init)
         num_features = getattr(self.trunk, "num_features", None)
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"timm model '{cfg.timm_model}' does not expose an integer num_features")
