@@ -51,13 +51,19 @@ def _pooled(out: object) -> torch.Tensor:
     return getattr(out, "pooler_output", out)  # transformers 5 returns an output object
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CLIP]:
+@pytest.fixture(scope="module", params=["clip-nano", "clip-tiny"])
+def run_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CLIP]:
+    """A class-token nano model, and the demo preset exactly as it ships (it has a class token)."""
     torch.manual_seed(0)
-    model = _perturbed(create_model("clip-nano", **CLS_NANO))
+    model = _perturbed(create_model(request.param, **(CLS_NANO if request.param == "clip-nano" else {})))
     out = tmp_path_factory.mktemp("run")
-    export_weights(model.state_dict(), model.config, "clip-nano", out)
+    export_weights(model.state_dict(), model.config, request.param, out)
     return out, model
+
+
+def _inputs(model: CLIP) -> tuple[torch.Tensor, torch.Tensor]:
+    size = model.preprocess.image_size
+    return torch.randn(2, 3, size, size), _tokens(2, model.config.text.context_length)
 
 
 def test_export_hf_parity(run_dir: tuple[Path, CLIP], tmp_path: Path) -> None:
@@ -66,7 +72,7 @@ def test_export_hf_parity(run_dir: tuple[Path, CLIP], tmp_path: Path) -> None:
     path, model = run_dir
     assert export_main([str(path), "--to", "hf", str(tmp_path / "hf")]) == 0
     hf = CLIPModel.from_pretrained(tmp_path / "hf").eval()
-    images, tokens = torch.randn(2, 3, 16, 16), _tokens(2, 16)
+    images, tokens = _inputs(model)
     with torch.no_grad():
         img = _pooled(hf.get_image_features(pixel_values=images))
         txt = _pooled(hf.get_text_features(input_ids=tokens))
@@ -81,7 +87,7 @@ def test_export_open_clip_parity(run_dir: tuple[Path, CLIP], tmp_path: Path) -> 
     assert export_main([str(path), "--to", "open_clip", str(tmp_path / "oc")]) == 0
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
     oc.eval()
-    images, tokens = torch.randn(2, 3, 16, 16), _tokens(2, 16)
+    images, tokens = _inputs(model)
     with torch.no_grad():
         assert (oc.encode_image(images) - model.encode_image(images)).abs().max() <= TOL
         assert (oc.encode_text(tokens) - model.encode_text(tokens)).abs().max() <= TOL
