@@ -38,9 +38,10 @@ importer); vlp's importer refuses avg-pooled open_clip towers, so those are scor
 through the same function. Training time: vlp - the sum of its logged
 step windows (metrics.jsonl); open_clip - the time inside `train_one_epoch`; both include data loading.
 
-Datasets: fashion-mnist (28 px photos, vlp's captions), clipart (64 px openclipart scenes, trained on
+Datasets: fashion-mnist (28 px photos, patch 7 as the demo, vlp's captions), clipart (64 px openclipart
+scenes, patch 8, trained on
 the synthetic layout captions `syn.txt` - open_clip reads `txt`, so its worker renames that member),
-digits (sklearn's 1,797 8x8 handwritten scans at 32 px: a different look, only 1,500 training images,
+digits (sklearn's 1,797 8x8 handwritten scans at 32 px, patch 8: a different look, only 1,500 training images,
 hence several epochs). open_clip_train needs webdataset <= 0.2.86, so it runs from a virtual env that
 this script creates under --work (reused when it works).
 """
@@ -388,7 +389,7 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
     ap.add_argument("--samples", type=int, default=None, help="training samples per run (default: per dataset)")
     ap.add_argument("--image-size", type=int, default=0, help="image side (0: per dataset: 28, 64, 32)")
-    ap.add_argument("--patch-size", type=int, default=0, help="ViT patch (0: per dataset: 4, 8, 4)")
+    ap.add_argument("--patch-size", type=int, default=0, help="ViT patch (0: per dataset: 7, 8, 8)")
     ap.add_argument("--test-samples", type=int, default=None, help="test images scored (0: the whole split)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-4)
