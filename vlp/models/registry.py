@@ -80,8 +80,8 @@ def clip_nano() -> CLIPConfig:
         embed_dim=64,
         vision=VisionTowerConfig(
             timm_model="vit_base_patch32_clip_224",
-            # mean-pooled patch tokens: at this size a CLS token starts nearly input-independent
-            # and contrastive training stalls for hundreds of steps
+            # mean-pooled patch tokens (tests rely on this layout; a class token learns as well since
+            # vision.init=clip - under timm's init it stalled, see tests/test_init.py)
             timm_kwargs=dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2,
                              global_pool="avg", class_token=False),
         ),
@@ -306,7 +306,7 @@ def _tips_on(base: CLIPConfig, **kw: Any) -> TIPSConfig:
 
 @register_model("tips-tiny")
 def tips_tiny() -> TIPSConfig:
-    """clip-tiny's towers (mean-pooled ViT trunk) with two attention-pooled image embeddings (stream 0,
+    """clip-tiny's towers (class-token ViT trunk) with two attention-pooled image embeddings (stream 0,
     the default embedding, and stream 1) and a 256-prototype DINO/iBOT head; train with loss.name=tips
     and data.text_streams (two caption keys)."""
     return _tips_on(clip_tiny(), num_streams=2, head_hidden=256, head_bottleneck=64, prototypes=256)
