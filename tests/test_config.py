@@ -118,3 +118,10 @@ def test_param_groups_exclude_norms_biases_embeddings():
     assert decay["weight_decay"] == 0.2 and plain["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(m.lin.weight)}
     assert {id(p) for p in plain["params"]} == {id(m.lin.bias), id(m.norm.weight), id(m.norm.bias), id(m.emb.weight)}
+
+
+def test_crop_default_is_one_pair() -> None:
+    """data.crop_scale's default and the transforms' default are the same (open_clip_train's 0.9-1.0)."""
+    from vlp.data.transforms import DEFAULT_CROP_SCALE
+
+    assert tuple(load_config(None, []).data.crop_scale) == DEFAULT_CROP_SCALE == (0.9, 1.0)

@@ -28,6 +28,11 @@ _PIL_RESAMPLE = {
 }
 
 
+# open_clip_train's RandomResizedCrop scale; the 0.6 lower bound vlp had cost 5.5 points (issue 13).
+# vlp.config's data.crop_scale default is the same pair.
+DEFAULT_CROP_SCALE: tuple[float, float] = (0.9, 1.0)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Grayscale / palette / RGBA inputs all become 3-channel RGB (module-level so it pickles)."""
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -74,7 +79,7 @@ class TrainTransform:
     crops to uint8 per sample (4x less worker->trainer traffic) and normalizes whole batches.
     """
 
-    def __init__(self, pre: PreprocessConfig, crop_scale: Sequence[float] = (0.9, 1.0),
+    def __init__(self, pre: PreprocessConfig, crop_scale: Sequence[float] = DEFAULT_CROP_SCALE,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         self.size = pre.image_size
         self.scale = (float(crop_scale[0]), float(crop_scale[1]))
@@ -119,7 +124,7 @@ class TrainTransform:
         return self.normalize(self.crop(image, seed))
 
 
-def train_transform(pre: PreprocessConfig, crop_scale: Sequence[float] = (0.9, 1.0)) -> TrainTransform:
+def train_transform(pre: PreprocessConfig, crop_scale: Sequence[float] = DEFAULT_CROP_SCALE) -> TrainTransform:
     """The training augmentation for a model's preprocessing config (see TrainTransform)."""
     return TrainTransform(pre, crop_scale)
 
