@@ -174,6 +174,32 @@ def test_deterministic(digits_shards_dir: Path, workers: int) -> None:
     assert keys(c) != keys(a) and sorted(keys(c)) == sorted(keys(a))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_later_passes_are_later_epochs_on_the_same_workers(digits_shards_dir: Path, workers: int) -> None:
+    """Each pass over one TrainLoader is the next epoch, batch for batch what a loader built for that
+    epoch gives, from a resumed first epoch too; with workers, the same worker processes serve every pass."""
+    cfg = DataSection(train_shards=str(digits_shards_dir), batch_size=50, workers=workers, shuffle_buffer=100)
+    pos = DataPosition.fresh(1, 1500).for_layout(max(workers, 1))
+    first = batches(str(digits_shards_dir), workers=workers, epoch=1)
+    for b in first[:5]:
+        pos.mark(b["uid"])
+    pos.batches_since_split = 5
+    loader = build_train_loader(cfg, tokenizer=tok, preprocess=PRE, epoch=1, position=pos)
+    pids = []
+    for epoch in (1, 2, 3):
+        got = [b for b in loader if b["key"]]
+        assert loader.epoch == epoch and loader.position.epoch == epoch
+        want = batches(str(digits_shards_dir), workers=workers, epoch=epoch)
+        assert_same(got, want[5:] if epoch == 1 else want)
+        if epoch > 1:
+            assert loader.position.num_consumed == 0 and loader.position.slots == max(workers, 1)
+        if workers:
+            pids.append(sorted(w.pid for w in loader.loader._iterator._workers))
+    assert keys(batches(str(digits_shards_dir), workers=workers, epoch=2)) != keys(first)
+    if workers:
+        assert pids[0] == pids[1] == pids[2]
+
+
 def test_augmentation_depends_on_key_not_worker(digits_shards_dir: Path) -> None:
     """The same sample gets the same crop with 0 or 2 workers."""
     a = batches(str(digits_shards_dir), workers=0)

@@ -92,17 +92,49 @@ def _view(pos: DataPosition, src: Source) -> DataPosition:
     return DataPosition(pos.epoch, hi - lo, pos.consumed[lo:hi], pos.base[lo:hi], pos.slots, pos.batches_since_split)
 
 
-class _SlotStream(IterableDataset):
-    """The batches of one (rank, worker) slot: read its units, mix sources, block-shuffle, decode, batch."""
+class _EpochParts:
+    """What changes from one epoch to the next: the sources (caption / template draws), the
+    resampler of a resampled mixture, and the decoders' crop seeds. Picklable, so a persistent
+    loader worker builds the next epoch's parts itself."""
 
-    def __init__(self, sources: list[Source], pos: DataPosition, *, rank: int, workers: int, seed: int,
-                 shuffle_buffer: int, batch_size: int, decoders: list[SampleDecoder], tokenizer,
-                 transform: TrainTransform, shard_retries: int, resampler: Resampler | None = None) -> None:
-        self.resampler = resampler  # data.mixture=resample: uids are positions of the virtual epoch
-        self.sources, self.pos, self.rank, self.workers = sources, pos, rank, max(workers, 1)
+    def __init__(self, data: Any, tables: list[ShardTable], seed: int, transform: TrainTransform,
+                 num_units: int) -> None:
+        self.data, self.tables, self.seed, self.transform, self.num_units = data, tables, seed, transform, num_units
+
+    def __call__(self, epoch: int) -> tuple[list[Source], Resampler | None, list[SampleDecoder]]:
+        data = self.data
+        sources = build_sources(data, self.tables, self.seed, epoch)
+        resampler = None
+        if str(getattr(data, "mixture", "epochs")) == "resample":
+            resampler = Resampler([s.name for s in sources], self.tables, [s.weight for s in sources], self.seed,
+                                  epoch, self.num_units)
+        decoders = [SampleDecoder(self.transform, src.image_keys, src.text_of, _Seed(self.seed, epoch),
+                                  draft=bool(data.jpeg_draft)) for src in sources]
+        return sources, resampler, decoders
+
+
+class _SlotStream(IterableDataset):
+    """The batches of one (rank, worker) slot: read its units, mix sources, block-shuffle, decode, batch.
+
+    The first pass reads the epoch of `pos` (what it has not consumed); every later pass over the
+    same object - a persistent DataLoader worker's copy, or the stream itself without workers -
+    reads the next epoch from its start, building that epoch's parts in place."""
+
+    def __init__(self, parts: _EpochParts, pos: DataPosition, *, rank: int, workers: int, seed: int,
+                 shuffle_buffer: int, batch_size: int, tokenizer, transform: TrainTransform,
+                 shard_retries: int) -> None:
+        self.parts, self.passes = parts, 0
+        self.sources, self.resampler, self.decoders = parts(pos.epoch)
+        self.pos, self.rank, self.workers = pos, rank, max(workers, 1)
         self.seed, self.block = seed, max(int(shuffle_buffer), 1)
-        self.batch_size, self.decoders, self.tokenizer, self.transform = batch_size, decoders, tokenizer, transform
+        self.batch_size, self.tokenizer, self.transform = batch_size, tokenizer, transform
         self.shard_retries = shard_retries
+
+    def next_epoch(self) -> None:
+        """Start the next epoch from nothing consumed, on the same layout."""
+        epoch = self.pos.epoch + 1
+        self.pos = DataPosition.fresh(epoch, self.pos.num_units).for_layout(self.pos.slots)
+        self.sources, self.resampler, self.decoders = self.parts(epoch)
 
     def _slot(self) -> int:
         worker, _ = _worker()
@@ -207,6 +239,12 @@ class _SlotStream(IterableDataset):
                     yield at[idx], raw["__draw__"], raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.passes:  # eager (not in the generator), so a caller sees the new position at once
+            self.next_epoch()
+        self.passes += 1
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         slot = self._slot()
         events: Events = {}
         reported: Events = {}
@@ -266,19 +304,31 @@ def is_report_only(batch: dict[str, Any]) -> bool:
 
 
 class TrainLoader:
-    """One pass over what is left of an epoch; build a new one per epoch (or per resume).
+    """Batches of one epoch per pass: the first pass reads (the rest of) the epoch it was built
+    for, each later pass the next epoch from its start, on the same loader workers
+    (persistent: no new processes, no re-fork of the trainer's memory per epoch).
 
-    `position` is the data position this loader reads from (its split matches this loader's
-    layout); the trainer marks consumed uids into it.
+    `position` and `epoch` are those of the current pass (set when the pass starts); the trainer
+    marks consumed uids into `position`.
     """
 
-    def __init__(self, loader, position: DataPosition, tables: list[ShardTable], num_samples: int | None,
-                 batch_size: int) -> None:
-        self.loader, self.position, self.tables = loader, position, tables
+    def __init__(self, loader, stream: _SlotStream, position: DataPosition, tables: list[ShardTable],
+                 num_samples: int | None, batch_size: int) -> None:
+        self.loader, self.stream, self.position, self.tables = loader, stream, position, tables
         self.num_samples, self.batch_size = num_samples, batch_size
+        self.epoch, self.passes = position.epoch, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.loader)
+        it = iter(self.loader)
+        if self.passes:
+            self.epoch += 1
+            if self.loader is self.stream:  # no workers: the stream's own position, which it reads
+                self.position = self.stream.pos
+            else:  # the workers start the same fresh position in their processes
+                self.position = DataPosition.fresh(self.epoch, self.position.num_units).for_layout(
+                    self.position.slots)
+        self.passes += 1
+        return it
 
 
 def build_train_loader(
@@ -294,7 +344,8 @@ def build_train_loader(
     pin_memory: bool = False,
     tables: list[ShardTable] | None = None,
 ) -> TrainLoader:
-    """Batches for (the rest of) one epoch of `cfg` (a DataSection or a run config with `.data`).
+    """Batches for (the rest of) epoch `epoch` of `cfg` (a DataSection or a run config with `.data`);
+    each further pass over the returned loader is the next epoch (TrainLoader).
 
     Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx] (with data.text_streams:
     [B,streams,ctx]), key list[str], uid
@@ -311,37 +362,36 @@ def build_train_loader(
         raise DataError(f"data.batch_size must be positive, got {data.batch_size}")
     specs = source_specs(data)
     tables = tables or [shard_table(src.shards) for src in specs]
-    sources = build_sources(data, tables, seed, epoch)
     mixture = str(getattr(data, "mixture", "epochs"))
     if mixture not in MIXTURES:
         raise DataError(f"data.mixture: unknown '{mixture}' (known: {', '.join(MIXTURES)})")
-    resampler = None
     num_units = sum(t.num_units for t in tables)
     if mixture == "resample":  # a virtual epoch of train_num_samples positions (default: all samples)
         num_units = int(data.train_num_samples) or num_units
-        resampler = Resampler([s.name for s in sources], tables, [s.weight for s in sources], seed, epoch, num_units)
     workers = max(int(data.workers), 0)
     slots = world_size * max(workers, 1)
     if position is None:
         position = DataPosition.fresh(epoch, num_units)
     elif position.epoch != epoch or position.num_units != num_units:
-        what, why = (("data.train_num_samples gives", "data.train_num_samples changed") if resampler is not None
+        what, why = (("data.train_num_samples gives", "data.train_num_samples changed") if mixture == "resample"
                      else ("the configured shards have", "the shards changed"))
         raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but "
                         f"{what} {num_units} (epoch {epoch}): {why}")
     position = position.for_layout(slots)
     transform = train_transform(preprocess, tuple(data.crop_scale))
-    decoders = [SampleDecoder(transform, src.image_keys, src.text_of, _Seed(seed, epoch), draft=bool(data.jpeg_draft))
-                for src in sources]
-    stream = _SlotStream(sources, position, rank=rank, workers=workers, seed=seed,
-                         shuffle_buffer=int(data.shuffle_buffer), batch_size=int(data.batch_size), decoders=decoders,
-                         tokenizer=tokenizer, transform=transform, shard_retries=int(data.shard_retries),
-                         resampler=resampler)
+    stream = _SlotStream(_EpochParts(data, tables, seed, transform, num_units), position, rank=rank,
+                         workers=workers, seed=seed, shuffle_buffer=int(data.shuffle_buffer),
+                         batch_size=int(data.batch_size), tokenizer=tokenizer, transform=transform,
+                         shard_retries=int(data.shard_retries))
+    # its own generator: the workers' base seed (unused: crops are seeded per sample) is not drawn
+    # from the trainer's torch RNG, which patch dropout and resume rely on
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=False, in_order=True) if workers else stream
+                        persistent_workers=True, in_order=True,
+                        generator=torch.Generator().manual_seed(stable_seed("loader", seed, epoch, rank) % 2**63),
+                        ) if workers else stream
     counts = [num_samples_from_manifest(src.shards) for src in specs]
     total = sum(counts) if all(c is not None for c in counts) else None  # type: ignore[misc]
-    if resampler is not None:
+    if mixture == "resample":
         total = num_units
-    return TrainLoader(loader, position, tables, total, int(data.batch_size))
+    return TrainLoader(loader, stream, position, tables, total, int(data.batch_size))
 

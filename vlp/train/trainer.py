@@ -230,15 +230,19 @@ class Trainer:
         stop_at = self.total_steps
         if cfg.train.stop_after_steps > 0:
             stop_at = min(self.total_steps, self.step + cfg.train.stop_after_steps)
+        loader = None  # built once; each pass is the next epoch, on the same (persistent) loader workers
         while self.step < stop_at:
-            loader = build_train_loader(
-                cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess,
-                rank=d.rank, world_size=d.world_size, epoch=self.epoch, seed=cfg.train.seed,
-                position=self.data_pos,
-            )
+            if loader is None:
+                loader = build_train_loader(
+                    cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess,
+                    rank=d.rank, world_size=d.world_size, epoch=self.epoch, seed=cfg.train.seed,
+                    position=self.data_pos,
+                )
+            it = iter(loader)
+            if loader.epoch != self.epoch:
+                raise TrainError(f"data loader is at epoch {loader.epoch}, the trainer at {self.epoch}")
             self.data_pos = loader.position
             self._pending, self._unsaved = [], []
-            it = iter(loader)
             fresh_epoch, got_any = self.in_epoch == 0, False
             while self.step < stop_at:
                 t_wait = time.perf_counter()
@@ -290,13 +294,14 @@ class Trainer:
                 results.update(self._scheduled_evals(final=False))
             else:
                 break
-            del it, loader
+            del it
             if fresh_epoch and not got_any:
                 raise TrainError(f"epoch {self.epoch} produced no batch on some rank: '{cfg.data.train_shards}' "
                                  f"has too few samples for batch_size={cfg.data.batch_size} x {d.world_size} ranks")
             self._end_epoch(self._skipped_now())
             self.data_events.clear()
             self.epoch, self.in_epoch, self.data_pos = self.epoch + 1, 0, None
+        del loader  # its workers end with it
         latest = ckpt.find_latest(self.ckpt_root)
         if latest is None or ckpt.read_meta(latest)["step"] != self.step:
             self.save()
