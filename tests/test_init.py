@@ -27,7 +27,7 @@ from vlp.interop.open_clip import vlp_to_open_clip_state_dict
 from vlp.losses import ClipLoss
 from vlp.models.config import CLIPConfig, CoCaConfig
 from vlp.models.registry import build_model
-from vlp.train.engine import cosine_with_warmup, param_groups
+from vlp.train.engine import cosine_with_warmup, decay_exempt, param_groups
 
 # presets whose two models (vlp + open_clip twin) take more than a few seconds to build
 _LARGE = {"ViT-L-14", "ViT-B-16", "siglip_vit_b16", "coca_ViT-B-32", "convnext-tiny-clip"}
@@ -156,3 +156,19 @@ def test_class_token_nano_learns_with_clip_init() -> None:
     torch.set_num_threads(1)
     assert _short_training_loss("clip") < 3.5
     assert _short_training_loss("timm") > 3.9
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_decay_groups_against_open_clip(decay_embeddings: bool) -> None:
+    """`optim.decay_embeddings=true` decays exactly what open_clip_train's rule decays on the twin
+    (ndim >= 2 and no 'bn' / 'ln' / 'bias' / 'logit_scale' in the name); vlp's default differs by
+    exactly the position and token embedding tables."""
+    cfg = vlp.get_model_config("clip-tiny")
+    model, twin = build_model(cfg), _open_clip_twin(cfg)
+    ours = param_groups(model, 0.1, decay_exempt(model.no_weight_decay(), decay_embeddings))[0]["params"]
+    theirs = [p for n, p in twin.named_parameters()
+              if not (p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n)]
+    tables = ("positional_embedding", "token_embedding.weight")  # text and image position tables, vocabulary
+    in_tables = sum(p.numel() for n, p in twin.named_parameters() if n.endswith(tables))
+    expected = sum(p.numel() for p in theirs) - (0 if decay_embeddings else in_tables)
+    assert sum(p.numel() for p in ours) == expected

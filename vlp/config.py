@@ -120,6 +120,9 @@ class OptimSection:
     # final lr as a fraction of the peak lr at the end of the cosine
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    # true: position and token embeddings get weight decay, as open_clip_train's grouping does
+    # (class / register tokens, norms, biases and the logit scale stay exempt either way)
+    decay_embeddings: bool = False
 
 
 @dataclass

@@ -107,6 +107,18 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     return ds
 
 
+# what `optim.decay_embeddings` gives weight decay: position and token embedding tables
+EMBEDDING_FRAGMENTS = ("positional_embedding", "pos_embed", "token_embedding")
+
+
+def decay_exempt(no_decay: set[str], decay_embeddings: bool) -> set[str]:
+    """The model's exempt names, less its position / token embedding tables with `optim.decay_embeddings`
+    (open_clip_train's grouping: only 1-d tensors, norms, biases and the logit scale are exempt)."""
+    if not decay_embeddings:
+        return set(no_decay)
+    return {n for n in no_decay if not any(f in n for f in EMBEDDING_FRAGMENTS)}
+
+
 def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str]) -> list[dict[str, Any]]:
     """AdamW groups: no decay on norms, biases, embeddings and the logit scale."""
     decay, plain = [], []
@@ -133,7 +145,7 @@ def build_engine(task: nn.Module, cfg: DictConfig, total_steps: int, no_decay: s
     import deepspeed
 
     o = cfg.optim
-    groups = param_groups(task, o.weight_decay, no_decay)
+    groups = param_groups(task, o.weight_decay, decay_exempt(no_decay, bool(o.decay_embeddings)))
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, o.warmup_steps, total_steps, o.min_lr_ratio)
