@@ -98,14 +98,15 @@ class _EpochParts:
     loader worker builds the next epoch's parts itself."""
 
     def __init__(self, data: Any, tables: list[ShardTable], seed: int, transform: TrainTransform,
-                 num_units: int) -> None:
-        self.data, self.tables, self.seed, self.transform, self.num_units = data, tables, seed, transform, num_units
+                 num_units: int, resample: bool) -> None:
+        self.data, self.tables, self.seed, self.transform = data, tables, seed, transform
+        self.num_units, self.resample = num_units, resample
 
     def __call__(self, epoch: int) -> tuple[list[Source], Resampler | None, list[SampleDecoder]]:
         data = self.data
         sources = build_sources(data, self.tables, self.seed, epoch)
         resampler = None
-        if str(getattr(data, "mixture", "epochs")) == "resample":
+        if self.resample:
             resampler = Resampler([s.name for s in sources], self.tables, [s.weight for s in sources], self.seed,
                                   epoch, self.num_units)
         decoders = [SampleDecoder(self.transform, src.image_keys, src.text_of, _Seed(self.seed, epoch),
@@ -132,9 +133,8 @@ class _SlotStream(IterableDataset):
 
     def next_epoch(self) -> None:
         """Start the next epoch from nothing consumed, on the same layout."""
-        epoch = self.pos.epoch + 1
-        self.pos = DataPosition.fresh(epoch, self.pos.num_units).for_layout(self.pos.slots)
-        self.sources, self.resampler, self.decoders = self.parts(epoch)
+        self.pos = self.pos.next_epoch()
+        self.sources, self.resampler, self.decoders = self.parts(self.pos.epoch)
 
     def _slot(self) -> int:
         worker, _ = _worker()
@@ -316,17 +316,17 @@ class TrainLoader:
                  num_samples: int | None, batch_size: int) -> None:
         self.loader, self.stream, self.position, self.tables = loader, stream, position, tables
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.epoch, self.passes = position.epoch, 0
+        self.passes = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         it = iter(self.loader)
-        if self.passes:
-            self.epoch += 1
-            if self.loader is self.stream:  # no workers: the stream's own position, which it reads
-                self.position = self.stream.pos
-            else:  # the workers start the same fresh position in their processes
-                self.position = DataPosition.fresh(self.epoch, self.position.num_units).for_layout(
-                    self.position.slots)
+        if self.passes:  # without workers the stream's own position (which it reads); with workers, the
+            # same next-epoch position their processes start
+            self.position = self.stream.pos if self.loader is self.stream else self.position.next_epoch()
         self.passes += 1
         return it
 
@@ -379,7 +379,7 @@ def build_train_loader(
                         f"{what} {num_units} (epoch {epoch}): {why}")
     position = position.for_layout(slots)
     transform = train_transform(preprocess, tuple(data.crop_scale))
-    stream = _SlotStream(_EpochParts(data, tables, seed, transform, num_units), position, rank=rank,
+    stream = _SlotStream(_EpochParts(data, tables, seed, transform, num_units, mixture == "resample"), position, rank=rank,
                          workers=workers, seed=seed, shuffle_buffer=int(data.shuffle_buffer),
                          batch_size=int(data.batch_size), tokenizer=tokenizer, transform=transform,
                          shard_retries=int(data.shard_retries))

@@ -215,6 +215,10 @@ class DataPosition:
         z = np.zeros(num_units, dtype=bool)
         return cls(epoch, num_units, z, z.copy())
 
+    def next_epoch(self) -> DataPosition:
+        """The next epoch's start: nothing consumed, split for the same number of slots."""
+        return DataPosition.fresh(self.epoch + 1, self.num_units).for_layout(self.slots)
+
     def mark(self, uids: Sequence[int] | np.ndarray) -> None:
         idx = np.asarray(uids, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_units):

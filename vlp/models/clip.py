@@ -15,11 +15,11 @@ from vlp.models.config import CLIPConfig, PreprocessConfig
 from vlp.models.text import TextTower
 from vlp.models.vision import VisionTower
 
+# Position and token embedding tables (what `optim.decay_embeddings` gives weight decay back).
+EMBEDDING_TABLE_FRAGMENTS = ("positional_embedding", "pos_embed", "token_embedding")
 # Parameter-name fragments that are embeddings / tokens / temperature: decaying them hurts CLIP training.
 _NO_DECAY_FRAGMENTS = (
-    "positional_embedding",
-    "pos_embed",
-    "token_embedding",
+    *EMBEDDING_TABLE_FRAGMENTS,
     "cls_token",
     "reg_token",
     "class_embedding",

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from vlp.models.clip import EMBEDDING_TABLE_FRAGMENTS
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -107,16 +109,12 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     return ds
 
 
-# what `optim.decay_embeddings` gives weight decay: position and token embedding tables
-EMBEDDING_FRAGMENTS = ("positional_embedding", "pos_embed", "token_embedding")
-
-
 def decay_exempt(no_decay: set[str], decay_embeddings: bool) -> set[str]:
     """The model's exempt names, less its position / token embedding tables with `optim.decay_embeddings`
     (open_clip_train's grouping: only 1-d tensors, norms, biases and the logit scale are exempt)."""
     if not decay_embeddings:
         return set(no_decay)
-    return {n for n in no_decay if not any(f in n for f in EMBEDDING_FRAGMENTS)}
+    return {n for n in no_decay if not any(f in n for f in EMBEDDING_TABLE_FRAGMENTS)}
 
 
 def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str]) -> list[dict[str, Any]]:
