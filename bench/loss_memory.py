@@ -65,9 +65,9 @@ def worker(impl: str, global_batch: int, dim: int, tile: int, out: str) -> None:
         fn = (OCClip(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
               if "Clip" in impl else OCSig(rank=rank, world_size=world))
     else:
-        from vlp.losses import build_loss
+        from vlp.losses import PAIRWISE_LOSSES
 
-        fn = build_loss("siglip" if "SigLip" in impl else "clip", tile if "tiled" in impl else 0)
+        fn = PAIRWISE_LOSSES["siglip" if "SigLip" in impl else "clip"](tile_size=tile if "tiled" in impl else 0)
     args = (img, txt, scale, bias) if "SigLip" in impl else (img, txt, scale)
     # warm-up on 8 rows: one-time allocations (kernels, communication buffers) are not the loss's
     fn(*(a[:8] if a.dim() else a for a in args)).backward()

@@ -4,7 +4,7 @@ Both sides get the same architecture (vlp preset and its open_clip twin), the sa
 random images and tokens, the same precision, AdamW settings and number of threads:
 
   * vlp: the step of `vlp.train.trainer.Trainer.fit` - the DeepSpeed engine built by
-    `vlp.train.engine.build_engine` around `CLIPTask` (model + vlp's ClipLoss), then
+    `vlp.train.engine.build_engine` around `ObjectiveModule` (model + vlp's ClipLoss), then
     engine(images, tokens), engine.backward(loss), engine.step();
   * open_clip: `open_clip_train.train.train_one_epoch` itself (autocast, model, its ClipLoss,
     backward, AdamW step, logit-scale clamp), fed the same batches by an in-memory loader.
@@ -86,10 +86,10 @@ def model_config(preset: str, image_size: int, flip: float = 0.0):
 def vlp_runner(preset: str, batch: int, precision: str, flip: float, device: torch.device, image_size: int = 0):
     """vlp's training step, as Trainer.fit runs it."""
     from vlp.config import load_config
-    from vlp.losses import build_loss
+    from vlp.losses import PAIRWISE_LOSSES
     from vlp.models.clip import CLIP
+    from vlp.objectives import ObjectiveModule
     from vlp.train.engine import build_engine, init_distributed
-    from vlp.train.task import CLIPTask
 
     init_distributed()
     zero = 1 if precision != "fp32" else 0  # low-precision runs keep fp32 masters under ZeRO
@@ -97,7 +97,7 @@ def vlp_runner(preset: str, batch: int, precision: str, flip: float, device: tor
                              f"train.zero_stage={zero}", "optim.lr=1e-4", "optim.weight_decay=0.1",
                              "optim.warmup_steps=0", f"optim.grad_clip={GRAD_CLIP}"])
     model = CLIP(model_config(preset, image_size, flip))
-    task = CLIPTask(model, build_loss("clip"))
+    task = ObjectiveModule(model, PAIRWISE_LOSSES["clip"]())
     engine = build_engine(task, cfg, 10_000, task.no_weight_decay())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     images, tokens = _batch(model.config, batch, device)

@@ -350,7 +350,7 @@ def test_train_coca_two_processes(tmp_path: Path, digits_shards_dir: Path) -> No
 def test_loss_weights_validated() -> None:
     from vlp.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="loss.caption_weight"):
-        load_config("tests/configs/digits_nano.yaml", ["loss.name=coca", "loss.caption_weight=-1"])
+    with pytest.raises(ConfigError, match="coca.caption_weight"):
+        load_config("tests/configs/digits_nano.yaml", ["loss.name=coca", "coca.caption_weight=-1"])
     with pytest.raises(ValueError, match="weights"):
         CoCaLoss(clip_weight=0.0, caption_weight=0.0)

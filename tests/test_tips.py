@@ -23,7 +23,7 @@ from vlp.config import ConfigError, load_config
 from vlp.data.build import encode_image
 from vlp.losses.distill import Center, distill_cross_entropy, masked_patch_loss
 from vlp.models import TIPS, create_model
-from vlp.train.tips_task import TIPSTask
+from vlp.objectives.tips import TIPSModule
 
 
 def tips_cfg(**kw):
@@ -78,12 +78,12 @@ def test_masked_patch_loss_and_center_against_loops() -> None:
 
 
 @pytest.fixture()
-def task() -> TIPSTask:
+def task() -> TIPSModule:
     torch.manual_seed(0)
-    return TIPSTask(create_model("tips-nano"), tips_cfg(), total_steps=10, seed=3)
+    return TIPSModule(create_model("tips-nano"), tips_cfg(), total_steps=10, seed=3)
 
 
-def test_stream_losses_equal_separate_clip_losses(task: TIPSTask) -> None:
+def test_stream_losses_equal_separate_clip_losses(task: TIPSModule) -> None:
     task.eval()  # no mask: the student sees what encode_image_streams sees
     m = task.model
     g = torch.Generator().manual_seed(1)
@@ -115,7 +115,7 @@ def test_stream_losses_equal_separate_clip_losses(task: TIPSTask) -> None:
     assert torch.allclose(m.encode_image(images), m.encode_image_streams(images)[:, 0], atol=1e-6)
 
 
-def test_mask_hides_the_masked_pixels_and_is_reproducible(task: TIPSTask) -> None:
+def test_mask_hides_the_masked_pixels_and_is_reproducible(task: TIPSModule) -> None:
     m = task.model
     task.train()
     mask = task.draw_mask(64, torch.device("cpu"))
@@ -136,7 +136,7 @@ def test_mask_hides_the_masked_pixels_and_is_reproducible(task: TIPSTask) -> Non
         assert not torch.allclose(m.patch_tokens(x), m.patch_tokens(y), atol=1e-3)
 
 
-def test_teacher_gets_no_gradient_and_follows_the_ema(task: TIPSTask) -> None:
+def test_teacher_gets_no_gradient_and_follows_the_ema(task: TIPSModule) -> None:
     task.train()
     g = torch.Generator().manual_seed(2)
     images, tokens = torch.randn(8, 3, 16, 16, generator=g), torch.randint(1, 400, (8, 2, 16), generator=g)

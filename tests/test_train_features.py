@@ -156,11 +156,11 @@ def test_locked_modules_stay_in_eval_mode_and_unlock_norms():
     from omegaconf import OmegaConf
 
     from vlp.models import create_model
+    from vlp.objectives import ObjectiveModule
     from vlp.train.locking import apply_locks
-    from vlp.train.task import CLIPTask
 
     model = create_model("clip-nano")
-    task = CLIPTask(model)
+    task = ObjectiveModule(model)
     task.locked = apply_locks(model, OmegaConf.create({
         "image": True, "image_unlocked_groups": 0, "image_unlock_norms": True,
         "text": True, "text_unlocked_groups": 2, "text_unlock_norms": False}))
@@ -297,14 +297,14 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 def test_bf16_model_computes_loss_and_logit_scale_in_fp32():
     """DeepSpeed bf16 casts the whole module; the temperature, bias and loss must still be fp32."""
-    from vlp.losses import build_loss
+    from vlp.losses import PAIRWISE_LOSSES
     from vlp.models import create_model
-    from vlp.train.task import CLIPTask
+    from vlp.objectives import ObjectiveModule
 
     images, tokens = _nano_batch()
     for name, loss in (("clip-nano", "clip"), ("siglip-nano", "siglip")):
         torch.manual_seed(0)
-        task = CLIPTask(create_model(name), build_loss(loss)).to(torch.bfloat16)
+        task = ObjectiveModule(create_model(name), PAIRWISE_LOSSES[loss]()).to(torch.bfloat16)
         out = task.model(images.bfloat16(), tokens)
         assert out["image_features"].dtype == torch.bfloat16  # the towers do run in bf16
         assert out["logit_scale"].dtype == torch.float32
@@ -312,7 +312,7 @@ def test_bf16_model_computes_loss_and_logit_scale_in_fp32():
         value = task(images.bfloat16(), tokens)["loss"]
         assert value.dtype == torch.float32
         # the same loss from the bf16 features upcast by hand, in float64: the loss math is not bf16
-        ref = build_loss(loss)(out["image_features"].double(), out["text_features"].double(),
+        ref = PAIRWISE_LOSSES[loss]()(out["image_features"].double(), out["text_features"].double(),
                                out["logit_scale"].double(), out.get("logit_bias", torch.zeros(())).double())
         assert value.item() == pytest.approx(ref.item(), rel=1e-6)
 

@@ -7,12 +7,15 @@ before any work starts, and the error names the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from vlp.objectives import Objective, UnknownObjectiveError, get_objective, objectives
 
 
 class ConfigError(ValueError):
@@ -29,34 +32,14 @@ class ModelSection:
 
 @dataclass
 class LossSection:
-    # clip: softmax InfoNCE over the gathered global batch; siglip: pairwise sigmoid, ring exchange;
-    # coca: InfoNCE + captioning; tips: InfoNCE per text stream + masked-image self-distillation (tips.*)
+    # the training objective, a name in the objective registry (vlp/objectives/): clip (softmax
+    # InfoNCE over the gathered global batch), siglip (pairwise sigmoid, ring exchange), coca (InfoNCE
+    # + captioning, options in `coca:`), tips (InfoNCE per text stream + masked-image self-distillation,
+    # options in `tips:`). An objective's own options are the top-level section named after it.
     name: str = "clip"
     # > 0: softmax in row blocks / sigmoid in column tiles, loss memory about local batch x tile_size
     # instead of local x global (exact, not an approximation)
     tile_size: int = 0
-    # coca: loss = clip_weight * InfoNCE + caption_weight * next-token cross-entropy
-    clip_weight: float = 1.0
-    caption_weight: float = 2.0
-
-
-@dataclass
-class TipsSection:
-    """loss.name=tips (vlp/train/tips_task.py): weights, masking, temperatures, centre and teacher EMA."""
-
-    stream_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # one per data.text_streams
-    ibot_weight: float = 1.0  # masked patch tokens vs the teacher's (iBOT)
-    dino_weight: float = 1.0  # pooled tokens vs the teacher's (DINO global term)
-    mask_prob: float = 0.5  # fraction of the images that are masked
-    mask_ratio: tuple[float, float] = (0.1, 0.5)  # masked fraction of a masked image's patches, uniform
-    # masked: one student pass over the (partly masked) batch serves every term; full: the contrastive
-    # and global terms see the unmasked images, a second pass over the masked ones the patch term
-    contrastive_view: str = "masked"
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04  # sharpening
-    center_momentum: float = 0.9  # running centre of the teacher's logits
-    teacher_momentum: float = 0.996  # EMA momentum at step 0, cosine up to teacher_momentum_end
-    teacher_momentum_end: float = 1.0
 
 
 @dataclass
@@ -96,8 +79,8 @@ class DataSection:
     crop_scale: tuple[float, float] = (0.9, 1.0)
     image_key: str = "jpg;png;webp;jpeg"
     text_key: str = "txt"
-    # several texts per image, one per stream (loss.name=tips): each entry a text key ("a;b": first
-    # present); batches then carry text [B, streams, context]. Empty: one text (text_key)
+    # several texts per image, one per stream (objectives that support it, e.g. loss.name=tips): each
+    # entry a text key ("a;b": first present); batches then carry text [B, streams, context]. Empty: one text (text_key)
     text_streams: list[str] = field(default_factory=list)
     # captions longer than this many characters are cut to it (counted as caption_truncated)
     max_caption_chars: int = 2000
@@ -207,9 +190,12 @@ class LoggingSection:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
+    # modules imported before the config is checked, e.g. one that registers an objective or eval task
+    # (`vlp.objectives.register_objective`, `vlp.eval.tasks.register_task`); saved with the run, so a
+    # resumed run imports them again
+    plugins: list[str] = field(default_factory=list)
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
-    tips: TipsSection = field(default_factory=TipsSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -226,8 +212,19 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {where}: {msg}")
 
 
+# keys that moved into an objective's section: old saved configs are migrated, user input is told
+_MOVED = {"loss.clip_weight": "coca.clip_weight", "loss.caption_weight": "coca.caption_weight"}
+
+
 def _schema() -> DictConfig:
-    cfg = OmegaConf.structured(RunConfig)
+    sections = []
+    for objective in objectives():  # each objective's options: the section named after it
+        if objective.options is not None:
+            if objective.name in RunConfig.__dataclass_fields__:
+                raise ConfigError(f"objective '{objective.name}' cannot have options: '{objective.name}' is "
+                                  "already a section of the run config")
+            sections.append((objective.name, objective.options, field(default_factory=objective.options)))
+    cfg = OmegaConf.structured(make_dataclass("RunConfig", sections, bases=(RunConfig,)))
     OmegaConf.set_struct(cfg, True)
     # open mappings: eval names are the user's; model overrides are checked against the preset
     OmegaConf.set_struct(cfg.evals, False)
@@ -235,25 +232,66 @@ def _schema() -> DictConfig:
     return cfg
 
 
+def _moved_keys(raw: DictConfig, source: str) -> None:
+    for old, new in _MOVED.items():
+        if OmegaConf.select(raw, old) is not None:
+            raise ConfigError(f"{source}: key '{old}' is now '{new}'")
+
+
+def _migrate(saved: dict) -> dict:
+    """A config saved by an earlier version, with moved keys put where they are now."""
+    out = OmegaConf.create(saved)
+    for old, new in _MOVED.items():
+        value = OmegaConf.select(out, old)
+        if value is not None:
+            section, key = old.split(".")
+            del out[section][key]
+            OmegaConf.update(out, new, value, force_add=True)
+    return OmegaConf.to_container(out)  # type: ignore[return-value]
+
+
+def import_plugins(names: list[str], source: str = "plugins") -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure of a user module is reported as its own
+            raise ConfigError(f"{source}: cannot import plugin module '{name}': {type(e).__name__}: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> DictConfig:
-    """Build the run config: dataclass defaults <- `base` (a saved config) <- YAML file <- overrides."""
-    cfg = _schema() if base is None else from_container(base)
+    """Build the run config: dataclass defaults <- `base` (a saved config) <- YAML file <- overrides.
+
+    The modules listed in `plugins` (from any of the three) are imported first, so that the
+    objectives and eval tasks they register are known when the config is checked."""
+    base = None if base is None else _migrate(base)
+    layers: list[tuple[str, DictConfig]] = []
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            layers.append((str(path), OmegaConf.load(p)))
         except OmegaConfBaseException as e:
             raise _explain(e, str(path)) from None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override '{item}'") from None
+    plugins = list((base or {}).get("plugins") or [])
+    for source, layer in layers:
+        _moved_keys(layer, source)
+        plugins = list(OmegaConf.select(layer, "plugins", default=None) or plugins)
+    import_plugins(plugins)
+    cfg = _schema() if base is None else from_container(base)
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise _explain(e, source) from None
     validate(cfg)
     return cfg
 
@@ -263,17 +301,12 @@ def validate(cfg: DictConfig) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"key '{key}': {why}")
 
-    if cfg.loss.name not in ("clip", "siglip", "coca", "tips"):
-        bad("loss.name", f"unknown loss '{cfg.loss.name}' (known: clip, siglip, coca, tips)")
-    if cfg.loss.name == "tips":
-        _validate_tips(cfg, bad)
-    elif cfg.data.text_streams:
-        bad("data.text_streams", f"several texts per image are used only by loss.name=tips, not '{cfg.loss.name}'")
+    try:
+        objective = get_objective(cfg.loss.name)
+    except UnknownObjectiveError as e:
+        bad("loss.name", str(e))
     if cfg.loss.tile_size < 0:
         bad("loss.tile_size", f"must be >= 0, got {cfg.loss.tile_size}")
-    for key in ("clip_weight", "caption_weight"):
-        if cfg.loss[key] < 0:
-            bad(f"loss.{key}", f"must be >= 0, got {cfg.loss[key]}")
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
         bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
@@ -292,9 +325,8 @@ def validate(cfg: DictConfig) -> None:
         bad("train.gradient_accumulation_steps", "must be >= 1")
     if cfg.train.contrastive_accumulation not in ("micro", "exact"):
         bad("train.contrastive_accumulation", f"must be micro or exact, got '{cfg.train.contrastive_accumulation}'")
-    if cfg.train.contrastive_accumulation == "exact" and cfg.loss.name == "coca":
-        bad("train.contrastive_accumulation", "exact accumulation covers the contrastive losses; "
-            "loss.name=coca also needs its caption logits per micro-batch (use micro)")
+    _check_supports(cfg, objective, bad)
+    objective.validate(cfg, bad)
     for tower in ("image", "text"):
         n = cfg.lock[f"{tower}_unlocked_groups"]
         if n < 0 or (n and not cfg.lock[tower]):
@@ -328,40 +360,26 @@ def validate(cfg: DictConfig) -> None:
             bad(f"evals.{name}.ema", "evaluating EMA weights needs ema.enabled=true")
 
 
-def _validate_tips(cfg: DictConfig, bad) -> None:
-    t = cfg.tips
-    if cfg.train.zero_stage == 3:
-        bad("train.zero_stage", "loss.name=tips keeps its EMA teacher whole on every rank; ZeRO-3 would partition "
-            "it (use zero_stage 0, 1 or 2)")
-    if cfg.train.precision != "fp32":
-        bad("train.precision", "loss.name=tips needs fp32: the EMA teacher would be held (and averaged) in "
-            f"{cfg.train.precision}")
-    if cfg.train.contrastive_accumulation != "micro":
-        bad("train.contrastive_accumulation", "loss.name=tips supports micro only")
-    if not cfg.data.text_streams:
-        bad("data.text_streams", "loss.name=tips needs one text key per stream, e.g. [txt, syn.txt]")
-    if len(t.stream_weights) != len(cfg.data.text_streams):
-        bad("tips.stream_weights", f"has {len(t.stream_weights)} entries for {len(cfg.data.text_streams)} "
-            "data.text_streams")
-    for key in ("ibot_weight", "dino_weight"):
-        if t[key] < 0:
-            bad(f"tips.{key}", f"must be >= 0, got {t[key]}")
-    if any(w < 0 for w in t.stream_weights):
-        bad("tips.stream_weights", "must be >= 0")
-    if t.contrastive_view not in ("masked", "full"):
-        bad("tips.contrastive_view", f"must be masked or full, got '{t.contrastive_view}'")
-    if not 0.0 <= t.mask_prob <= 1.0:
-        bad("tips.mask_prob", f"must be in [0, 1], got {t.mask_prob}")
-    lo, hi = t.mask_ratio
-    if not 0.0 <= lo <= hi < 1.0:
-        bad("tips.mask_ratio", f"must satisfy 0 <= min <= max < 1, got {list(t.mask_ratio)}")
-    for key in ("student_temp", "teacher_temp"):
-        if not t[key] > 0:
-            bad(f"tips.{key}", f"must be > 0, got {t[key]}")
-    if not 0.0 <= t.center_momentum < 1.0:
-        bad("tips.center_momentum", f"must be in [0, 1), got {t.center_momentum}")
-    if not 0.0 <= t.teacher_momentum <= t.teacher_momentum_end <= 1.0:
-        bad("tips.teacher_momentum", "must satisfy 0 <= teacher_momentum <= teacher_momentum_end <= 1")
+def _check_supports(cfg: DictConfig, objective: Objective, bad) -> None:
+    """The run config against what the objective declares it supports (`Supports`)."""
+    s, name = objective.supports, objective.name
+
+    def why(key: str) -> str:
+        return f": {s.why[key]}" if key in s.why else ""
+
+    if cfg.train.zero_stage not in s.zero_stages:
+        bad("train.zero_stage", f"loss.name={name} supports ZeRO stages {', '.join(map(str, s.zero_stages))}, "
+            f"not {cfg.train.zero_stage}{why('zero_stage')}")
+    if cfg.train.precision not in s.precisions:
+        bad("train.precision", f"loss.name={name} supports precision {', '.join(s.precisions)}, not "
+            f"{cfg.train.precision}{why('precision')}")
+    if cfg.train.contrastive_accumulation == "exact" and not s.exact_accumulation:
+        bad("train.contrastive_accumulation", f"loss.name={name} has no exact accumulation (use micro)"
+            f"{why('contrastive_accumulation')}")
+    if cfg.data.text_streams and not s.text_streams:
+        users = [o.name for o in objectives() if o.supports.text_streams]
+        bad("data.text_streams", f"several texts per image are used only by loss.name={' or '.join(users)}, "
+            f"not '{name}'")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -374,8 +392,9 @@ def to_container(cfg: DictConfig) -> dict:
 
 def from_container(d: dict) -> DictConfig:
     """Re-type a config saved in a checkpoint, refusing keys this version does not know."""
+    import_plugins(list(d.get("plugins") or []), "saved config: plugins")
     cfg = _schema()
     try:
-        return OmegaConf.merge(cfg, d)
+        return OmegaConf.merge(cfg, _migrate(d))
     except OmegaConfBaseException as e:
         raise _explain(e, "saved config") from None

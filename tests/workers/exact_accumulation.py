@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 from vlp.config import load_config
-from vlp.losses import build_loss
+from vlp.losses import PAIRWISE_LOSSES
 from vlp.models import create_model
+from vlp.objectives import ObjectiveModule
 from vlp.train.accumulate import exact_accumulation_step
 from vlp.train.engine import build_engine, full_state_dict, init_distributed
-from vlp.train.task import CLIPTask
 
 K, MICRO, EPS = 4, 6, 1e3
 DROPOUT = {"vision": {"timm_kwargs": {"drop_path_rate": 0.3, "proj_drop_rate": 0.2}}}
@@ -45,7 +45,7 @@ def engine_for(model_name: str, zero: int, clip: float, gas: int, batch: int, ex
                              f"train.contrastive_accumulation={'exact' if exact else 'micro'}"])
     torch.manual_seed(0)
     model = create_model(model_name, **(overrides or {}))
-    task = CLIPTask(model, build_loss("siglip" if model_name.startswith("siglip") else "clip"))
+    task = ObjectiveModule(model, PAIRWISE_LOSSES["siglip" if model_name.startswith("siglip") else "clip"]())
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return build_engine(task, cfg, 1, task.no_weight_decay()), task, start
 
@@ -67,7 +67,7 @@ def plain_reference(model_name: str, images, tokens, seed: int):
     then the first Adam update written out: -lr * g / (|g| + eps)."""
     torch.manual_seed(0)
     model = create_model(model_name, **DROPOUT).train()
-    loss_fn = build_loss("siglip" if model_name.startswith("siglip") else "clip")
+    loss_fn = PAIRWISE_LOSSES["siglip" if model_name.startswith("siglip") else "clip"]()
     torch.manual_seed(seed)
     outs = [model(i, t) for i, t in zip(images.split(MICRO), tokens.split(MICRO))]
     loss = loss_fn(torch.cat([o["image_features"] for o in outs]), torch.cat([o["text_features"] for o in outs]),

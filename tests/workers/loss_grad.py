@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from vlp.losses import build_loss
+from vlp.losses import PAIRWISE_LOSSES
 
 
 def make_problem(seed: int = 0):
@@ -27,7 +27,7 @@ def loss_and_grads(x_img, x_txt, w_img, w_txt, loss: str = "clip", scale: float 
     ft = torch.nn.functional.normalize(x_txt @ w_txt, dim=-1)
     # "<name>_tiled": tiles of 3 columns, so every rank sees several tiles and a ragged last one
     name, tiled = loss.removesuffix("_tiled"), loss.endswith("_tiled")
-    fn = build_loss(name, tile_size=3 if tiled else 0)
+    fn = PAIRWISE_LOSSES[name](tile_size=3 if tiled else 0)
     value = fn(fi, ft, s, b)
     value.backward()
     grad_b = b.grad if b.grad is not None else torch.zeros((), dtype=torch.float64)

@@ -15,7 +15,7 @@ tower emits one global embedding per text stream, plus the heads of a masked-ima
 Queries start at zero, so every stream starts as the mean of the patch tokens (a bare class token
 stalls at this tiny size, see the registry). A `mask` replaces the patch embeddings it marks by a
 learned mask token before the position embedding (iBOT). The losses and the EMA teacher live in
-`vlp.train.tips_task`; the model holds no distributed code. Heads and the mask token are part of
+`vlp.objectives.tips`; the model holds no distributed code. Heads and the mask token are part of
 the model's weights, and `vlp.load_backbone` keeps only the trunk and `image_proj`.
 """
 

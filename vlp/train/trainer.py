@@ -31,6 +31,7 @@ from vlp.data.pipeline import (
 from vlp.data.tokenizer import get_tokenizer
 from vlp.models import create_model, get_model_config
 from vlp.models.config import config_to_dict
+from vlp.objectives import ObjectiveError, get_objective
 
 from . import checkpoint as ckpt
 from .accumulate import exact_accumulation_step
@@ -38,7 +39,6 @@ from .ema import WeightEMA
 from .engine import DistInfo, all_ranks_true, barrier, build_engine, full_state_dict, init_distributed
 from .locking import LockError, apply_locks
 from .logger import MetricsLogger
-from .task import build_task
 
 
 class TrainError(ValueError):
@@ -82,19 +82,11 @@ class Trainer:
             self.model_cfg = get_model_config(cfg.model.name, **overrides)
         except ValueError as e:
             raise TrainError(f"model: {e}") from None
-        if cfg.loss.name == "siglip" and self.model_cfg.init_logit_bias is None:
-            raise TrainError(f"loss.name=siglip needs a model with a logit bias; '{cfg.model.name}' has none "
-                             "(use a siglip-* preset or model.overrides={init_logit_bias: -10.0})")
-        if cfg.loss.name == "tips":
-            n = getattr(self.model_cfg, "num_streams", None)
-            if n is None:
-                raise TrainError(f"loss.name=tips needs a TIPS model; '{cfg.model.name}' is not one (use a tips-* preset)")
-            if n != len(cfg.data.text_streams):
-                raise TrainError(f"model '{cfg.model.name}' has {n} image streams but data.text_streams lists "
-                                 f"{len(cfg.data.text_streams)} texts")
-        if cfg.loss.name == "coca" and not hasattr(self.model_cfg, "decoder"):
-            raise TrainError(f"loss.name=coca needs a captioning model; '{cfg.model.name}' has no decoder "
-                             "(use a coca-* preset)")
+        self.objective = get_objective(cfg.loss.name)
+        try:
+            self.objective.check_model(self.model_cfg, cfg)
+        except ObjectiveError as e:
+            raise TrainError(str(e)) from None
         if not cfg.data.train_shards and not cfg.data.sources:
             raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
         for src in source_specs(cfg.data):
@@ -125,9 +117,9 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same init on every rank
         self.model = create_model(cfg.model.name, **overrides)
         self.tokenizer = get_tokenizer(self.model_cfg.text)
-        self.task = build_task(self.model, cfg.loss, cfg.tips, self.total_steps, cfg.train.seed)
+        self.module = self.objective.build(self.model, cfg, self.total_steps)
         self._prepare_model()
-        self.engine = build_engine(self.task, cfg, self.total_steps, self.task.no_weight_decay())
+        self.engine = build_engine(self.module, cfg, self.total_steps, self.module.no_weight_decay())
         # under ZeRO-3 the EMA follows each rank's parameter partitions, which exist from here on
         self.ema = WeightEMA(self.model, cfg.ema, cfg.train.zero_stage == 3) if cfg.ema.enabled else None
         # DeepSpeed bf16/fp16 casts the module; images must follow (the loss itself runs in fp32)
@@ -186,10 +178,10 @@ class Trainer:
         """Locking, gradient checkpointing and compilation: before DeepSpeed sees the model."""
         cfg = self.cfg
         try:
-            self.task.locked = apply_locks(self.model, cfg.lock)
+            self.module.locked = apply_locks(self.model, cfg.lock)
         except LockError as e:
             raise TrainError(str(e)) from None
-        self.task.train()
+        self.module.train()
         if not any(p.requires_grad for p in self.model.parameters()):
             raise TrainError("lock: every parameter is locked, nothing to train")
         if cfg.train.grad_checkpointing:
@@ -266,7 +258,7 @@ class Trainer:
                     pending.append(inputs)
                     if micro % gas:
                         continue
-                    out = exact_accumulation_step(self.engine, self.task.loss, pending)
+                    out = exact_accumulation_step(self.engine, self.module.loss, pending)
                     pending.clear()
                 else:
                     out = self.engine(*inputs)
@@ -280,7 +272,7 @@ class Trainer:
                 if micro % gas:
                     continue
                 self.step += 1
-                self.task.after_step(self.step)
+                self.module.after_step(self.step)
                 if self.ema is not None:
                     self.ema.update(self.step)
                 window["steps"] += 1
@@ -413,7 +405,7 @@ class Trainer:
             spec = DatasetSpec(ev.dataset, ev.split, ev.max_samples, ev.batch_size, dict(ev.options))
             ctx = make_context(self.dist.device, figures=False, seed=self.cfg.train.seed)
             res = run_task(ev.task, model, self.tokenizer, self.model_cfg.preprocess, spec, ctx).metrics
-            self.task.train()
+            self.module.train()
             metrics = {f"eval/{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
             self.log.log(self.step, metrics)
             self.log.write(f"[step {self.step}] eval {name} ({ev.dataset}): "

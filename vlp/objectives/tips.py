@@ -1,4 +1,4 @@
-"""TIPS training: one contrastive loss per text stream plus masked-image self-distillation from an EMA
+"""TIPS: one contrastive loss per text stream plus masked-image self-distillation from an EMA
 teacher (iBOT's patch term and DINO's global term), in the module handed to deepspeed.initialize.
 
     student: image with a random subset of its patches replaced by the mask token (a `mask_prob`
@@ -13,7 +13,7 @@ teacher (iBOT's patch term and DINO's global term), in the module handed to deep
 The teacher is a frozen deep copy of the model without its text tower, a submodule of the task, so
 DeepSpeed saves and restores it with the checkpoint and ZeRO 0-2 keep it whole on every rank (the
 students' parameters are whole there too, so the EMA needs no communication). ZeRO-3 would
-partition it, and bf16/fp16 would hold it in low precision: the config refuses both.
+partition it, and bf16/fp16 would hold it in low precision: `supports` refuses both.
 After optimizer step t of T the teacher follows the student with DINO's cosine momentum,
 m_t = end - (end - start) * (1 + cos(pi t / T)) / 2.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -29,12 +30,31 @@ import torch.nn.functional as F
 
 from vlp.losses import ClipLoss
 from vlp.losses.distill import Center, distill_cross_entropy, masked_patch_loss
-from vlp.models.tips import TIPS
+from vlp.models.tips import TIPS, TIPSConfig
+from vlp.objectives.base import Objective, ObjectiveError, ObjectiveModule, Supports
+from vlp.objectives.registry import register_objective
 
-from .task import CLIPTask
+
+@dataclass
+class TipsOptions:
+    """Section `tips:` of the run config: weights, masking, temperatures, centre and teacher EMA."""
+
+    stream_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # one per data.text_streams
+    ibot_weight: float = 1.0  # masked patch tokens vs the teacher's (iBOT)
+    dino_weight: float = 1.0  # pooled tokens vs the teacher's (DINO global term)
+    mask_prob: float = 0.5  # fraction of the images that are masked
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # masked fraction of a masked image's patches, uniform
+    # masked: one student pass over the (partly masked) batch serves every term; full: the contrastive
+    # and global terms see the unmasked images, a second pass over the masked ones the patch term
+    contrastive_view: str = "masked"
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # sharpening
+    center_momentum: float = 0.9  # running centre of the teacher's logits
+    teacher_momentum: float = 0.996  # EMA momentum at step 0, cosine up to teacher_momentum_end
+    teacher_momentum_end: float = 1.0
 
 
-class TIPSTask(CLIPTask):
+class TIPSModule(ObjectiveModule):
     def __init__(self, model: TIPS, cfg, total_steps: int, tile_size: int = 0, seed: int = 0) -> None:
         super().__init__(model, ClipLoss(tile_size=tile_size))
         if not isinstance(model, TIPS):
@@ -59,7 +79,7 @@ class TIPSTask(CLIPTask):
         self.patch_center = Center(model.config.prototypes, cfg.center_momentum)
         self.global_center = Center(model.config.prototypes, cfg.center_momentum)
 
-    def train(self, mode: bool = True) -> TIPSTask:
+    def train(self, mode: bool = True) -> TIPSModule:
         super().train(mode)
         self.teacher.eval()  # no dropout / drop-path in the teacher
         return self
@@ -138,3 +158,53 @@ class TIPSTask(CLIPTask):
         student = dict(self.model.named_parameters())
         for name, t in self._pairs:
             t.lerp_(student[name].detach().to(t.dtype), 1.0 - mom)
+
+
+class TIPSObjective(Objective):
+    name = "tips"
+    example = ("model.name=tips-nano", "data.text_streams=[txt,syn.txt]")
+    options = TipsOptions
+    supports = Supports(exact_accumulation=False, zero_stages=(0, 1, 2), precisions=("fp32",), text_streams=True, why={
+        "zero_stage": "its EMA teacher is kept whole on every rank; ZeRO-3 would partition it",
+        "precision": "the EMA teacher would be held (and averaged) in low precision",
+        "contrastive_accumulation": "the self-distillation terms are taken per micro-batch"})
+
+    def validate(self, cfg, bad) -> None:
+        t = cfg.tips
+        if not cfg.data.text_streams:
+            bad("data.text_streams", "loss.name=tips needs one text key per stream, e.g. [txt, syn.txt]")
+        if len(t.stream_weights) != len(cfg.data.text_streams):
+            bad("tips.stream_weights", f"has {len(t.stream_weights)} entries for {len(cfg.data.text_streams)} "
+                "data.text_streams")
+        for key in ("ibot_weight", "dino_weight"):
+            if t[key] < 0:
+                bad(f"tips.{key}", f"must be >= 0, got {t[key]}")
+        if any(w < 0 for w in t.stream_weights):
+            bad("tips.stream_weights", "must be >= 0")
+        if t.contrastive_view not in ("masked", "full"):
+            bad("tips.contrastive_view", f"must be masked or full, got '{t.contrastive_view}'")
+        if not 0.0 <= t.mask_prob <= 1.0:
+            bad("tips.mask_prob", f"must be in [0, 1], got {t.mask_prob}")
+        lo, hi = t.mask_ratio
+        if not 0.0 <= lo <= hi < 1.0:
+            bad("tips.mask_ratio", f"must satisfy 0 <= min <= max < 1, got {list(t.mask_ratio)}")
+        for key in ("student_temp", "teacher_temp"):
+            if not t[key] > 0:
+                bad(f"tips.{key}", f"must be > 0, got {t[key]}")
+        if not 0.0 <= t.center_momentum < 1.0:
+            bad("tips.center_momentum", f"must be in [0, 1), got {t.center_momentum}")
+        if not 0.0 <= t.teacher_momentum <= t.teacher_momentum_end <= 1.0:
+            bad("tips.teacher_momentum", "must satisfy 0 <= teacher_momentum <= teacher_momentum_end <= 1")
+
+    def check_model(self, model_cfg, cfg) -> None:
+        if not isinstance(model_cfg, TIPSConfig):
+            raise ObjectiveError(f"loss.name=tips needs a TIPS model; '{cfg.model.name}' is not one (use a tips-* preset)")
+        if model_cfg.num_streams != len(cfg.data.text_streams):
+            raise ObjectiveError(f"model '{cfg.model.name}' has {model_cfg.num_streams} image streams but "
+                                 f"data.text_streams lists {len(cfg.data.text_streams)} texts")
+
+    def build(self, model, cfg, total_steps: int) -> ObjectiveModule:
+        return TIPSModule(model, cfg.tips, total_steps, tile_size=cfg.loss.tile_size, seed=cfg.train.seed)
+
+
+register_objective(TIPSObjective())
