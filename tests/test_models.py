@@ -20,7 +20,7 @@ from vlp.models import (
     register_model,
 )
 from vlp.models import registry as registry_mod
-from vlp.models.config import config_from_dict, config_to_dict
+from vlp.models.families import config_from_dict, config_to_dict
 from vlp.models.text import eot_positions
 
 EXPECTED_PRESETS = {"clip-nano", "clip-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", "convnext-tiny-clip"}

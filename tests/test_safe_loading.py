@@ -13,7 +13,7 @@ import torch
 from vlp.interop.open_clip import load_open_clip_checkpoint
 from vlp.loading import LoadError, consolidate_deepspeed, load_state, safe_torch_load
 from vlp.models import create_model
-from vlp.models.config import config_to_dict
+from vlp.models.families import config_to_dict
 
 
 class _Payload:

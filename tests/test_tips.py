@@ -164,7 +164,7 @@ def test_dense_and_backbone_paths_on_a_tips_model(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from vlp.eval.segmentation import patch_features, token_embeddings
-    from vlp.models.config import config_to_dict
+    from vlp.models.families import config_to_dict
 
     torch.manual_seed(0)
     model = create_model("tips-nano").eval()

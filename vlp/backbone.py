@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlp.models.config import CLIPConfig, PreprocessConfig
+from vlp.models.families import FamilyError, family_of
 from vlp.models.vision import patch_tokens_of_features
 
 
@@ -157,9 +158,10 @@ def load_backbone(
         net: nn.Module = FeatureGetterNet(trunk, out_indices=out_indices, output_fmt=output_fmt)
         net.pretrained_cfg = getattr(trunk, "pretrained_cfg", {})
         return net.to(device).eval()
-    if hasattr(cfg, "decoder"):
-        raise ValueError(f"'{path}' is a CoCa model: its image embedding comes from the attentional pooler, "
-                         "not the trunk; use features_only=True for the trunk's feature maps")
+    family = family_of(cfg)
+    if not family.can("backbone"):
+        raise FamilyError(f"'{path}' is a {family.title} model: its image embedding does not come from the trunk "
+                          "(CoCa's comes from the attentional pooler); use features_only=True for the trunk's feature maps")
     proj = nn.Linear(int(trunk.num_features), cfg.embed_dim, bias=False)
     if cfg.image_proj:
         proj.load_state_dict({"weight": sd["image_proj.weight"]})

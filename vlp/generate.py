@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.models.families import require
+
 METHODS = ("greedy", "beam", "top_k", "top_p")
 
 
@@ -211,8 +213,7 @@ def generate(model: nn.Module, images: torch.Tensor, tokenizer, method: str = "g
 
     `use_cache`: greedy and sampling decode one position per step with cached keys and values
     (beam search always re-runs the prefixes)."""
-    if not hasattr(model, "caption_logits"):
-        raise ValueError(f"{type(model).__name__} has no captioning decoder (generate needs a CoCa model)")
+    require(model, "captioning", "generate")
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     ctx = model.text.context_length

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from vlp.data.tokenizer import Tokenizer, get_tokenizer
 from vlp.models import CLIP, build_model
-from vlp.models.config import CLIPConfig, PreprocessConfig, config_from_dict
+from vlp.models.config import CLIPConfig, PreprocessConfig
+from vlp.models.families import config_from_dict
 
 
 class LoadError(ValueError):

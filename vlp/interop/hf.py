@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vlp.models.config import CLIPConfig
+from vlp.models.families import family_of, require
 
 
 def _vit_dims(cfg: CLIPConfig, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -103,8 +104,7 @@ def export_hf(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Path,
     a SiglipModel for a model with a logit bias, else a CLIPModel."""
     from transformers import CLIPModel, SiglipModel
 
-    if hasattr(cfg, "decoder"):
-        raise ValueError("transformers has no CoCa model; export CoCa with --to open_clip")
+    require(cfg, "export:hf", "export to transformers")
     if cfg.text.prefix_kinds:
         raise ValueError(f"this model is prefix-conditioned (text.prefix_kinds={list(cfg.text.prefix_kinds)}): "
                          "transformers' text models have no prefix tokens; export it with --to vlp (or --to "
@@ -150,8 +150,9 @@ _HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quic
 def _siglip_refusals(cfg: CLIPConfig, sd: dict[str, torch.Tensor]) -> list[str]:
     """What keeps a vlp model from being a transformers SiglipModel (empty: exportable)."""
     why = []
-    if hasattr(cfg, "decoder"):
-        why.append("it is a CoCa model")
+    family = family_of(cfg)
+    if not family.can("export:hf"):
+        why.append(f"it is a {family.title} model")
     if cfg.init_logit_bias is None:
         why.append("it has no logit bias")
     if "visual.trunk.attn_pool.latent" not in sd:

@@ -26,9 +26,9 @@ from vlp.models.clip import CLIP
 from vlp.models.coca import CoCa
 from vlp.models.config import (
     CLIPConfig,
-    CoCaConfig,
     VisionTowerConfig,
 )
+from vlp.models.families import require
 from vlp.models.registry import create_model, list_models
 
 # Per residual block (same names in both towers): open_clip suffix -> timm Block suffix.
@@ -244,6 +244,7 @@ def export_open_clip(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor], out_dir: s
 
     from safetensors.torch import save_file
 
+    coca = require(cfg, "export:open_clip", "export to open_clip").can("captioning")  # open_clip's CoCa
     if cfg.text.prefix_kinds:
         raise ValueError(f"this model is prefix-conditioned (text.prefix_kinds={list(cfg.text.prefix_kinds)}): "
                          "open_clip's text tower has no prefix tokens; export it with --to vlp (or --to timm "
@@ -251,7 +252,6 @@ def export_open_clip(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor], out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = cfg.preprocess
-    coca = isinstance(cfg, CoCaConfig)
     doc = {"model_cfg": open_clip_coca_config_from_vlp(cfg, sd) if coca else open_clip_config_from_vlp(cfg, sd),
            "preprocess_cfg": {"mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation,
                               "resize_mode": p.resize_mode, "size": p.image_size}}

@@ -10,6 +10,7 @@ from vlp.models.config import (
     TextTowerConfig,
     VisionTowerConfig,
 )
+from vlp.models.families import Family, FamilyError, family_of, register_family, require
 from vlp.models.registry import build_model, create_model, get_model_config, list_models, register_model
 from vlp.models.text import TextTower
 from vlp.models.tips import TIPS, TIPSConfig
@@ -21,6 +22,8 @@ __all__ = [
     "CoCa",
     "CoCaConfig",
     "DecoderConfig",
+    "Family",
+    "FamilyError",
     "PreprocessConfig",
     "TIPS",
     "TIPSConfig",
@@ -30,7 +33,10 @@ __all__ = [
     "VisionTowerConfig",
     "build_model",
     "create_model",
+    "family_of",
     "get_model_config",
     "list_models",
+    "register_family",
     "register_model",
+    "require",
 ]

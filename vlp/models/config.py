@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -106,6 +106,16 @@ class CoCaConfig(CLIPConfig):
     cls_mask: str = "correct"
 
 
+@dataclass
+class TIPSConfig(CLIPConfig):
+    """CLIPConfig plus the number of text streams and the self-distillation head's sizes."""
+
+    num_streams: int = 2  # text streams (e.g. noisy alt-text, synthetic caption), one pooled embedding each
+    head_hidden: int = 256  # DINO head: MLP width
+    head_bottleneck: int = 64  # l2-normalised bottleneck before the prototypes
+    prototypes: int = 256  # number of prototypes (softmax classes of the distillation)
+
+
 def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
     """Return a copy of dataclass `obj` with (nested) `overrides` applied.
 
@@ -132,19 +142,3 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> An
         else:
             changes[key] = value
     return replace(obj, **changes)
-
-
-def config_to_dict(cfg: CLIPConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-def config_from_dict(d: dict[str, Any]) -> CLIPConfig:
-    """Inverse of `config_to_dict` (a CoCaConfig is recognised by its decoder section, a TIPSConfig by
-    its num_streams); unknown keys are refused by `apply_overrides`."""
-    if "decoder" in d:
-        return apply_overrides(CoCaConfig(), d)
-    if "num_streams" in d:
-        from vlp.models.tips import TIPSConfig
-
-        return apply_overrides(TIPSConfig(), d)
-    return apply_overrides(CLIPConfig(), d)

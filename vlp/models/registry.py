@@ -18,6 +18,7 @@ from vlp.models.config import (
     VisionTowerConfig,
     apply_overrides,
 )
+from vlp.models.families import build_model
 from vlp.models.tips import TIPS, TIPSConfig
 
 ConfigFn = Callable[[], CLIPConfig]
@@ -52,13 +53,6 @@ def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
         raise ValueError(f"unknown model '{name}'; known models: {', '.join(list_models())}")
     cfg = _REGISTRY[name]()
     return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def build_model(cfg: CLIPConfig) -> CLIP | CoCa | TIPS:
-    """The model class a config describes: CoCa for a CoCaConfig, TIPS for a TIPSConfig, else CLIP."""
-    if isinstance(cfg, CoCaConfig):
-        return CoCa(cfg)
-    return TIPS(cfg) if isinstance(cfg, TIPSConfig) else CLIP(cfg)
 
 
 def create_model(name: str, **overrides: Any) -> CLIP | CoCa | TIPS:

@@ -21,26 +21,14 @@ the model's weights, and `vlp.load_backbone` keeps only the trunk and `image_pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from vlp.models.clip import _NO_DECAY_FRAGMENTS, CLIP
-from vlp.models.config import CLIPConfig
+from vlp.models.config import TIPSConfig
 from vlp.models.vision import final_patch_tokens
-
-
-@dataclass
-class TIPSConfig(CLIPConfig):
-    """CLIPConfig plus the number of text streams and the self-distillation head's sizes."""
-
-    num_streams: int = 2  # text streams (e.g. noisy alt-text, synthetic caption), one pooled embedding each
-    head_hidden: int = 256  # DINO head: MLP width
-    head_bottleneck: int = 64  # l2-normalised bottleneck before the prototypes
-    prototypes: int = 256  # number of prototypes (softmax classes of the distillation)
 
 
 class DistillHead(nn.Module):

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from vlp.models.config import CLIPConfig, config_to_dict
+from vlp.models.config import CLIPConfig
+from vlp.models.families import FamilyError, config_from_dict, config_to_dict
 
 from .engine import barrier
 
@@ -138,7 +139,11 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
 def check_compatible(ckpt_dir: Path, model_cfg: CLIPConfig, model_name: str) -> dict[str, Any]:
     """Refuse, before any expensive work, a checkpoint written for another model."""
     meta = read_meta(ckpt_dir)
-    if meta.get("model_config") != json.loads(json.dumps(config_to_dict(model_cfg))):
+    try:  # through the dataclass: a config saved before families were recorded compares equal too
+        saved = config_to_dict(config_from_dict(meta.get("model_config") or {}))
+    except (FamilyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}': its model config cannot be read ({e})") from None
+    if saved != config_to_dict(model_cfg):
         raise CheckpointError(
             f"checkpoint '{ckpt_dir}' was written for model '{meta.get('model_name')}' with a different "
             f"architecture than the configured model '{model_name}'; resume with the same model config"

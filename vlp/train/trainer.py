@@ -30,7 +30,7 @@ from vlp.data.pipeline import (
 )
 from vlp.data.tokenizer import get_tokenizer
 from vlp.models import create_model, get_model_config
-from vlp.models.config import config_to_dict
+from vlp.models.families import config_to_dict
 from vlp.objectives import ObjectiveError, get_objective
 
 from . import checkpoint as ckpt
@@ -425,7 +425,7 @@ class Trainer:
     def _meta(self) -> dict[str, Any]:
         return {
             "model_name": self.cfg.model.name,
-            "model_config": json.loads(json.dumps(config_to_dict(self.model_cfg))),
+            "model_config": config_to_dict(self.model_cfg),
             "run_config": to_container(self.cfg),
             "epoch": self.epoch,
             "batches_in_epoch": self.in_epoch,
