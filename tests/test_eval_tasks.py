@@ -311,3 +311,287 @@ def test_cli_plan_ties_datasets_to_tasks():
         ("zeroshot", "digits"), ("retrieval", "fashion-mnist")]
     with pytest.raises(ValueError, match="'zeroshot' has no dataset"):
         plan(["zeroshot", "retrieval"], ["retrieval:digits"])
+
+
+# ---- typed task options ---------------------------------------------------------------------------
+
+
+def _misspelled(name: str) -> str:
+    return name[:-1] + ("x" if name[-1] != "x" else "y")
+
+
+@pytest.mark.parametrize("task", sorted(tasks._BUILTIN))
+def test_misspelled_option_is_refused_naming_it(task):
+    import dataclasses
+
+    cls = tasks.options_class(task)
+    assert dataclasses.is_dataclass(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    bad = _misspelled(names[0])
+    for check in (tasks.parse_options, tasks.check_options):
+        with pytest.raises(tasks.EvalOptionError) as err:
+            check(task, {bad: 1})
+        msg = str(err.value)
+        assert f"'{task}'" in msg and f"'{bad}'" in msg and all(n in msg for n in names)
+    assert isinstance(err.value, ValueError)
+    # no options, None and the dataclass itself are all fine, and give the declared defaults
+    assert tasks.parse_options(task, {}) == tasks.parse_options(task, None) == cls()
+    assert tasks.parse_options(task, cls()) == cls()
+    assert tasks.check_options(task, {}) is None
+
+
+@pytest.mark.parametrize("task, options, needles", [
+    ("linear_probe", {"k_shot": "ten"}, ["'linear_probe'", "'k_shot'", "int", "'ten'"]),
+    ("linear_probe", {"cs": {"a": 1}}, ["'cs'", "a list of float"]),
+    ("linear_probe", {"val_fraction": True}, ["'val_fraction'", "float"]),
+    ("zeroshot", {"prefix": 3}, ["'zeroshot'", "'prefix'", "str or None"]),
+    ("retrieval", {"text_key": ["a"]}, ["'retrieval'", "'text_key'", "str"]),
+    ("segmentation", {"modes": 5}, ["'modes'", "a list of str"]),
+    ("segmentation", {"modes": "zeroshot,depth"}, ["'modes'", "'depth'", "denseclip"]),
+    ("segmentation", {"background": "sky"}, ["'background'", "threshold"]),
+    ("segmentation", {"dense": "cls"}, ["'dense'", "maskclip"]),
+    ("segmentation", {"num_examples": 2.5}, ["'num_examples'", "int"]),
+    ("segmentation", {"denseclip": [1]}, ["'denseclip'", "a mapping"]),
+    ("segmentation", {"denseclip": {"lr": "fast"}}, ["'denseclip.lr'", "float"]),
+    ("segmentation", {"denseclip": {"lrr": 1}}, ["'lrr'", "backbone_lr_mult"]),
+])
+def test_wrong_type_or_value_is_refused_naming_the_key(task, options, needles):
+    with pytest.raises(tasks.EvalOptionError) as err:
+        tasks.check_options(task, options)
+    assert all(n in str(err.value) for n in needles), str(err.value)
+
+
+def test_cli_strings_are_coerced_to_the_declared_types():
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from vlp.eval.__main__ import task_options
+
+    lp = tasks.parse_options("linear_probe", {"k_shot": "10", "cs": "0.1, 1,10", "val_fraction": "0.25",
+                                              "seed": "3", "train_samples": "1e3"})
+    assert (lp.k_shot, lp.cs, lp.val_fraction, lp.seed, lp.train_samples) == (10, (0.1, 1.0, 10.0), 0.25, 3, 1000)
+    assert tasks.parse_options("linear_probe", {"cs": "[0.5, 2]"}).cs == (0.5, 2.0)
+    seg = tasks.parse_options("segmentation", {"modes": "zeroshot, denseclip", "probe_lr": "1e-3",
+                                               "denseclip": "{lr: 1e-3, flip: false}",
+                                               "bg_threshold": "0.25"})
+    assert seg.modes == ("zeroshot", "denseclip") and seg.probe_lr == 1e-3 and seg.bg_threshold == 0.25
+    assert seg.denseclip == {"lr": 1e-3, "flip": False}  # YAML reads 1e-3 as a string: coerced
+    assert tasks.parse_options("segmentation", {"denseclip": {"flip": "true", "batch_size": "8"}}).denseclip == {
+        "flip": True, "batch_size": 8}
+    assert tasks.parse_options("zeroshot", {"prefix": "label"}).prefix == "label"
+    assert tasks.parse_options("zeroshot", {"prefix": "null"}).prefix is None
+    # what `python -m vlp.eval` hands over: the shared flags only where a task declares them, raw text
+    # from --option, nested keys of a mapping option
+    args = argparse.Namespace(train_split="train", train_samples=7, seed=3, k_shot=2, option=[
+        "linear_probe.cs=[0.1,1]", "segmentation.denseclip={lr: 1e-3}", "segmentation.denseclip.n_ctx=2",
+        "segmentation.num_examples=2", "retrieval.text_key=syn.txt"])
+    raw = task_options(args, {"zeroshot", "retrieval", "linear_probe", "segmentation"})
+    assert raw["zeroshot"] == {} and raw["retrieval"] == {"text_key": "syn.txt"}
+    opts = {t: tasks.parse_options(t, o) for t, o in raw.items()}
+    assert (opts["linear_probe"].k_shot, opts["linear_probe"].seed, opts["linear_probe"].cs) == (2, 3, (0.1, 1.0))
+    assert opts["segmentation"].train_samples == 7 and opts["segmentation"].num_examples == 2
+    assert opts["segmentation"].denseclip == {"lr": 1e-3, "n_ctx": 2}
+    # what training hands over: dict(ev.options) of the run config, nested OmegaConf containers
+    ev = OmegaConf.create({"options": {"modes": ["denseclip"], "denseclip": {"lr": 1e-3}, "cs": [0.1]}})
+    seg = tasks.parse_options("segmentation", {k: v for k, v in dict(ev.options).items() if k != "cs"})
+    assert seg.modes == ("denseclip",) and type(seg.denseclip) is dict and seg.denseclip == {"lr": 1e-3}
+    assert tasks.parse_options("linear_probe", {"cs": dict(ev.options)["cs"]}).cs == (0.1,)
+
+
+def test_option_defaults_are_the_evaluators_defaults():
+    import inspect
+
+    from vlp.eval.linear_probe import DEFAULT_CS, LinearProbeOptions, fit_probe
+    from vlp.eval.retrieval import RetrievalOptions
+    from vlp.eval.segmentation import evaluate_segmentation
+    from vlp.eval.segmentation_task import SegmentationOptions
+    from vlp.eval.zeroshot import ZeroShotOptions
+
+    assert ZeroShotOptions() == ZeroShotOptions(prefix=None)
+    assert RetrievalOptions() == RetrievalOptions(prefix=None, text_key="txt")
+    assert LinearProbeOptions() == LinearProbeOptions(k_shot=0, train_split="train", train_samples=0,
+                                                      val_fraction=0.2, cs=DEFAULT_CS, seed=None)
+    sig = inspect.signature(fit_probe).parameters
+    assert (sig["val_fraction"].default, sig["cs"].default) == (0.2, DEFAULT_CS)
+    seg = SegmentationOptions()
+    assert (seg.modes, seg.train_split, seg.train_samples, seg.examples, seg.denseclip) == (
+        ("zeroshot", "linear_probe"), "train", 0, None, {})
+    params = inspect.signature(evaluate_segmentation).parameters
+    shared = {"background", "bg_threshold", "dense", "probe_epochs", "probe_lr", "probe_weight_decay",
+              "probe_balance", "finetune_steps", "num_examples"}
+    assert {k: params[k].default for k in shared} == {k: getattr(seg, k) for k in shared}
+    # every keyword of evaluate_segmentation but the data, the device and the context is an option
+    fixed = {"model", "tokenizer", "dataset", "mode", "batch_size", "device", "train_dataset", "ctx"}
+    assert set(params) - fixed == shared | {"denseclip_options"}
+
+
+class _FakeSegData:
+    num_classes = 3
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+
+    def __len__(self):
+        return 2
+
+
+class _Calls(list):
+    pass
+
+
+# options that the segmentation adapter used to drop (it forwarded only background, finetune_steps,
+# num_examples and dense): they now reach evaluate_segmentation from every entry point
+_NEWLY_REACHED = {"bg_threshold": 0.3, "probe_epochs": 3, "probe_lr": 0.05, "probe_weight_decay": 0.001,
+                  "probe_balance": 0.0}
+
+
+@pytest.fixture
+def seg_calls(monkeypatch):
+    import vlp.eval.segmentation_task as st
+
+    calls = _Calls()
+    calls.loaded = []
+
+    def fake_eval(model, tokenizer, dataset, mode, batch_size, device, **kw):
+        calls.append((mode, kw))
+        return {"miou": 0.5, "miou_fg": 0.25, "pixel_accuracy": 0.75, "per_class_iou": {"background": 0.5},
+                "confusion_matrix": [[1]], "examples": []}
+
+    def fake_dataset(name, split, max_samples):
+        calls.loaded.append((name, split, max_samples))
+        return _FakeSegData()
+
+    monkeypatch.setattr(st, "evaluate_segmentation", fake_eval)
+    monkeypatch.setattr(st, "_dataset", fake_dataset)
+    return calls
+
+
+def _check_reached(calls, modes=("linear_probe",), denseclip=None):
+    assert [m for m, _ in calls] == list(modes)
+    for _, kw in calls:
+        assert {k: kw[k] for k in _NEWLY_REACHED} == pytest.approx(_NEWLY_REACHED)
+        assert kw["denseclip_options"] == (denseclip or {})
+
+
+def test_segmentation_options_reach_the_evaluator_through_run_task(seg_calls):
+    model = torch.nn.Linear(1, 1)
+    spec = tasks.DatasetSpec("clipart", "test", 2, 2, {"modes": ["linear_probe", "denseclip"], "train_split": "val",
+                                                        "train_samples": 9, "denseclip": {"lr": 1e-3},
+                                                        "num_examples": 1, **_NEWLY_REACHED})
+    res = tasks.run_task("segmentation", model, None, None, spec, tasks.EvalContext(figures=False))
+    _check_reached(seg_calls, ("linear_probe", "denseclip"), {"lr": 1e-3})
+    assert all(kw["num_examples"] == 1 for _, kw in seg_calls)
+    assert seg_calls.loaded == [("clipart", "test", 2), ("clipart", "val", 9)]
+    assert res.metrics["denseclip/miou"] == 0.5
+
+
+def test_segmentation_options_reach_the_evaluator_from_a_run_config(seg_calls):
+    """evals.NAME.options as training passes them (dict(ev.options)): a nested `denseclip` mapping is an
+    OmegaConf DictConfig, which the adapter used to refuse as 'not a mapping'."""
+    from vlp.config import load_config
+
+    sets = [f"evals.seg.options.{k}={v}" for k, v in _NEWLY_REACHED.items()]
+    cfg = load_config("tests/configs/digits_nano.yaml", [
+        "evals.seg.task=segmentation", "evals.seg.dataset=clipart", "evals.seg.options.modes=[denseclip]",
+        "evals.seg.options.denseclip.lr=1e-3", "evals.seg.options.denseclip.n_ctx=2", *sets])
+    ev = cfg.evals.seg
+    spec = tasks.DatasetSpec(ev.dataset, ev.split, ev.max_samples, ev.batch_size, dict(ev.options))
+    tasks.run_task(ev.task, torch.nn.Linear(1, 1), None, None, spec, tasks.EvalContext(figures=False))
+    _check_reached(seg_calls, ("denseclip",), {"lr": 1e-3, "n_ctx": 2})
+
+
+def test_segmentation_options_reach_the_evaluator_from_both_clis(seg_calls, nano_dir, tmp_path, capsys):
+    from vlp.eval.segmentation import main as alias_main
+
+    base = ["--checkpoint", str(nano_dir), "--tasks", "segmentation", "--datasets", "clipart", "--workers", "0",
+            "--no-report", "--out", str(tmp_path / "a")]
+    assert main([*base, "--train-split", "val", "--train-samples", "5",
+                 "--option", "segmentation.modes=linear_probe,denseclip", "--option", "segmentation.denseclip.lr=1e-3",
+                 *[x for k, v in _NEWLY_REACHED.items() for x in ("--option", f"segmentation.{k}={v}")]]) == 0
+    _check_reached(seg_calls, ("linear_probe", "denseclip"), {"lr": 1e-3})
+    assert seg_calls.loaded[1] == ("clipart", "val", 5)
+    seg_calls.clear()
+    # the alias had no way to set these (nor num_examples, train_split, denseclip)
+    assert alias_main(["--checkpoint", str(nano_dir), "--modes", "linear_probe", "--out", str(tmp_path / "b"),
+                       "--num-examples", "1", "--train-split", "val", "--option", "denseclip.n_ctx=2",
+                       *[x for k, v in _NEWLY_REACHED.items() for x in ("--option", f"{k}={v}")]]) == 0
+    _check_reached(seg_calls, ("linear_probe",), {"n_ctx": 2})
+    assert seg_calls[0][1]["num_examples"] == 1 and seg_calls.loaded[-1] == ("clipart", "val", 2000)
+    capsys.readouterr()
+    # a misspelled option stops the CLI before any model or data is loaded, naming it
+    seg_calls.loaded.clear()
+    assert main([*base, "--option", "segmentation.bg_treshold=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "'bg_treshold'" in err and "'segmentation'" in err and "bg_threshold" in err and not seg_calls.loaded
+
+
+def test_bg_threshold_changes_real_zeroshot_segmentation(nano_dir):
+    """On real clipart scenes: `bg_threshold` (dropped by the adapter before) decides the background:
+    at 1.0 every pixel is predicted background, at 0.0 none is."""
+    pytest.importorskip("vlp.data.segmentation")
+    from vlp.loading import load_model
+
+    model, pre, tok = load_model(nano_dir)
+
+    def predicted_columns(threshold):
+        spec = tasks.DatasetSpec("clipart", "test", 4, 4, {"modes": "zeroshot", "background": "threshold",
+                                                           "bg_threshold": threshold})
+        res = tasks.run_task("segmentation", model, tok, pre, spec, tasks.EvalContext(figures=False))
+        return np.asarray(res.details["zeroshot"]["confusion_matrix"]).sum(0)  # pixels per predicted class
+
+    always, never = predicted_columns(1.0), predicted_columns(0.0)
+    assert always[0] == always.sum() > 0 and always[1:].sum() == 0
+    assert never[0] == 0 and never[1:].sum() == always.sum()
+
+
+def test_register_task_with_and_without_options():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class DepthOptions:
+        max_depth: float = 10.0
+        scales: tuple[int, ...] = (1,)
+
+    seen = []
+
+    def depth(model, tokenizer, pre, spec, ctx):
+        seen.append(spec.options)
+        return tasks.TaskResult({"n": 1})
+
+    model = torch.nn.Linear(1, 1)
+    try:
+        tasks.register_task("depth_t", depth, options=DepthOptions)
+        tasks.register_task("free_t", depth)
+        assert {"depth_t", "free_t"} <= set(tasks.task_names())
+        tasks.run_task("depth_t", model, None, None, tasks.DatasetSpec("x", options={"max_depth": "2.5",
+                                                                                       "scales": "1,2"}),
+                       tasks.EvalContext())
+        assert seen[-1] == DepthOptions(max_depth=2.5, scales=(1, 2))
+        with pytest.raises(tasks.EvalOptionError, match="'depth_t'.*'max_dpth'.*max_depth"):
+            tasks.check_options("depth_t", {"max_dpth": 1})
+        with pytest.raises(tasks.EvalOptionError, match="'scales'"):
+            tasks.run_task("depth_t", model, None, None, tasks.DatasetSpec("x", options={"scales": "a"}),
+                           tasks.EvalContext())
+        # no declared options: any mapping, unchecked, reaches the evaluator as given
+        given = {"anything": [1, 2], "k": "v"}
+        tasks.check_options("free_t", given)
+        assert tasks.parse_options("free_t", given) == given
+        tasks.run_task("free_t", model, None, None, tasks.DatasetSpec("x", options=given), tasks.EvalContext())
+        assert seen[-1] is given
+        with pytest.raises(TypeError, match="dataclass"):
+            tasks.register_task("bad_t", depth, options=dict)
+        with pytest.raises(tasks.UnknownTaskError, match="'nope'"):
+            tasks.check_options("nope", {})
+    finally:
+        tasks._REGISTERED.pop("depth_t", None)
+        tasks._REGISTERED.pop("free_t", None)
+
+
+def test_run_config_refuses_a_misspelled_eval_option_before_work_starts():
+    from vlp.config import ConfigError, load_config
+
+    load_config("tests/configs/digits_nano.yaml", ["evals.digits.options.prefix=caption"])
+    with pytest.raises(ConfigError, match=r"evals.digits.options.*'zeroshot'.*'prefx'.*did you mean 'prefix'"):
+        load_config("tests/configs/digits_nano.yaml", ["evals.digits.options.prefx=caption"])
+    with pytest.raises(ConfigError, match=r"evals.probe.options.*'k_shot' must be int"):
+        load_config("tests/configs/digits_nano.yaml", ["evals.probe.task=linear_probe", "evals.probe.dataset=digits",
+                                                       "evals.probe.options.k_shot=many"])

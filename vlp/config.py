@@ -347,13 +347,17 @@ def validate(cfg: DictConfig) -> None:
         bad("data.max_caption_chars" if cfg.data.max_caption_chars < 0 else "data.shard_retries", "must be >= 0")
     if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
         bad("logging.wandb_mode", "must be online, offline or disabled")
-    from vlp.eval.tasks import UnknownTaskError, get_task
+    from vlp.eval.tasks import EvalOptionError, UnknownTaskError, check_options, get_task
 
     for name, ev in cfg.evals.items():
         try:
             get_task(ev.task)
         except UnknownTaskError as e:
             bad(f"evals.{name}.task", str(e))
+        try:
+            check_options(ev.task, ev.options)
+        except EvalOptionError as e:
+            bad(f"evals.{name}.options", str(e))
         if ev.every_n_steps < 0:
             bad(f"evals.{name}.every_n_steps", "must be >= 0 (0: only at the end of training)")
         if ev.ema and not cfg.ema.enabled:

@@ -93,21 +93,50 @@ def plan(tasks: list[str], datasets: list[str]) -> list[tuple[str, str]]:
 
 
 def task_options(args: argparse.Namespace, tasks: set[str]) -> dict[str, dict]:
-    """Per task: the shared train-split options, k_shot for linear_probe, then --option overrides."""
+    """Per task, its options mapping: the shared flags (--train-split, --train-samples, --seed,
+    --k-shot) fill the options of those names that the task declares (a task registered without
+    declared options gets train_split, train_samples and seed, as before), then --option overrides.
+
+    `--option TASK.KEY=VALUE`; `TASK.KEY.SUB=VALUE` sets one key of a mapping option
+    (`segmentation.denseclip.lr=1e-3`). The value text goes to the task's typed parsing
+    (vlp.eval.tasks.parse_options converts it to the declared type); for a task without declared
+    options it is read as YAML.
+    """
+    import dataclasses
+
     import yaml
 
-    out = {t: {"train_split": args.train_split, "train_samples": args.train_samples, "seed": args.seed}
-           for t in tasks}
-    if "linear_probe" in out:
-        out["linear_probe"]["k_shot"] = args.k_shot
+    from vlp.eval.tasks import options_class
+
+    flags = {"train_split": args.train_split, "train_samples": args.train_samples, "seed": args.seed,
+             "k_shot": args.k_shot}
+    out: dict[str, dict] = {}
+    typed: dict[str, bool] = {}
+    for t in tasks:
+        cls = options_class(t)
+        typed[t] = cls is not None
+        names = {f.name for f in dataclasses.fields(cls)} if cls is not None else {"train_split", "train_samples", "seed"}
+        out[t] = {k: v for k, v in flags.items() if k in names}
     for item in args.option:
         key, eq, value = item.partition("=")
         task, dot, name = key.partition(".")
-        if not (eq and dot and name):
+        path = name.split(".")
+        if not (eq and dot and all(path)):
             raise ValueError(f"--option '{item}' is not of the form TASK.KEY=VALUE")
         if task not in out:
             raise ValueError(f"--option '{item}' names task '{task}', which is not in --tasks")
-        out[task][name] = yaml.safe_load(value)
+        node = out[task]
+        for i, part in enumerate(path[:-1]):
+            sub = node.get(part)
+            if isinstance(sub, str):  # an earlier TASK.KEY={...} given as text
+                sub = yaml.safe_load(sub)
+            if sub is None:
+                sub = {}
+            if not isinstance(sub, dict):
+                raise ValueError(f"--option '{item}': '{task}.{'.'.join(path[:i + 1])}' is not a mapping")
+            node[part] = sub = dict(sub)
+            node = sub
+        node[path[-1]] = value if typed[task] else yaml.safe_load(value)
     return out
 
 
@@ -147,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=0, help="linear probe train samples; 0: all")
     p.add_argument("--k-shot", type=int, default=0, help="linear probe: k labelled images per class; 0: all")
     p.add_argument("--option", action="append", default=[], metavar="TASK.KEY=VALUE",
-                   help="task option, e.g. segmentation.modes=zeroshot (value parsed as YAML); repeatable")
+                   help="task option, e.g. segmentation.modes=zeroshot or segmentation.denseclip.lr=1e-3 "
+                        "(unknown keys and values of the wrong type are refused); repeatable")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -157,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlp.eval.common import fingerprint_model, make_context
     from vlp.eval.report import Entry, markdown_table, write_outputs
-    from vlp.eval.tasks import DatasetSpec, UnknownTaskError, run_task
+    from vlp.eval.tasks import DatasetSpec, UnknownTaskError, parse_options, run_task
     from vlp.loading import LoadError, load_model
 
-    try:
+    try:  # tasks, datasets and options are checked before any model or data is loaded
         pairs = plan(_split_list(args.tasks), _split_list(args.datasets))
+        options = {t: parse_options(t, o) for t, o in task_options(args, {t for t, _ in pairs}).items()}
     except (UnknownTaskError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,11 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx = make_context(device, workers=args.workers, figures=not args.no_report, seed=args.seed,
                        cache_dir=None if args.no_cache else out / "cache",
                        checkpoint_id=None if args.no_cache else fingerprint_model(model))
-    try:
-        options = task_options(args, {t for t, _ in pairs})
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     entries: list[Entry] = []
     for task, dataset in pairs:
         spec = DatasetSpec(dataset, args.split, args.max_samples, args.batch_size, options[task])

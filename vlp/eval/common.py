@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -138,12 +138,13 @@ def encode_images(model: torch.nn.Module, source: ImageSource, pre: PreprocessCo
     return gather_rows(local, ctx)
 
 
-def text_prefix(model: torch.nn.Module, options: dict[str, Any]) -> str | None:
-    """The prefix kind texts are encoded with (option `prefix`): a prefix-conditioned model
-    (Prefix Conditioning) defaults to "caption", the mode zero-shot transfer wants; a model without
-    prefixes takes none, and asking it for one is an error naming the option."""
+def text_prefix(model: torch.nn.Module, options: Mapping[str, Any] | str | None) -> str | None:
+    """The prefix kind texts are encoded with (option `prefix`: the asked kind, or a mapping holding
+    it under "prefix"): a prefix-conditioned model (Prefix Conditioning) defaults to "caption", the
+    mode zero-shot transfer wants; a model without prefixes takes none, and asking it for one is an
+    error naming the option."""
     kinds = tuple(getattr(getattr(model, "text", None), "prefix_kinds", ()) or ())
-    asked = options.get("prefix")
+    asked = options.get("prefix") if isinstance(options, Mapping) else options
     if not kinds:
         if asked not in (None, ""):
             raise ValueError(f"option prefix={asked!r}: this model has no prefix conditioning")

@@ -10,6 +10,7 @@ ranks exactly once; rank 0 fits (scikit-learn, L-BFGS) and broadcasts the result
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,24 @@ import torch.distributed as dist
 from torch import nn
 
 from vlp.eval.common import cached_image_features, dataset_key
-from vlp.eval.tasks import DatasetSpec, EvalContext, TaskResult
+from vlp.eval.tasks import DatasetSpec, EvalContext, TaskResult, typed_options
 from vlp.eval.zeroshot import cached_dataset, classification_metrics, confusion_figure, confusion_matrix
 from vlp.models.config import PreprocessConfig
 
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class LinearProbeOptions:
+    """Options of the `linear_probe` task (`python -m vlp.eval` fills the first three from
+    --k-shot, --train-split and --train-samples, `seed` from --seed)."""
+
+    k_shot: int = 0  # k labelled train images per class; 0: the whole train split
+    train_split: str = "train"
+    train_samples: int = 0  # cap on the train split; 0: all
+    val_fraction: float = 0.2  # share of train held out to choose C (k_shot 0)
+    cs: tuple[float, ...] = DEFAULT_CS  # the inverse regularization strengths tried
+    seed: int | None = None  # None: the context's seed
 
 
 def _per_class_split(labels: np.ndarray, rng: np.random.Generator, take: int | float) -> tuple[np.ndarray, np.ndarray]:
@@ -67,10 +81,9 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_
 
 
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
-    """Task entry point (see vlp.eval.tasks). Options: k_shot, train_split, train_samples,
-    val_fraction, cs, seed."""
-    opts = dict(spec.options)
-    train_split, train_samples = opts.get("train_split", "train"), int(opts.get("train_samples", 0))
+    """Task entry point (see vlp.eval.tasks). Options: LinearProbeOptions."""
+    opts = typed_options("linear_probe", LinearProbeOptions, spec.options)
+    train_split, train_samples = opts.train_split, opts.train_samples
     train = cached_dataset(spec.name, train_split, train_samples)
     test = cached_dataset(spec.name, spec.split, spec.max_samples)
     x_train = cached_image_features(model, train, pre, spec.batch_size, ctx,
@@ -79,10 +92,9 @@ def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSp
                                    dataset_key(spec.name, spec.split, spec.max_samples)).numpy()
     result: list[Any] = [None]
     if ctx.is_main:
-        result[0] = fit_probe(x_train, np.asarray(train.labels), x_test, len(test.classnames), k_shot=int(opts.get("k_shot", 0)),
-                              val_fraction=float(opts.get("val_fraction", 0.2)),
-                              cs=tuple(float(c) for c in opts.get("cs", DEFAULT_CS)),
-                              seed=int(opts.get("seed", ctx.seed)))
+        result[0] = fit_probe(x_train, np.asarray(train.labels), x_test, len(test.classnames), k_shot=opts.k_shot,
+                              val_fraction=opts.val_fraction, cs=tuple(opts.cs),
+                              seed=ctx.seed if opts.seed is None else opts.seed)
     if ctx.world_size > 1:
         dist.broadcast_object_list(result, src=0)
     fit = result[0]
@@ -95,7 +107,7 @@ def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSp
     figures = []
     if ctx.figures:
         cm = confusion_matrix(scores.argmax(-1), labels, num_classes)
-        k = int(opts.get("k_shot", 0))
+        k = opts.k_shot
         figures.append(confusion_figure(f"linear probe{f' ({k}-shot)' if k else ''} confusion matrix: "
                                         f"{spec.name} ({spec.split})", cm, test.classnames))
     return TaskResult(metrics, figures)

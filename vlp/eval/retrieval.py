@@ -10,6 +10,8 @@ Images and texts are both split across ranks and their features gathered exactly
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,10 +25,20 @@ from vlp.eval.common import (
     load_once,
     text_prefix,
 )
-from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
+from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult, typed_options
 from vlp.models.config import PreprocessConfig
 
 RECALL_KS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """Options of the `retrieval` task."""
+
+    # the texts' prefix kind on a prefix-conditioned model (None or "": caption)
+    prefix: str | None = None
+    # the member holding the captions in a webdataset directory ("": txt; clipart also has syn.txt)
+    text_key: str = "txt"
 
 
 def _hits_at_k(scores: torch.Tensor, query_groups: torch.Tensor, item_groups: torch.Tensor, k: int,
@@ -90,11 +102,11 @@ def top_images_figure(title: str, data: RetrievalDataset, scores: torch.Tensor, 
 
 
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
-    """Task entry point (see vlp.eval.tasks). Options: `prefix`, the texts' prefix kind on a
-    prefix-conditioned model (default caption), recorded in the details; `text_key`, the member
-    holding the captions in a webdataset directory (default txt; clipart also has syn.txt)."""
-    kind = text_prefix(model, spec.options)
-    text_key = str(spec.options.get("text_key") or "txt")
+    """Task entry point (see vlp.eval.tasks). Options: RetrievalOptions; the prefix kind used is
+    recorded in the details."""
+    opts = typed_options("retrieval", RetrievalOptions, spec.options)
+    kind = text_prefix(model, opts.prefix)
+    text_key = opts.text_key or "txt"
     extra = () if text_key == "txt" else (text_key,)
     data = load_once(load_retrieval_dataset, spec.name, spec.split, spec.max_samples, *extra)
     # built-in sets share their image features with zero-shot and the linear probe

@@ -544,9 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
     ap.add_argument("--examples", help="write a PNG here: image | ground truth | prediction per mode")
+    ap.add_argument("--num-examples", type=int, help="rows of the examples grid (default 4)")
+    ap.add_argument("--train-split", default="train", help="split the probe / DenseCLIP train on")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="any option of the segmentation task (vlp.eval.segmentation_task.SegmentationOptions), "
+                         "e.g. bg_threshold=0.3, probe_epochs=10, denseclip.lr=1e-3; repeatable")
     args = ap.parse_args(argv)
     forward = ["--checkpoint", args.checkpoint, "--tasks", "segmentation", "--datasets", args.dataset,
-               "--train-samples", str(args.max_train), "--max-samples", str(args.max_test),
+               "--train-samples", str(args.max_train), "--train-split", args.train_split,
+               "--max-samples", str(args.max_test),
                "--batch-size", str(args.batch_size), "--workers", "0", "--no-report",
                "--option", f"segmentation.modes={args.modes}", "--option", f"segmentation.background={args.background}",
                "--option", f"segmentation.dense={args.zeroshot_dense}"]
@@ -554,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         forward += ["--option", f"segmentation.finetune_steps={args.finetune_steps}"]
     if args.examples:
         forward += ["--option", f"segmentation.examples={args.examples}"]
+    if args.num_examples is not None:
+        forward += ["--option", f"segmentation.num_examples={args.num_examples}"]
+    for item in args.option:  # after the flags: an --option wins
+        forward += ["--option", item if item.startswith("segmentation.") else f"segmentation.{item}"]
     forward += ["--random-init"] * args.random_init + (["--device", args.device] if args.device else [])
     forward += ["--out", args.out] if args.out else []
     return eval_main(forward)

@@ -9,6 +9,8 @@ checkpoint fingerprint, class names and templates when the context has a cache d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,17 @@ from vlp.eval.common import (
     make_context,
     text_prefix,
 )
-from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult
+from vlp.eval.tasks import DatasetSpec, EvalContext, Figure, TaskResult, typed_options
 from vlp.models.config import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class ZeroShotOptions:
+    """Options of the `zeroshot` task."""
+
+    # the prompts' prefix kind on a prefix-conditioned model (None or "": caption); refused on
+    # a model without prefixes
+    prefix: str | None = None
 
 
 def fill_template(template: str, classname: str) -> str:
@@ -153,9 +164,10 @@ def run_zeroshot(model: nn.Module, tokenizer, dataset: str, split: str = "test",
 
 
 def evaluate(model: nn.Module, tokenizer, pre: PreprocessConfig, spec: DatasetSpec, ctx: EvalContext) -> TaskResult:
-    """Task entry point (see vlp.eval.tasks). Option `prefix`: the prompts' prefix kind on a
-    prefix-conditioned model (default caption), recorded in the details."""
-    kind = text_prefix(model, spec.options)
+    """Task entry point (see vlp.eval.tasks). Options: ZeroShotOptions; the prefix kind used is
+    recorded in the details."""
+    opts = typed_options("zeroshot", ZeroShotOptions, spec.options)
+    kind = text_prefix(model, opts.prefix)
     data = cached_dataset(spec.name, spec.split, spec.max_samples)
     logits = zeroshot_predictions(model, tokenizer, data, pre, spec.batch_size, ctx.device, ctx,
                                   dataset_key(spec.name, spec.split, spec.max_samples), kind)
