@@ -151,6 +151,44 @@ def check_compatible(ckpt_dir: Path, model_cfg: CLIPConfig, model_name: str) -> 
     return meta
 
 
+def resolve_resume(resume: str | None, run_dir: Path, ckpt_root: Path) -> Path | None:
+    """The checkpoint a run continues from: None for a fresh run (refused if the run dir already holds
+    checkpoints), the newest for 'latest' (None if there is none yet), else the given directory."""
+    if resume is None:
+        if find_latest(ckpt_root) is not None:
+            raise CheckpointError(f"run directory '{run_dir}' already holds checkpoints; pass --resume latest "
+                                  "to continue it or choose another run_dir")
+        return None
+    if resume == "latest":
+        return find_latest(ckpt_root)
+    path = Path(resume)
+    if not (path / META).is_file():
+        raise CheckpointError(f"--resume '{resume}' is not a vlp checkpoint directory (no {META})")
+    return path
+
+
+def check_resume(ckpt_dir: Path, cfg: Any, model_cfg: CLIPConfig, world_size: int) -> dict[str, Any]:
+    """Refuse, before DeepSpeed starts, a resume that cannot restore this checkpoint: another model, ZeRO
+    stage or lock, or another world size under ZeRO >= 1. Returns the checkpoint's meta."""
+    from vlp.config import from_container, to_container
+
+    meta = check_compatible(ckpt_dir, model_cfg, cfg.model.name)
+    saved_stage = meta["run_config"]["train"]["zero_stage"]
+    if saved_stage != cfg.train.zero_stage:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' was written with ZeRO stage {saved_stage}; "
+                              f"resume with train.zero_stage={saved_stage}")
+    if meta["world_size"] != world_size and cfg.train.zero_stage > 0:
+        raise CheckpointError(
+            f"checkpoint '{ckpt_dir}' was written by {meta['world_size']} ranks with ZeRO stage "
+            f"{cfg.train.zero_stage}; DeepSpeed cannot re-partition its optimizer state for {world_size} ranks. "
+            f"Resume on {meta['world_size']} ranks (or from a ZeRO stage 0 run)")
+    saved_lock = {**to_container(from_container({}))["lock"], **meta["run_config"].get("lock", {})}
+    if saved_lock != to_container(cfg)["lock"]:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' was written with lock={saved_lock}; the optimizer state "
+                              "holds exactly the parameters that were trainable: resume with the same lock")
+    return meta
+
+
 def load_checkpoint(engine, ckpt_dir: Path) -> int:
     """Collective: restores weights, optimizer, schedule and this rank's RNG. Returns the step."""
     ckpt_dir = Path(ckpt_dir)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from vlp.config import from_container, to_container, to_yaml
+from vlp.config import to_container, to_yaml
 from vlp.data.mixture import source_specs
 from vlp.data.pipeline import (
     DataPosition,
@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from .accumulate import exact_accumulation_step
 from .ema import WeightEMA
 from .engine import DistInfo, all_ranks_true, barrier, build_engine, full_state_dict, init_distributed
+from .evals import EvalScheduler
 from .locking import LockError, apply_locks
 from .logger import MetricsLogger
 
@@ -71,51 +72,37 @@ def _sum_over_ranks(n: int, device: torch.device) -> int:
     return int(t.item())
 
 
+class _StepState:
+    """What `fit` carries between micro-batches: the log window, exact accumulation's pending inputs,
+    the micro-batch count and the evals' results."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+        self.micro = 0
+        self.pending: list[tuple[torch.Tensor, ...]] = []
+        self.results: dict[str, Any] = {}
+        self.window: dict[str, Any] = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0,
+                                       "terms": {}}
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, resume: str | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         # -- cheap checks first: nothing below starts workers or allocates the optimizer
-        overrides = to_container(cfg)["model"]["overrides"]
-        try:
-            self.model_cfg = get_model_config(cfg.model.name, **overrides)
-        except ValueError as e:
-            raise TrainError(f"model: {e}") from None
-        self.objective = get_objective(cfg.loss.name)
-        try:
-            self.objective.check_model(self.model_cfg, cfg)
-        except ObjectiveError as e:
-            raise TrainError(str(e)) from None
-        if not cfg.data.train_shards and not cfg.data.sources:
-            raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
-        for src in source_specs(cfg.data):
-            expand_shards(src.shards)  # raises DataError naming a missing path
+        self.model_cfg = self._check_run()
         self.source_prefix = self._source_prefixes()
         # the checks above read only the config: a refused run never joins (or creates) a process group
         self.dist: DistInfo = init_distributed()
         self.total_steps = resolve_total_steps(cfg, self.dist.world_size,
                                                "::".join(src.shards for src in source_specs(cfg.data)))
-        self.resume_dir = self._resolve_resume(resume)
+        self.resume_dir = ckpt.resolve_resume(resume, self.run_dir, self.ckpt_root)
         if self.resume_dir is not None:
-            meta = ckpt.check_compatible(self.resume_dir, self.model_cfg, cfg.model.name)
-            saved_stage = meta["run_config"]["train"]["zero_stage"]
-            if saved_stage != cfg.train.zero_stage:
-                raise TrainError(f"checkpoint '{self.resume_dir}' was written with ZeRO stage {saved_stage}; "
-                                 f"resume with train.zero_stage={saved_stage}")
-            if meta["world_size"] != self.dist.world_size and cfg.train.zero_stage > 0:
-                raise TrainError(
-                    f"checkpoint '{self.resume_dir}' was written by {meta['world_size']} ranks with ZeRO "
-                    f"stage {cfg.train.zero_stage}; DeepSpeed cannot re-partition its optimizer state for "
-                    f"{self.dist.world_size} ranks. Resume on {meta['world_size']} ranks (or from a ZeRO stage 0 run)"
-                )
-            saved_lock = {**to_container(from_container({}))["lock"], **meta["run_config"].get("lock", {})}
-            if saved_lock != to_container(cfg)["lock"]:
-                raise TrainError(f"checkpoint '{self.resume_dir}' was written with lock={saved_lock}; the optimizer "
-                                 "state holds exactly the parameters that were trainable: resume with the same lock")
+            ckpt.check_resume(self.resume_dir, cfg, self.model_cfg, self.dist.world_size)
         # -- build
         seed_everything(cfg.train.seed)  # same init on every rank
-        self.model = create_model(cfg.model.name, **overrides)
+        self.model = create_model(cfg.model.name, **to_container(cfg)["model"]["overrides"])
         self.tokenizer = get_tokenizer(self.model_cfg.text)
         self.module = self.objective.build(self.model, cfg, self.total_steps)
         self._prepare_model()
@@ -130,31 +117,53 @@ class Trainer:
         self._pending: list[dict] = []  # micro-batches of the optimizer step in progress
         self._unsaved: list[np.ndarray] = []  # uids consumed on this rank since the last save
         self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
-        self._evaluated: dict[str, int] = {}  # eval name -> step it last ran at
         self.skipped_before = 0  # skipped samples of finished epochs, this rank
-        self._resume_note = ""
-        if self.resume_dir is not None:
-            self.step = ckpt.load_checkpoint(self.engine, self.resume_dir)
-            if self.ema is not None and not self.ema.load(self.resume_dir):
-                self._resume_note = "checkpoint holds no EMA: the EMA starts from the resumed weights"
-            meta = ckpt.read_meta(self.resume_dir)
-            self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
-            self.data_pos = ckpt.load_data_position(self.resume_dir, self.epoch)
-            if self.data_pos is None and self.in_epoch:
-                self.in_epoch = 0  # a checkpoint without a data position: the epoch restarts
-                self._resume_note = f"checkpoint has no data position: epoch {self.epoch} restarts from its beginning"
-            elif meta["world_size"] != self.dist.world_size:
-                self._resume_note = (f"checkpoint was written by {meta['world_size']} ranks, resuming on "
-                                     f"{self.dist.world_size}: the {self._remaining()} samples left in epoch "
-                                     f"{self.epoch} are divided among the new ranks")
+        note = self._restore() if self.resume_dir is not None else ""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step, self.dist.is_main)
+        self.evals = EvalScheduler(cfg.evals, self.tokenizer, self.model_cfg.preprocess, self.dist.device,
+                                   cfg.train.seed, self.log)
         if self.resume_dir is not None:
             self.log.write(f"resumed from {self.resume_dir} at step {self.step}")
-            if self._resume_note:
-                self.log.write(f"warning: {self._resume_note}")
+            if note:
+                self.log.write(f"warning: {note}")
+
+    def _check_run(self) -> Any:
+        """Config-only checks of what the run needs (model, objective, shards); the resolved model config."""
+        cfg = self.cfg
+        try:
+            model_cfg = get_model_config(cfg.model.name, **to_container(cfg)["model"]["overrides"])
+        except ValueError as e:
+            raise TrainError(f"model: {e}") from None
+        self.objective = get_objective(cfg.loss.name)
+        try:
+            self.objective.check_model(model_cfg, cfg)
+        except ObjectiveError as e:
+            raise TrainError(str(e)) from None
+        if not cfg.data.train_shards and not cfg.data.sources:
+            raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
+        for src in source_specs(cfg.data):
+            expand_shards(src.shards)  # raises DataError naming a missing path
+        return model_cfg
+
+    def _restore(self) -> str:
+        """Weights, optimizer, EMA and data position from `resume_dir`; a warning to log, or ''."""
+        note = ""
+        self.step = ckpt.load_checkpoint(self.engine, self.resume_dir)
+        if self.ema is not None and not self.ema.load(self.resume_dir):
+            note = "checkpoint holds no EMA: the EMA starts from the resumed weights"
+        meta = ckpt.read_meta(self.resume_dir)
+        self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
+        self.data_pos = ckpt.load_data_position(self.resume_dir, self.epoch)
+        if self.data_pos is None and self.in_epoch:
+            self.in_epoch = 0  # a checkpoint without a data position: the epoch restarts
+            note = f"checkpoint has no data position: epoch {self.epoch} restarts from its beginning"
+        elif meta["world_size"] != self.dist.world_size:
+            note = (f"checkpoint was written by {meta['world_size']} ranks, resuming on {self.dist.world_size}: "
+                    f"the {self._remaining()} samples left in epoch {self.epoch} are divided among the new ranks")
+        return note
 
     def _source_prefixes(self) -> dict[str, int] | None:
         """Prefix conditioning: source name -> index of its prefix kind (None: the model has none)."""
@@ -193,32 +202,11 @@ class Trainer:
                                  f"(known: {', '.join(known)})")
             self.model.compile(backend=cfg.train.compile_backend)  # in place: state-dict keys unchanged
 
-    def _resolve_resume(self, resume: str | None) -> Path | None:
-        if resume is None:
-            if ckpt.find_latest(self.ckpt_root) is not None:
-                raise TrainError(
-                    f"run directory '{self.run_dir}' already holds checkpoints; pass --resume latest "
-                    "to continue it or choose another run_dir"
-                )
-            return None
-        if resume == "latest":
-            return ckpt.find_latest(self.ckpt_root)  # None: nothing yet, start fresh
-        path = Path(resume)
-        if not (path / ckpt.META).is_file():
-            raise TrainError(f"--resume '{resume}' is not a vlp checkpoint directory (no {ckpt.META})")
-        return path
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        cfg, d = self.cfg, self.dist
-        gas = cfg.train.gradient_accumulation_steps
-        exact = cfg.train.contrastive_accumulation == "exact"
-        pending: list[tuple[torch.Tensor, ...]] = []  # exact: this step's micro-batches
-        global_batch = cfg.data.batch_size * d.world_size * gas
-        micro = 0
-        self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
-        window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0, "terms": {}}
-        results: dict[str, Any] = {}
+        cfg = self.cfg
+        self.data_events = {}  # decode events of this rank in this epoch
+        state = _StepState(cfg.data.batch_size * self.dist.world_size * cfg.train.gradient_accumulation_steps)
         stop_at = self.total_steps
         if cfg.train.stop_after_steps > 0:
             stop_at = min(self.total_steps, self.step + cfg.train.stop_after_steps)
@@ -227,73 +215,94 @@ class Trainer:
             if loader is None:
                 loader = build_train_loader(
                     cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess,
-                    rank=d.rank, world_size=d.world_size, epoch=self.epoch, seed=cfg.train.seed,
+                    rank=self.dist.rank, world_size=self.dist.world_size, epoch=self.epoch, seed=cfg.train.seed,
                     position=self.data_pos,
                 )
-            it = iter(loader)
-            if loader.epoch != self.epoch:
-                raise TrainError(f"data loader is at epoch {loader.epoch}, the trainer at {self.epoch}")
-            self.data_pos = loader.position
-            self._pending, self._unsaved = [], []
-            fresh_epoch, got_any = self.in_epoch == 0, False
-            while self.step < stop_at:
-                t_wait = time.perf_counter()
-                batch = next(it, None)
-                while batch is not None and is_report_only(batch):
-                    self._absorb(batch)
-                    batch = next(it, None)
-                if not all_ranks_true(batch is not None, d.device):
-                    break
-                got_any = True
-                window["wait"] += time.perf_counter() - t_wait
-                self._absorb(batch)
-                inputs = (batch["image"].to(d.device, self.input_dtype, non_blocking=True),
-                          batch["text"].to(d.device, non_blocking=True))
-                if self.source_prefix is not None:  # each sample's prefix kind, from its source
-                    inputs += (torch.tensor([self.source_prefix[s] for s in batch["source"]],
-                                            dtype=torch.long, device=d.device),)
-                self.in_epoch += 1
-                micro += 1
-                if exact:  # GradCache: the loss over all micro-batches of the step at once
-                    pending.append(inputs)
-                    if micro % gas:
-                        continue
-                    out = exact_accumulation_step(self.engine, self.module.loss, pending)
-                    pending.clear()
-                else:
-                    out = self.engine(*inputs)
-                    self.engine.backward(out["loss"])
-                    self.engine.step()
-                window["loss"] += float(out["loss"].detach())
-                window["n"] += 1
-                for k, v in out.items():  # the loss's terms (e.g. loss/stream0, loss/ibot), this rank's
-                    if k.startswith("loss/"):
-                        window["terms"][k] = window["terms"].get(k, 0.0) + float(v)
-                if micro % gas:
-                    continue
-                self.step += 1
-                self.module.after_step(self.step)
-                if self.ema is not None:
-                    self.ema.update(self.step)
-                window["steps"] += 1
-                self._commit_consumed()
-                self.log.advance()
-                if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
-                    self._log_window(window, global_batch, float(out["logit_scale"]),
-                                     self.skipped_before + self._skipped_now())
-                if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
-                    self.save()
-                results.update(self._scheduled_evals(final=False))
-            else:
-                break
-            del it
-            if fresh_epoch and not got_any:
-                raise TrainError(f"epoch {self.epoch} produced no batch on some rank: '{cfg.data.train_shards}' "
-                                 f"has too few samples for batch_size={cfg.data.batch_size} x {d.world_size} ranks")
+            if not self._train_epoch(loader, state, stop_at):
+                break  # the step budget ended inside the epoch
             self._end_epoch(self._skipped_now())
             self.data_events.clear()
             self.epoch, self.in_epoch, self.data_pos = self.epoch + 1, 0, None
         del loader  # its workers end with it
+        return self._finish(state.results)
+
+    def _train_epoch(self, loader: Any, state: _StepState, stop_at: int) -> bool:
+        """Train on the loader's next pass until the step budget or the epoch ends; True if the epoch did."""
+        it = iter(loader)
+        if loader.epoch != self.epoch:
+            raise TrainError(f"data loader is at epoch {loader.epoch}, the trainer at {self.epoch}")
+        self.data_pos = loader.position
+        self._pending, self._unsaved = [], []
+        fresh_epoch, got_any = self.in_epoch == 0, False
+        while self.step < stop_at:
+            t_wait = time.perf_counter()
+            batch = next(it, None)
+            while batch is not None and is_report_only(batch):
+                self._absorb(batch)
+                batch = next(it, None)
+            if not all_ranks_true(batch is not None, self.dist.device):
+                break
+            got_any = True
+            state.window["wait"] += time.perf_counter() - t_wait
+            out = self._micro_step(batch, state)
+            if out is not None:
+                self._after_step(out, state)
+        else:
+            return False
+        del it
+        if fresh_epoch and not got_any:
+            raise TrainError(f"epoch {self.epoch} produced no batch on some rank: '{self.cfg.data.train_shards}' "
+                             f"has too few samples for batch_size={self.cfg.data.batch_size} x {self.dist.world_size} ranks")
+        return True
+
+    def _micro_step(self, batch: dict[str, Any], state: _StepState) -> dict[str, torch.Tensor] | None:
+        """Forward/backward of one micro-batch; the step's output once its last micro-batch is in."""
+        d, gas = self.dist, self.cfg.train.gradient_accumulation_steps
+        self._absorb(batch)
+        inputs = (batch["image"].to(d.device, self.input_dtype, non_blocking=True),
+                  batch["text"].to(d.device, non_blocking=True))
+        if self.source_prefix is not None:  # each sample's prefix kind, from its source
+            inputs += (torch.tensor([self.source_prefix[s] for s in batch["source"]],
+                                    dtype=torch.long, device=d.device),)
+        self.in_epoch += 1
+        state.micro += 1
+        if self.cfg.train.contrastive_accumulation == "exact":  # GradCache: one loss over the step's micro-batches
+            state.pending.append(inputs)
+            if state.micro % gas:
+                return None
+            out = exact_accumulation_step(self.engine, self.module.loss, state.pending)
+            state.pending.clear()
+        else:
+            out = self.engine(*inputs)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+        w = state.window
+        w["loss"] += float(out["loss"].detach())
+        w["n"] += 1
+        for k, v in out.items():  # the loss's terms (e.g. loss/stream0, loss/ibot), this rank's
+            if k.startswith("loss/"):
+                w["terms"][k] = w["terms"].get(k, 0.0) + float(v)
+        return None if state.micro % gas else out
+
+    def _after_step(self, out: dict[str, torch.Tensor], state: _StepState) -> None:
+        """Bookkeeping after optimizer step: teacher/EMA, consumed samples, logging, checkpoint, evals."""
+        cfg = self.cfg
+        self.step += 1
+        self.module.after_step(self.step)
+        if self.ema is not None:
+            self.ema.update(self.step)
+        state.window["steps"] += 1
+        self._commit_consumed()
+        self.log.advance()
+        if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
+            self._log_window(state.window, state.global_batch, float(out["logit_scale"]),
+                             self.skipped_before + self._skipped_now())
+        if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
+            self.save()
+        state.results.update(self._scheduled_evals(final=False))
+
+    def _finish(self, results: dict[str, Any]) -> dict[str, Any]:
+        """A last checkpoint if the last step has none; at the end of training the export and final evals."""
         latest = ckpt.find_latest(self.ckpt_root)
         if latest is None or ckpt.read_meta(latest)["step"] != self.step:
             self.save()
@@ -391,27 +400,13 @@ class Trainer:
         w.update(loss=0.0, n=0, t0=time.perf_counter(), wait=0.0, steps=0, terms={})
 
     def _scheduled_evals(self, final: bool) -> dict[str, Any]:
-        from vlp.eval.common import make_context
-        from vlp.eval.tasks import DatasetSpec, run_task
-
-        out: dict[str, Any] = {}
-        for name, ev in self.cfg.evals.items():
-            due = final or (ev.every_n_steps and self.step % ev.every_n_steps == 0)
-            if not due or self._evaluated.get(name) == self.step:
-                continue
-            self._evaluated[name] = self.step
-            model = self._ema_model() if ev.ema else self.engine.module.model
-            model.eval()
-            spec = DatasetSpec(ev.dataset, ev.split, ev.max_samples, ev.batch_size, dict(ev.options))
-            ctx = make_context(self.dist.device, figures=False, seed=self.cfg.train.seed)
-            res = run_task(ev.task, model, self.tokenizer, self.model_cfg.preprocess, spec, ctx).metrics
+        out = self.evals.run(self.step, self._eval_model, final)
+        if out:
             self.module.train()
-            metrics = {f"eval/{name}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
-            self.log.log(self.step, metrics)
-            self.log.write(f"[step {self.step}] eval {name} ({ev.dataset}): "
-                           + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
-            out[name] = res
         return out
+
+    def _eval_model(self, ema: bool) -> torch.nn.Module:
+        return self._ema_model() if ema else self.engine.module.model
 
     def _ema_model(self) -> torch.nn.Module:
         """A plain fp32 copy of the model holding the EMA weights (collective under ZeRO-3)."""
