@@ -53,7 +53,7 @@ def _patch_clip_benchmark_float(zc) -> None:
 def run_clip_benchmark(ckpt: Path, dataset: str, max_samples: int, batch_size: int, workers: int) -> tuple[float, dict]:
     import clip_benchmark.metrics.zeroshot_classification as zc
 
-    from vlp.data.sources import load_eval_dataset
+    from vlp.data.datasets import load_eval_dataset
     from vlp.data.transforms import eval_transform
     from vlp.loading import load_model
 

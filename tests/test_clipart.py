@@ -128,8 +128,8 @@ def test_shards_round_trip(tmp_path: Path, sprite_cache: Path, monkeypatch):
     import webdataset as wds
 
     from vlp.data.build import build_clipart_shards
+    from vlp.data.datasets import load_eval_dataset
     from vlp.data.segmentation import load_segmentation_dataset
-    from vlp.data.sources import load_eval_dataset
 
     monkeypatch.setattr(clipart, "CACHE_DIR", sprite_cache)
     out = tmp_path / "clipart"

@@ -21,7 +21,7 @@ from tests.helpers import run
 from vlp.caption import caption_class, dataset_synonyms
 from vlp.caption import main as caption_main
 from vlp.data.captions import DIGITS_CLASSNAMES, FASHION_CLASSNAMES
-from vlp.data.sources import load_eval_dataset
+from vlp.data.datasets import load_eval_dataset
 from vlp.data.tokenizer import Tokenizer
 from vlp.generate import _filter, generate
 from vlp.interop.open_clip_coca import (

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vlp.data.sources import load_eval_dataset, load_retrieval_dataset
+from vlp.data.datasets import load_eval_dataset, load_retrieval_dataset
 from vlp.data.tokenizer import get_tokenizer
 from vlp.data.transforms import eval_transform
 from vlp.eval.common import make_context

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.data.sources import load_eval_dataset, load_retrieval_dataset
+from vlp.data.datasets import load_eval_dataset, load_retrieval_dataset
 from vlp.data.transforms import eval_transform
 from vlp.eval import tasks
 from vlp.eval.__main__ import main
@@ -232,7 +232,7 @@ def test_report_renders_in_headless_browser(nano_dir, tmp_path):
 def test_batched_native_size_images_equal_the_per_image_path():
     from PIL import Image
 
-    from vlp.data.sources import EvalDataset
+    from vlp.data.datasets import EvalDataset
     from vlp.eval.common import _native_uint8, encode_images, make_context
     from vlp.models import create_model
 

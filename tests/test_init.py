@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vlp
 from vlp.data.captions import make_caption
-from vlp.data.sources import load_digits
+from vlp.data.datasets import load_digits
 from vlp.data.tokenizer import Tokenizer
 from vlp.interop.open_clip import vlp_to_open_clip_state_dict
 from vlp.losses import ClipLoss

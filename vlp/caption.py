@@ -58,7 +58,7 @@ def caption_accuracy(model: torch.nn.Module, tokenizer, dataset: str = "fashion-
                      max_samples: int = 0, batch_size: int = 256, device: str = "cpu",
                      **gen_kwargs) -> dict:
     """Fraction of images whose generated caption names their class (see the module docstring)."""
-    from vlp.data.sources import load_eval_dataset
+    from vlp.data.datasets import load_eval_dataset
     from vlp.data.transforms import eval_transform
 
     data = load_eval_dataset(dataset, split=split, max_samples=max_samples)

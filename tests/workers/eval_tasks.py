@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from vlp.data.sources import load_retrieval_dataset
+from vlp.data.datasets import load_retrieval_dataset
 from vlp.data.tokenizer import get_tokenizer
 from vlp.eval.common import encode_images, make_context
 from vlp.eval.retrieval import retrieval_features

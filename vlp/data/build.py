@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from vlp.data.captions import make_caption
 from vlp.data.convert import convert, img2dataset_rows, read_captions_table
-from vlp.data.sources import load_source
+from vlp.data.datasets import load_source
 
 _PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 

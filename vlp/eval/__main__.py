@@ -38,7 +38,7 @@ def _legacy_zeroshot(argv: list[str]) -> int:
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from vlp.data.sources import load_eval_dataset
+    from vlp.data.datasets import load_eval_dataset
     from vlp.eval.zeroshot import evaluate_zeroshot
     from vlp.loading import LoadError, load_model
 

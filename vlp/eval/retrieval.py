@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlp.data.sources import RetrievalDataset, load_retrieval_dataset
+from vlp.data.datasets import RetrievalDataset, load_retrieval_dataset
 from vlp.eval.common import (
     cached_image_features,
     dataset_key,

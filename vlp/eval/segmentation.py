@@ -43,7 +43,7 @@ from vlp.eval.common import gather_rows, shard
 from vlp.eval.tasks import EvalContext
 from vlp.eval.zeroshot import build_classifier
 from vlp.models.config import PreprocessConfig
-from vlp.models.vision import final_patch_tokens
+from vlp.models.vision import final_patch_tokens, require_vit, vit_tokens
 
 # ---- metrics --------------------------------------------------------------------------------------
 
@@ -95,10 +95,7 @@ def _vision_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, PreprocessCon
 
 
 def _check_vit(trunk: nn.Module) -> None:
-    for attr in ("patch_embed", "blocks", "_pos_embed", "norm"):
-        if not hasattr(trunk, attr):
-            raise NotImplementedError(f"dense evaluation needs a timm VisionTransformer trunk; "
-                                      f"{type(trunk).__name__} has no '{attr}'")
+    require_vit(trunk, "dense evaluation")
 
 
 def grid_size(model: nn.Module) -> tuple[int, int]:
@@ -108,12 +105,7 @@ def grid_size(model: nn.Module) -> tuple[int, int]:
 
 
 def _tokens_before_last_block(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    x = trunk.patch_embed(images)
-    x = trunk._pos_embed(x)
-    x = trunk.norm_pre(x)
-    for blk in trunk.blocks[:-1]:
-        x = blk(x)
-    return x
+    return vit_tokens(trunk, images, blocks=slice(None, -1))
 
 
 def maskclip_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

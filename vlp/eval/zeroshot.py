@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.data.sources import EvalDataset, load_eval_dataset
+from vlp.data.datasets import EvalDataset, load_eval_dataset
 from vlp.eval.common import (
     cached,
     cached_image_features,

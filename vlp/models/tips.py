@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from vlp.models.clip import _NO_DECAY_FRAGMENTS, CLIP
 from vlp.models.config import TIPSConfig
-from vlp.models.vision import final_patch_tokens
+from vlp.models.vision import final_patch_tokens, require_vit, vit_tokens
 
 
 class DistillHead(nn.Module):
@@ -61,10 +60,7 @@ class TIPS(CLIP):
         if not cfg.image_proj:
             raise ValueError("TIPS: image_proj must be true (each stream has its own projection)")
         super().__init__(cfg)
-        trunk = self.visual.trunk
-        for attr in ("patch_embed", "_pos_embed", "blocks", "norm"):
-            if not hasattr(trunk, attr):
-                raise ValueError(f"TIPS needs a timm VisionTransformer trunk; '{cfg.vision.timm_model}' has no '{attr}'")
+        trunk = require_vit(self.visual.trunk, f"TIPS ('{cfg.vision.timm_model}')")
         width = self.visual.num_features
         self.num_patches = int(trunk.patch_embed.num_patches)
         self.pool_key = nn.Linear(width, width, bias=False)
@@ -85,14 +81,7 @@ class TIPS(CLIP):
         """Patch tokens `[B, N, C]` after the final norm(s); `mask` (bool `[B, N]`) marks patches whose
         embedding is replaced by the mask token before the position embedding."""
         t = self.visual.trunk
-        x = t.patch_embed(images)
-        if mask is not None:
-            if mask.shape != x.shape[:2]:
-                raise ValueError(f"mask shape {tuple(mask.shape)} != patch grid {tuple(x.shape[:2])}")
-            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = t.norm_pre(t.patch_drop(t._pos_embed(x)))
-        x = checkpoint_seq(t.blocks, x) if t.grad_checkpointing and torch.is_grad_enabled() else t.blocks(x)
-        return final_patch_tokens(t, x)
+        return final_patch_tokens(t, vit_tokens(t, images, mask, self.mask_token))
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """One attention-pooled token per stream, `[B, num_streams, C]` (convex combinations of tokens)."""

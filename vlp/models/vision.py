@@ -11,6 +11,8 @@ from typing import Any
 import timm
 import torch
 from timm.layers import PatchDropout
+from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vlp.models.config import VisionTowerConfig
@@ -75,6 +77,30 @@ def _patch_dropout_kwargs(cfg: VisionTowerConfig) -> dict[str, Any]:
     if "patch_drop_rate" in cfg.timm_kwargs:
         raise ValueError("set vision.patch_dropout, not vision.timm_kwargs.patch_drop_rate")
     return {"patch_drop_rate": p} if p > 0 else {}
+
+
+def require_vit(trunk: nn.Module, what: str) -> VisionTransformer:
+    """`trunk` if it is a timm VisionTransformer (hybrid conv-stem ViTs included), else an error saying
+    that `what` needs one: the token path below reads its patch embedding, blocks and norms."""
+    if not isinstance(trunk, VisionTransformer):
+        raise NotImplementedError(f"{what} needs a timm VisionTransformer image trunk; this one is a "
+                                  f"{type(trunk).__name__}")
+    return trunk
+
+
+def vit_tokens(trunk: VisionTransformer, images: torch.Tensor, mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None, blocks: slice = slice(None)) -> torch.Tensor:
+    """The one ViT token path of TIPS and the dense evaluators: all tokens (prefix tokens included,
+    `[B, prefix + N, C]`) after patch embedding, position embedding, `norm_pre` and `blocks[blocks]`
+    (no final norm). `mask` (bool `[B, N]`) replaces those patch embeddings by `mask_token` first."""
+    x = trunk.patch_embed(images)
+    if mask is not None:
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != patch grid {tuple(x.shape[:2])}")
+        x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
+    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(x)))
+    chosen = trunk.blocks[blocks]
+    return checkpoint_seq(chosen, x) if trunk.grad_checkpointing and torch.is_grad_enabled() else chosen(x)
 
 
 def patch_tokens_of_features(trunk: nn.Module, features: torch.Tensor) -> torch.Tensor:

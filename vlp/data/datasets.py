@@ -1,4 +1,5 @@
-"""Readers for the real datasets used to build shards and run zero-shot evals.
+"""Readers of the built-in real datasets, used to build shards and by the evaluators (not the training
+mixture of `data.sources`, which is vlp/data/mixture.py).
 
 Everything here works offline: Fashion-MNIST comes from the Debian package
 `dataset-fashion-mnist`, digits from scikit-learn's bundled copy, and anything else from a
