@@ -1,4 +1,4 @@
-"""Data: built-in sources, shard building, the deterministic webdataset train loader, transforms.
+"""Data: built-in datasets, shard building, the deterministic webdataset train loader, transforms.
 
 Names are imported lazily (PEP 562) so that `python -m vlp.data.build` and light users such as
 the caption tables do not pay for importing torch/torchvision up front.
@@ -23,10 +23,10 @@ _EXPORTS = {
     "expand_shards": "manifest",
     "num_samples_from_manifest": "manifest",
     "shard_table": "pipeline",
-    "EvalDataset": "sources",
-    "load_digits": "sources",
-    "load_eval_dataset": "sources",
-    "load_fashion_mnist": "sources",
+    "EvalDataset": "datasets",
+    "load_digits": "datasets",
+    "load_eval_dataset": "datasets",
+    "load_fashion_mnist": "datasets",
     "TrainTransform": "transforms",
     "eval_transform": "transforms",
     "train_transform": "transforms",
