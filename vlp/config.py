@@ -264,7 +264,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     The modules listed in `plugins` (from any of the three) are imported first, so that the
     objectives and eval tasks they register are known when the config is checked."""
-    base = None if base is None else _migrate(base)
     layers: list[tuple[str, DictConfig]] = []
     if path is not None:
         p = Path(path)

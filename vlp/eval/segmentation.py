@@ -142,6 +142,8 @@ def token_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 DENSE_READOUTS = {"maskclip": maskclip_embeddings, "tokens": token_embeddings}
+BACKGROUNDS = ("prompt", "threshold", "none")  # how zero-shot decides background
+MODES = ("zeroshot", "linear_probe", "denseclip")
 
 
 def preprocess_images(images: np.ndarray, pre: PreprocessConfig, device: torch.device | str = "cpu",
@@ -208,8 +210,8 @@ def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, bat
     "tokens": the plain patch tokens of the last block through `image_proj` (models whose image
     embedding is a weighted mean of these, such as TIPS's attention pooling, are read out directly).
     """
-    if background not in ("prompt", "threshold", "none"):
-        raise ValueError(f"unknown background mode '{background}' (known: prompt, threshold, none)")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background mode '{background}' (known: {', '.join(BACKGROUNDS)})")
     if dense not in DENSE_READOUTS:
         raise ValueError(f"unknown dense readout '{dense}' (known: {', '.join(DENSE_READOUTS)})")
     _, _, pre = _vision_parts(model)
@@ -422,8 +424,8 @@ def evaluate_segmentation(
     `denseclip_options`: further keywords of `finetune_denseclip`. `ctx`: rank and world size under
     torchrun (the test set, and the probe's train set, split across ranks; the same metrics on every rank).
     """
-    if mode not in ("zeroshot", "linear_probe", "denseclip"):
-        raise ValueError(f"unknown segmentation mode '{mode}' (known: zeroshot, linear_probe, denseclip)")
+    if mode not in MODES:
+        raise ValueError(f"unknown segmentation mode '{mode}' (known: {', '.join(MODES)})")
     was_training = model.training
     model.eval()
     try:

@@ -29,7 +29,9 @@ from torch import nn
 from vlp.data.segmentation import SegmentationDataset, load_segmentation_dataset
 from vlp.eval.common import load_once
 from vlp.eval.segmentation import (
+    BACKGROUNDS,
     DENSE_READOUTS,
+    MODES,
     evaluate_segmentation,
     examples_image,
     finetune_denseclip,
@@ -45,8 +47,6 @@ from vlp.eval.tasks import (
     typed_options,
 )
 
-MODES = ("zeroshot", "linear_probe", "denseclip")
-BACKGROUNDS = ("prompt", "threshold", "none")
 # finetune_denseclip keywords the task sets itself
 _DENSECLIP_FIXED = {"model", "tokenizer", "train", "steps", "device"}
 

@@ -29,7 +29,7 @@ from vlp.data.pipeline import (
     num_samples_from_manifest,
 )
 from vlp.data.tokenizer import get_tokenizer
-from vlp.models import create_model, get_model_config
+from vlp.models import build_model, get_model_config
 from vlp.models.families import config_to_dict
 from vlp.objectives import ObjectiveError, get_objective
 
@@ -102,7 +102,7 @@ class Trainer:
             ckpt.check_resume(self.resume_dir, cfg, self.model_cfg, self.dist.world_size)
         # -- build
         seed_everything(cfg.train.seed)  # same init on every rank
-        self.model = create_model(cfg.model.name, **to_container(cfg)["model"]["overrides"])
+        self.model = build_model(self.model_cfg)
         self.tokenizer = get_tokenizer(self.model_cfg.text)
         self.module = self.objective.build(self.model, cfg, self.total_steps)
         self._prepare_model()
@@ -410,8 +410,6 @@ class Trainer:
 
     def _ema_model(self) -> torch.nn.Module:
         """A plain fp32 copy of the model holding the EMA weights (collective under ZeRO-3)."""
-        from vlp.models import build_model
-
         model = build_model(self.model_cfg)
         model.load_state_dict(self.ema.full_state_dict(), strict=True)
         return model.to(self.dist.device)
