@@ -129,7 +129,7 @@ def test_shards_round_trip(tmp_path: Path, sprite_cache: Path, monkeypatch):
 
     from vlp.data.build import build_clipart_shards
     from vlp.data.datasets import load_eval_dataset
-    from vlp.data.segmentation import load_segmentation_dataset
+    from vlp.data.segmentation import clipart_segmentation, load_segmentation_dataset
 
     monkeypatch.setattr(clipart, "CACHE_DIR", sprite_cache)
     out = tmp_path / "clipart"
@@ -139,7 +139,7 @@ def test_shards_round_trip(tmp_path: Path, sprite_cache: Path, monkeypatch):
     assert len(samples) == 12
     assert {"jpg", "txt", "syn.txt", "cls", "seg.png", "json"} <= set(samples[0])
     seg = load_segmentation_dataset(str(out), "test")
-    mem = clipart.clipart_segmentation("test", 12, 48, max_per_class=SMALL)
+    mem = clipart_segmentation("test", 12, 48, max_per_class=SMALL)
     assert np.array_equal(seg.masks, mem.masks)  # masks are stored losslessly
     assert np.abs(seg.images.astype(int) - mem.images).mean() < 6  # jpg
     assert [s["syn.txt"].decode() for s in samples] == [sc.synthetic_caption for sc in

@@ -27,6 +27,11 @@ from vlp.models import CLIP, build_model
 from vlp.models.config import CLIPConfig, PreprocessConfig
 from vlp.models.families import config_from_dict
 
+# the layout of a run's checkpoints, written by vlp.train.checkpoint / vlp.train.ema and read here
+META = "meta.json"  # written last: a step_* directory without it is incomplete
+LATEST = "latest"  # a pointer file naming the newest complete step_* directory
+FULL_EMA_FILE = "ema.pt"  # the EMA weights in one file (ZeRO-3 writes ema_rank*.pt instead)
+
 
 class LoadError(ValueError):
     """A path that is not a loadable vlp checkpoint; the message names it."""
@@ -183,6 +188,42 @@ def _from_deepspeed(ckpt_dir: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]
     return cfg, sd
 
 
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None if there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / META).is_file():
+            return cand
+    done = sorted(p for p in root.glob("step_*") if (p / META).is_file())
+    return done[-1] if done else None
+
+
+def consolidate_ema(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
+    """Full fp32 EMA weights from a checkpoint directory (any stage), or None if it holds none.
+    Reads with weights_only=True."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / FULL_EMA_FILE).is_file():
+        return dict(torch.load(ckpt_dir / FULL_EMA_FILE, map_location="cpu", weights_only=True)["shadow"])
+    files = sorted(ckpt_dir.glob("ema_rank*.pt"))
+    if not files:
+        return None
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    shapes = states[0]["shapes"]
+    out = {}
+    for name, t in states[0]["shadow"].items():
+        if name not in shapes:
+            out[name] = t
+            continue
+        full = torch.cat([s["shadow"][name] for s in states])
+        n = 1
+        for d in shapes[name]:
+            n *= d
+        out[name] = full[:n].view(shapes[name]).clone()
+    return out
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """The file or directory `load_state` would read for `path` (run dir -> weights or latest checkpoint)."""
     p = Path(path)
@@ -194,8 +235,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (p / "meta.json").is_file():
             return p
         if (p / "checkpoints").is_dir():
-            from vlp.train.checkpoint import find_latest
-
             latest = find_latest(p / "checkpoints")
             if latest is not None:
                 return latest
@@ -208,8 +247,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _ema_state(path: str | Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     """The EMA weights of a run (model_ema.safetensors, else its latest checkpoint's EMA) or of a
     checkpoint directory."""
-    from vlp.train.ema import consolidate_ema
-
     p = Path(path)
     if p.is_dir() and (p / "model_ema.safetensors").is_file():
         return _from_safetensors(p / "model_ema.safetensors")

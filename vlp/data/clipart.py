@@ -465,18 +465,6 @@ def generate_scenes(split: str, num_scenes: int, size: int = 64, seed: int = 0, 
         yield make_scene(_scene_rng(seed, split, i), sprites, backgrounds, size)
 
 
-def clipart_segmentation(split: str = "test", num_scenes: int = 500, size: int = 64, seed: int = 0,
-                         max_per_class: int = 64):
-    """A SegmentationDataset of `num_scenes` generated scenes (the same scenes the shards hold)."""
-    from vlp.data.segmentation import SegmentationDataset
-
-    scenes = list(generate_scenes(split, num_scenes, size, seed, max_per_class))
-    return SegmentationDataset(
-        np.stack([s.image for s in scenes]), np.stack([s.mask for s in scenes]),
-        list(CLASSNAMES), list(TEMPLATES), list(BACKGROUND_NAMES),
-    )
-
-
 def scene_sample(scene: Scene, key: str) -> dict[str, bytes]:
     """A webdataset sample: jpg image, txt (noisy caption), syn.txt (synthetic caption), cls, seg.png, json."""
     img, seg = io.BytesIO(), io.BytesIO()

@@ -2,7 +2,7 @@
 
 Label convention: mask value 0 is background, value i (1..K) is `classnames[i - 1]`, and
 `ignore_index` (255) marks pixels no metric counts. Datasets come from the clipart scenes source in
-memory (`vlp.data.clipart.clipart_segmentation`) or from a shard directory written by
+memory (`clipart_segmentation`) or from a shard directory written by
 `python -m vlp.data.build clipart OUT` ({OUT}/{split}/*.tar with `jpg` + `seg.png`, and
 classnames.txt / zeroshot_classification_templates.txt / background_names.txt in OUT).
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vlp.data import clipart
 
 IGNORE_INDEX = 255
 
@@ -93,12 +95,20 @@ def load_segmentation_dir(root: str | Path, split: str = "test", max_samples: in
     )
 
 
+def clipart_segmentation(split: str = "test", num_scenes: int = 500, size: int = 64, seed: int = 0,
+                         max_per_class: int = 64) -> SegmentationDataset:
+    """A SegmentationDataset of `num_scenes` generated scenes (the same scenes the shards hold)."""
+    scenes = list(clipart.generate_scenes(split, num_scenes, size, seed, max_per_class))
+    return SegmentationDataset(
+        np.stack([s.image for s in scenes]), np.stack([s.mask for s in scenes]),
+        list(clipart.CLASSNAMES), list(clipart.TEMPLATES), list(clipart.BACKGROUND_NAMES),
+    )
+
+
 def load_segmentation_dataset(name: str, split: str = "test", max_samples: int = 0,
                               **clipart_kwargs) -> SegmentationDataset:
     """'clipart' (generated in memory; `clipart_kwargs`: num_scenes, size, seed) or a shard directory."""
     if name == "clipart":
-        from vlp.data.clipart import clipart_segmentation
-
         if max_samples > 0:
             clipart_kwargs.setdefault("num_scenes", max_samples)
         return clipart_segmentation(split, **clipart_kwargs)

@@ -6,13 +6,18 @@ which is what makes open_clip checkpoints usable with vlp.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-if TYPE_CHECKING:
-    from vlp.models.config import TextTowerConfig
+
+class TextSettings(Protocol):
+    """What a tokenizer needs to know of a text tower (vlp.models.config.TextTowerConfig has it)."""
+
+    context_length: int
+    vocab_size: int
+    eot_token_id: int
 
 
 class Tokenizer:
@@ -53,7 +58,7 @@ class Tokenizer:
         return f"Tokenizer(context_length={self.context_length}, vocab_size={self.vocab_size})"
 
 
-def get_tokenizer(cfg: TextTowerConfig) -> Tokenizer:
+def get_tokenizer(cfg: TextSettings) -> Tokenizer:
     """Tokenizer matching a text tower; refuses configs whose vocab or eot id disagree with the BPE."""
     tok = Tokenizer(cfg.context_length)
     if cfg.vocab_size < tok.vocab_size:

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from vlp.models.config import PreprocessConfig
+from vlp.data.preprocess import PreprocessConfig
 
 _INTERPOLATION = {
     "bicubic": InterpolationMode.BICUBIC,

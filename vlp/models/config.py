@@ -6,19 +6,8 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class PreprocessConfig:
-    """What an image must look like on the way in; saved beside every checkpoint."""
-
-    image_size: int = 224
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-    interpolation: str = "bicubic"  # bicubic | bilinear
-    resize_mode: str = "shortest"  # shortest side to image_size, then center crop
+# the image side of a model config lives with the data code that applies it (vlp/data/preprocess.py)
+from vlp.data.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig  # noqa: F401  (re-exported)
 
 
 @dataclass

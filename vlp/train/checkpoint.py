@@ -20,14 +20,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from vlp.loading import LATEST, META, find_latest  # reading a run lives in vlp.loading
 from vlp.models.config import CLIPConfig
 from vlp.models.families import FamilyError, config_from_dict, config_to_dict
 
 from .engine import barrier
 
-META = "meta.json"
 DATA_POSITION = "data_position.npz"
-LATEST = "latest"
 
 
 class CheckpointError(ValueError):
@@ -115,18 +114,6 @@ def _prune(root: Path, keep_last: int) -> None:
     done = sorted(p for p in root.glob("step_*") if (p / META).is_file())
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None if there is none."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if (cand / META).is_file():
-            return cand
-    done = sorted(p for p in root.glob("step_*") if (p / META).is_file())
-    return done[-1] if done else None
 
 
 def read_meta(ckpt_dir: Path) -> dict[str, Any]:

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-FULL_FILE = "ema.pt"
+from vlp.loading import FULL_EMA_FILE as FULL_FILE  # the layout is read in vlp.loading
+from vlp.loading import consolidate_ema  # noqa: F401  (re-exported)
 
 
 def rank_file(rank: int) -> str:
@@ -109,27 +110,3 @@ class WeightEMA:
             p = params[name]
             out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
         return out
-
-
-def consolidate_ema(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
-    """Full fp32 EMA weights from a checkpoint directory (any stage), or None if it holds none.
-    Reads with weights_only=True."""
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / FULL_FILE).is_file():
-        return dict(torch.load(ckpt_dir / FULL_FILE, map_location="cpu", weights_only=True)["shadow"])
-    files = sorted(ckpt_dir.glob("ema_rank*.pt"))
-    if not files:
-        return None
-    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    shapes = states[0]["shapes"]
-    out = {}
-    for name, t in states[0]["shadow"].items():
-        if name not in shapes:
-            out[name] = t
-            continue
-        full = torch.cat([s["shadow"][name] for s in states])
-        n = 1
-        for d in shapes[name]:
-            n *= d
-        out[name] = full[:n].view(shapes[name]).clone()
-    return out
