@@ -204,7 +204,8 @@ def test_ema_zero3_two_processes_matches_hand_computed(tmp_path, digits_shards_d
 
     from vlp.data.datasets import load_eval_dataset
     from vlp.eval.zeroshot import evaluate_zeroshot
-    from vlp.loading import load_model, load_state
+    from vlp import load_model  # the public entry point: it must pass ema= through
+    from vlp.loading import load_state
     from vlp.train.checkpoint import tag_for
 
     run_dir = tmp_path / "ema3"

@@ -6,11 +6,12 @@ from vlp.models import create_model, get_model_config, list_models
 __version__ = "0.1.0"
 
 
-def load_model(path, device="cpu"):
-    """(model, preprocess config, tokenizer) from a run dir, .safetensors file or checkpoint dir."""
+def load_model(path, device="cpu", ema=False):
+    """(model, preprocess config, tokenizer) from a run dir, .safetensors file or checkpoint dir;
+    `ema=True`: the run's EMA weights (a run trained with ema.enabled)."""
     from vlp.loading import load_model as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, ema=ema)
 
 
 def load_backbone(path, **kwargs):

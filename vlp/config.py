@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -295,72 +295,90 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _bad(key: str, why: str) -> NoReturn:
+    raise ConfigError(f"key '{key}': {why}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each error names the key."""
-    def bad(key: str, why: str) -> None:
-        raise ConfigError(f"key '{key}': {why}")
-
     try:
         objective = get_objective(cfg.loss.name)
     except UnknownObjectiveError as e:
-        bad("loss.name", str(e))
+        _bad("loss.name", str(e))
     if cfg.loss.tile_size < 0:
-        bad("loss.tile_size", f"must be >= 0, got {cfg.loss.tile_size}")
+        _bad("loss.tile_size", f"must be >= 0, got {cfg.loss.tile_size}")
+    _check_train(cfg)
+    _check_data(cfg)
+    _check_supports(cfg, objective, _bad)
+    objective.validate(cfg, _bad)
+    _check_lock_and_ema(cfg)
+    if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
+        _bad("logging.wandb_mode", "must be online, offline or disabled")
+    _check_evals(cfg)
+
+
+def _check_train(cfg: DictConfig) -> None:
     if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
+        _bad("train.precision", f"must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
     if cfg.train.zero_stage not in (0, 1, 2, 3):
-        bad("train.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+        _bad("train.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
     if cfg.train.precision != "fp32" and cfg.train.zero_stage == 0:
         # at stage 0 DeepSpeed keeps the fp32 master weights in unnamed lists that cannot be
         # consolidated into a named fp32 export
-        bad("train.precision", f"{cfg.train.precision} needs train.zero_stage >= 1 (ZeRO keeps named fp32 master weights)")
-    if cfg.data.batch_size <= 0:
-        bad("data.batch_size", "must be positive")
-    if cfg.data.mixture not in ("epochs", "resample"):
-        bad("data.mixture", f"must be epochs or resample, got '{cfg.data.mixture}'")
+        _bad("train.precision",
+             f"{cfg.train.precision} needs train.zero_stage >= 1 (ZeRO keeps named fp32 master weights)")
     if cfg.train.steps < 0 or cfg.train.epochs <= 0 and cfg.train.steps == 0:
-        bad("train.steps", "set train.steps > 0 or train.epochs > 0")
+        _bad("train.steps", "set train.steps > 0 or train.epochs > 0")
     if cfg.train.gradient_accumulation_steps < 1:
-        bad("train.gradient_accumulation_steps", "must be >= 1")
+        _bad("train.gradient_accumulation_steps", "must be >= 1")
     if cfg.train.contrastive_accumulation not in ("micro", "exact"):
-        bad("train.contrastive_accumulation", f"must be micro or exact, got '{cfg.train.contrastive_accumulation}'")
-    _check_supports(cfg, objective, bad)
-    objective.validate(cfg, bad)
+        _bad("train.contrastive_accumulation", f"must be micro or exact, got '{cfg.train.contrastive_accumulation}'")
+
+
+def _check_lock_and_ema(cfg: DictConfig) -> None:
     for tower in ("image", "text"):
         n = cfg.lock[f"{tower}_unlocked_groups"]
         if n < 0 or (n and not cfg.lock[tower]):
-            bad(f"lock.{tower}_unlocked_groups", f"must be >= 0, and is only used with lock.{tower}=true")
+            _bad(f"lock.{tower}_unlocked_groups", f"must be >= 0, and is only used with lock.{tower}=true")
         if cfg.lock[f"{tower}_unlock_norms"] and not cfg.lock[tower]:
-            bad(f"lock.{tower}_unlock_norms", f"is only used with lock.{tower}=true")
+            _bad(f"lock.{tower}_unlock_norms", f"is only used with lock.{tower}=true")
     if cfg.ema.enabled:
         if not 0.0 <= cfg.ema.decay < 1.0:
-            bad("ema.decay", f"must be in [0, 1), got {cfg.ema.decay}")
+            _bad("ema.decay", f"must be in [0, 1), got {cfg.ema.decay}")
         if cfg.ema.start_step < 0:
-            bad("ema.start_step", "must be >= 0")
+            _bad("ema.start_step", "must be >= 0")
         if cfg.ema.update_every_n_steps < 1:
-            bad("ema.update_every_n_steps", "must be >= 1")
+            _bad("ema.update_every_n_steps", "must be >= 1")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    if cfg.data.batch_size <= 0:
+        _bad("data.batch_size", "must be positive")
+    if cfg.data.mixture not in ("epochs", "resample"):
+        _bad("data.mixture", f"must be epochs or resample, got '{cfg.data.mixture}'")
     lo, hi = cfg.data.crop_scale
     if not 0 < lo <= hi <= 1:
-        bad("data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
+        _bad("data.crop_scale", f"must satisfy 0 < min <= max <= 1, got {list(cfg.data.crop_scale)}")
     if cfg.data.max_caption_chars < 0 or cfg.data.shard_retries < 0:
-        bad("data.max_caption_chars" if cfg.data.max_caption_chars < 0 else "data.shard_retries", "must be >= 0")
-    if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
-        bad("logging.wandb_mode", "must be online, offline or disabled")
+        _bad("data.max_caption_chars" if cfg.data.max_caption_chars < 0 else "data.shard_retries", "must be >= 0")
+
+
+def _check_evals(cfg: DictConfig) -> None:
     from vlp.eval.tasks import EvalOptionError, UnknownTaskError, check_options, get_task
 
     for name, ev in cfg.evals.items():
         try:
             get_task(ev.task)
         except UnknownTaskError as e:
-            bad(f"evals.{name}.task", str(e))
+            _bad(f"evals.{name}.task", str(e))
         try:
             check_options(ev.task, ev.options)
         except EvalOptionError as e:
-            bad(f"evals.{name}.options", str(e))
+            _bad(f"evals.{name}.options", str(e))
         if ev.every_n_steps < 0:
-            bad(f"evals.{name}.every_n_steps", "must be >= 0 (0: only at the end of training)")
+            _bad(f"evals.{name}.every_n_steps", "must be >= 0 (0: only at the end of training)")
         if ev.ema and not cfg.ema.enabled:
-            bad(f"evals.{name}.ema", "evaluating EMA weights needs ema.enabled=true")
+            _bad(f"evals.{name}.ema", "evaluating EMA weights needs ema.enabled=true")
 
 
 def _check_supports(cfg: DictConfig, objective: Objective, bad) -> None:

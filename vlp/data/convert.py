@@ -172,6 +172,44 @@ def _stats(records: list[dict[str, Any]], num_rows: int) -> dict[str, Any]:
     }
 
 
+def _finished(manifest_path: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of an earlier conversion with the same arguments whose shards are all there, else None."""
+    if not manifest_path.is_file():
+        return None
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if old.get("params") == params and all(Path(s["url"]).is_file() for s in old.get("shards", [])):
+        return old
+    return None
+
+
+def _run_jobs(rows: list[tuple[str, str]], root: str | Path, parts: Path, params: dict[str, Any], shard_size: int,
+              resize_max_side: int, workers: int, bar: tqdm) -> None:
+    """Write each job's tar and record under `parts`, skipping jobs an interrupted conversion finished."""
+    parts.mkdir(parents=True, exist_ok=True)
+    stamp = parts / "params.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != params:
+        shutil.rmtree(parts)  # records of a conversion with other arguments: start over
+        parts.mkdir(parents=True)
+    stamp.write_text(json.dumps(params))
+    num_jobs = (len(rows) + shard_size - 1) // shard_size
+    done = {j for j in range(num_jobs) if (parts / f"job-{j:06d}.json").is_file() and (parts / f"job-{j:06d}.tar").is_file()}
+    todo = [(j, [(i, *rows[i]) for i in range(j * shard_size, min(len(rows), (j + 1) * shard_size))],
+             str(root), str(parts), resize_max_side) for j in range(num_jobs) if j not in done]
+    bar.update(len(done))
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_job, todo):
+                bar.update(1)
+    else:
+        for t in todo:
+            _job(t)
+            bar.update(1)
+    bar.close()
+
+
 def convert(rows: list[tuple[str, str]], root: str | Path, out_dir: str | Path, *, split: str = "train",
             shard_size: int = 10000, resize_max_side: int = 0, workers: int = 1, progress: bool = False,
             params: dict[str, Any] | None = None, source: str = "folder") -> dict[str, Any]:
@@ -183,34 +221,12 @@ def convert(rows: list[tuple[str, str]], root: str | Path, out_dir: str | Path, 
     out = Path(out_dir)
     params = {**(params or {}), "shard_size": shard_size, "resize_max_side": resize_max_side, "rows": len(rows)}
     manifest_path = out / f"{split}.json"
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if old.get("params") == params and all(Path(s["url"]).is_file() for s in old.get("shards", [])):
-            return old
+    if (done := _finished(manifest_path, params)) is not None:
+        return done
     parts = out / f".{split}-parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    stamp = parts / "params.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) != params:
-        shutil.rmtree(parts)  # records of a conversion with other arguments: start over
-        parts.mkdir(parents=True)
-    stamp.write_text(json.dumps(params))
     num_jobs = (len(rows) + shard_size - 1) // shard_size
-    done = {j for j in range(num_jobs) if (parts / f"job-{j:06d}.json").is_file() and (parts / f"job-{j:06d}.tar").is_file()}
-    todo = [(j, [(i, *rows[i]) for i in range(j * shard_size, min(len(rows), (j + 1) * shard_size))],
-             str(root), str(parts), resize_max_side) for j in range(num_jobs) if j not in done]
-    bar = tqdm(total=num_jobs, initial=len(done), desc=f"shards {split}", unit="shard", disable=not progress)
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for _ in pool.map(_job, todo):
-                bar.update(1)
-    else:
-        for t in todo:
-            _job(t)
-            bar.update(1)
-    bar.close()
+    _run_jobs(rows, root, parts, params, shard_size, resize_max_side, workers,
+              tqdm(total=num_jobs, desc=f"shards {split}", unit="shard", disable=not progress))
     records = [json.loads((parts / f"job-{j:06d}.json").read_text()) for j in range(num_jobs)]
     shards = []
     for stale in out.glob(f"{split}-*.tar"):

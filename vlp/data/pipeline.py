@@ -36,9 +36,9 @@ from vlp.data.manifest import (
 )
 from vlp.data.mixture import Source, build_sources, merge_order, source_specs
 from vlp.data.position import DataPosition, ShardTable, count_samples, iter_shard, slot_units
+from vlp.data.preprocess import PreprocessConfig
 from vlp.data.resample import MIXTURES, Resampler
 from vlp.data.transforms import TrainTransform, train_transform
-from vlp.models.config import PreprocessConfig
 
 __all__ = ["DataError", "DataPosition", "TrainLoader", "build_train_loader", "expand_shards",
            "num_samples_from_manifest", "shard_table"]
@@ -331,8 +331,20 @@ class TrainLoader:
         return it
 
 
+def _epoch_position(position: DataPosition | None, epoch: int, num_units: int, mixture: str) -> DataPosition:
+    """A fresh position for the epoch, or the saved one after checking it describes this epoch's samples."""
+    if position is None:
+        return DataPosition.fresh(epoch, num_units)
+    if position.epoch != epoch or position.num_units != num_units:
+        what, why = (("data.train_num_samples gives", "data.train_num_samples changed") if mixture == "resample"
+                     else ("the configured shards have", "the shards changed"))
+        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but "
+                        f"{what} {num_units} (epoch {epoch}): {why}")
+    return position
+
+
 def build_train_loader(
-    cfg: Any,
+    data: Any,
     *,
     tokenizer,
     preprocess: PreprocessConfig,
@@ -344,7 +356,7 @@ def build_train_loader(
     pin_memory: bool = False,
     tables: list[ShardTable] | None = None,
 ) -> TrainLoader:
-    """Batches for (the rest of) epoch `epoch` of `cfg` (a DataSection or a run config with `.data`);
+    """Batches for (the rest of) epoch `epoch` of `data` (a run config's `data` section);
     each further pass over the returned loader is the next epoch (TrainLoader).
 
     Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx] (with data.text_streams:
@@ -355,29 +367,20 @@ def build_train_loader(
     events or dropped samples came after its last full batch closes with an empty batch
     (B = 0) that carries them, which consumers skip after recording (`is_report_only`).
     """
-    data = cfg.data if hasattr(cfg, "data") else cfg
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if data.batch_size <= 0:
         raise DataError(f"data.batch_size must be positive, got {data.batch_size}")
     specs = source_specs(data)
     tables = tables or [shard_table(src.shards) for src in specs]
-    mixture = str(getattr(data, "mixture", "epochs"))
+    mixture = str(data.mixture)
     if mixture not in MIXTURES:
         raise DataError(f"data.mixture: unknown '{mixture}' (known: {', '.join(MIXTURES)})")
     num_units = sum(t.num_units for t in tables)
     if mixture == "resample":  # a virtual epoch of train_num_samples positions (default: all samples)
         num_units = int(data.train_num_samples) or num_units
     workers = max(int(data.workers), 0)
-    slots = world_size * max(workers, 1)
-    if position is None:
-        position = DataPosition.fresh(epoch, num_units)
-    elif position.epoch != epoch or position.num_units != num_units:
-        what, why = (("data.train_num_samples gives", "data.train_num_samples changed") if mixture == "resample"
-                     else ("the configured shards have", "the shards changed"))
-        raise DataError(f"data position is for epoch {position.epoch} of {position.num_units} samples, but "
-                        f"{what} {num_units} (epoch {epoch}): {why}")
-    position = position.for_layout(slots)
+    position = _epoch_position(position, epoch, num_units, mixture).for_layout(world_size * max(workers, 1))
     transform = train_transform(preprocess, tuple(data.crop_scale))
     stream = _SlotStream(_EpochParts(data, tables, seed, transform, num_units, mixture == "resample"), position, rank=rank,
                          workers=workers, seed=seed, shuffle_buffer=int(data.shuffle_buffer),

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -155,10 +156,7 @@ def _init_distributed(device_arg: str | None) -> tuple[str, bool]:
     return device, False
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["zeroshot"]:
-        return _legacy_zeroshot(argv[1:])
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlp.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory, model.safetensors, or checkpoints/step_N")
@@ -183,30 +181,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--no-report", action="store_true", help="skip the HTML report (no figures drawn)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached zero-shot classifiers")
-    args = p.parse_args(argv)
+    return p
 
-    from vlp.eval.common import fingerprint_model, make_context
-    from vlp.eval.report import Entry, markdown_table, write_outputs
-    from vlp.eval.tasks import DatasetSpec, UnknownTaskError, parse_options, run_task
-    from vlp.loading import LoadError, load_model
 
-    try:  # tasks, datasets and options are checked before any model or data is loaded
-        pairs = plan(_split_list(args.tasks), _split_list(args.datasets))
-        options = {t: parse_options(t, o) for t, o in task_options(args, {t for t, _ in pairs}).items()}
-    except (UnknownTaskError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    device, owns_group = _init_distributed(args.device)
-    try:
-        model, pre, tokenizer = load_model(args.checkpoint, device=device, ema=args.ema)
-    except (LoadError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Any]:
+    """The model to evaluate: the checkpoint's weights, or its architecture at random (--random-init)."""
+    from vlp.loading import load_model
+
+    model, pre, tokenizer = load_model(args.checkpoint, device=device, ema=args.ema)
     if args.random_init:
         from vlp.models import build_model
 
         torch.manual_seed(args.seed)
         model = build_model(model.config).to(device).eval()
+    return model, pre, tokenizer
+
+
+def _write(entries: list, args: argparse.Namespace, out: Path, meta: dict) -> None:
+    """results.json (and, unless --no-report, the HTML report with its figures); the table on stdout."""
+    from vlp.eval.report import markdown_table, write_json, write_outputs
+
+    if args.no_report:
+        paths = {"json": write_json(out, entries, args.checkpoint, meta)}
+    else:
+        paths = write_outputs(out, entries, args.checkpoint, meta)
+    print()
+    print(markdown_table(entries))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+
+
+def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], options: dict, device: torch.device) -> int:
+    from vlp.eval.common import fingerprint_model, make_context
+    from vlp.eval.report import Entry
+    from vlp.eval.tasks import DatasetSpec, run_task
+    from vlp.loading import LoadError
+
+    try:
+        model, pre, tokenizer = _load(args, device)
+    except (LoadError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
     ctx = make_context(device, workers=args.workers, figures=not args.no_report, seed=args.seed,
@@ -225,24 +240,33 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(f"[{task} / {dataset}] " + ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()), flush=True)
     if ctx.is_main:
-        meta = {"world_size": ctx.world_size, "device": str(device), "ema": args.ema, "random_init": args.random_init}
-        if args.no_report:
-            from vlp.eval.report import _jsonable, results_dict
-
-            out.mkdir(parents=True, exist_ok=True)
-            paths = {"json": out / "results.json"}
-            paths["json"].write_text(json.dumps(results_dict(entries, args.checkpoint, meta), indent=1, default=_jsonable))
-        else:
-            paths = write_outputs(out, entries, args.checkpoint, meta)
-        print()
-        print(markdown_table(entries))
-        for kind, path in paths.items():
-            print(f"{kind}: {path}")
-    if owns_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        _write(entries, args, out, {"world_size": ctx.world_size, "device": str(device), "ema": args.ema,
+                                    "random_init": args.random_init})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["zeroshot"]:
+        return _legacy_zeroshot(argv[1:])
+    args = _parser().parse_args(argv)
+
+    from vlp.eval.tasks import UnknownTaskError, parse_options
+
+    try:  # tasks, datasets and options are checked before any model or data is loaded
+        pairs = plan(_split_list(args.tasks), _split_list(args.datasets))
+        options = {t: parse_options(t, o) for t, o in task_options(args, {t for t, _ in pairs}).items()}
+    except (UnknownTaskError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device, owns_group = _init_distributed(args.device)
+    try:
+        return _evaluate(args, pairs, options, device)
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

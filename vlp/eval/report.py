@@ -131,14 +131,24 @@ def html_report(entries: list[Entry], checkpoint: str, meta: dict[str, Any] | No
 
 def _jsonable(x: Any) -> Any:
     """numpy / torch scalars and arrays in details become plain JSON values."""
-    return x.tolist() if hasattr(x, "tolist") else str(x)
+    import numpy as np
+    import torch
+
+    return x.tolist() if isinstance(x, (np.ndarray, np.generic, torch.Tensor)) else str(x)
+
+
+def write_json(out_dir: Path, entries: list[Entry], checkpoint: str, meta: dict[str, Any] | None = None) -> Path:
+    """results.json under out_dir (what `--no-report` writes alone)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(results_dict(entries, checkpoint, meta), indent=1, default=_jsonable))
+    return path
 
 
 def write_outputs(out_dir: Path, entries: list[Entry], checkpoint: str, meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """results.json, results.md and report.html under out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "html": out_dir / "report.html"}
-    paths["json"].write_text(json.dumps(results_dict(entries, checkpoint, meta), indent=1, default=_jsonable))
+    paths = {"json": write_json(out_dir, entries, checkpoint, meta), "markdown": out_dir / "results.md",
+             "html": out_dir / "report.html"}
     paths["markdown"].write_text(markdown_table(entries))
     paths["html"].write_text(html_report(entries, checkpoint, meta))
     return paths

@@ -219,7 +219,7 @@ def zeroshot_predict(model: nn.Module, tokenizer, data: SegmentationDataset, bat
     bg_emb = None
     if background == "prompt":
         bg_emb = build_classifier(model, tokenizer, data.background_names, data.templates, device)
-    scale = float(model.clamped_logit_scale()) if hasattr(model, "clamped_logit_scale") else 100.0
+    scale = float(model.clamped_logit_scale())
     dtype = next(model.parameters()).dtype
     preds = [torch.zeros(0, *data.masks.shape[1:], dtype=torch.uint8)]
     for b in _batches(len(data), batch_size, ctx)[1]:
@@ -435,35 +435,51 @@ def evaluate_segmentation(
             preds = zeroshot_predict(model, tokenizer, dataset, batch_size, device, background, bg_threshold, ctx,
                                      dense)
         elif mode == "linear_probe":
-            if train_dataset is None:
-                raise ValueError("linear_probe segmentation needs train_dataset")
-            if train_dataset.classnames != dataset.classnames:
-                raise ValueError("train_dataset and dataset have different classnames")
-            grid = grid_size(model)
-            train_feats = extract_patch_features(model, train_dataset, batch_size, device, ctx)
-            if ctx is not None and ctx.world_size > 1:
-                train_feats = gather_rows(train_feats, ctx)
-            head = None
-            if ctx is None or ctx.rank == 0:
-                targets = soft_patch_targets(train_dataset.masks, dataset.num_classes, grid, train_dataset.ignore_index)
-                head = train_linear_head(train_feats, targets, probe_epochs, probe_lr, probe_weight_decay,
-                                         balance=probe_balance)
-            head = _from_rank0(head, ctx)
-            test_feats = extract_patch_features(model, dataset, batch_size, device, ctx)
-            preds = linear_head_predict(head, test_feats, dataset.masks.shape[1:])
+            preds = _probe_predict(model, dataset, train_dataset, batch_size, device, ctx,
+                                   dict(epochs=probe_epochs, lr=probe_lr, weight_decay=probe_weight_decay,
+                                        balance=probe_balance))
         else:
-            if train_dataset is None or tokenizer is None:
-                raise ValueError("denseclip segmentation needs train_dataset and a tokenizer")
-            rank0 = ctx is None or ctx.rank == 0
-            seg = finetune_denseclip(model, tokenizer, train_dataset, finetune_steps if rank0 else 0, device=device,
-                                     **(denseclip_options or {}))
-            if ctx is not None and ctx.world_size > 1:  # fitted on rank 0, weights broadcast
-                state = _from_rank0({k: v.cpu() for k, v in seg.state_dict().items()} if rank0 else None, ctx)
-                seg.load_state_dict(state)
-            preds = denseclip_predict(seg, dataset, batch_size, device, ctx)
+            preds = _denseclip_predict(model, tokenizer, dataset, train_dataset, batch_size, device, ctx,
+                                       finetune_steps, denseclip_options or {})
     finally:
         model.train(was_training)
     return segmentation_report(preds, dataset, mode, num_examples, ctx)
+
+
+def _probe_predict(model: nn.Module, dataset: SegmentationDataset, train_dataset: SegmentationDataset | None,
+                   batch_size: int, device: torch.device | str, ctx: EvalContext | None,
+                   head_options: dict[str, Any]) -> torch.Tensor:
+    """A linear head fitted (on rank 0) to the frozen patch tokens of `train_dataset`, applied to `dataset`."""
+    if train_dataset is None:
+        raise ValueError("linear_probe segmentation needs train_dataset")
+    if train_dataset.classnames != dataset.classnames:
+        raise ValueError("train_dataset and dataset have different classnames")
+    grid = grid_size(model)
+    train_feats = extract_patch_features(model, train_dataset, batch_size, device, ctx)
+    if ctx is not None and ctx.world_size > 1:
+        train_feats = gather_rows(train_feats, ctx)
+    head = None
+    if ctx is None or ctx.rank == 0:
+        targets = soft_patch_targets(train_dataset.masks, dataset.num_classes, grid, train_dataset.ignore_index)
+        head = train_linear_head(train_feats, targets, head_options["epochs"], head_options["lr"],
+                                 head_options["weight_decay"], balance=head_options["balance"])
+    head = _from_rank0(head, ctx)
+    test_feats = extract_patch_features(model, dataset, batch_size, device, ctx)
+    return linear_head_predict(head, test_feats, dataset.masks.shape[1:])
+
+
+def _denseclip_predict(model: nn.Module, tokenizer, dataset: SegmentationDataset,
+                       train_dataset: SegmentationDataset | None, batch_size: int, device: torch.device | str,
+                       ctx: EvalContext | None, steps: int, options: dict[str, Any]) -> torch.Tensor:
+    """A DenseCLIP copy of `model` fine-tuned on `train_dataset` (on rank 0, then broadcast), applied to `dataset`."""
+    if train_dataset is None or tokenizer is None:
+        raise ValueError("denseclip segmentation needs train_dataset and a tokenizer")
+    rank0 = ctx is None or ctx.rank == 0
+    seg = finetune_denseclip(model, tokenizer, train_dataset, steps if rank0 else 0, device=device, **options)
+    if ctx is not None and ctx.world_size > 1:  # fitted on rank 0, weights broadcast
+        state = _from_rank0({k: v.cpu() for k, v in seg.state_dict().items()} if rank0 else None, ctx)
+        seg.load_state_dict(state)
+    return denseclip_predict(seg, dataset, batch_size, device, ctx)
 
 
 def segmentation_report(preds: torch.Tensor, dataset: SegmentationDataset, mode: str = "",
