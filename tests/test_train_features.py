@@ -202,9 +202,9 @@ def test_ema_zero3_two_processes_matches_hand_computed(tmp_path, digits_shards_d
 
     from safetensors.torch import load_file
 
+    from vlp import load_model  # the public entry point: it must pass ema= through
     from vlp.data.datasets import load_eval_dataset
     from vlp.eval.zeroshot import evaluate_zeroshot
-    from vlp import load_model  # the public entry point: it must pass ema= through
     from vlp.loading import load_state
     from vlp.train.checkpoint import tag_for
 
