@@ -212,6 +212,18 @@ def test_export_siglip_to_hf_siglipmodel(tmp_path: Path, preset: str) -> None:
         assert (txt - causal.encode_text(tokens)).abs().max() > 1e-3
     assert torch.equal(hf.logit_scale.detach(), model.logit_scale.detach())
     assert torch.equal(hf.logit_bias.detach(), model.logit_bias.detach())
+    # the folder's tokenizer pads as vlp does and, like transformers' SigLIP tokenizers, returns no attention
+    # mask (the bidirectional tower attends to its padding): text in, vlp's text embedding out
+    from transformers import AutoTokenizer
+
+    from vlp.data.tokenizer import Tokenizer
+
+    got = AutoTokenizer.from_pretrained(tmp_path / "hf")(TOKENIZER_TEXTS, padding="max_length", truncation=True,
+                                                          max_length=ctx, return_tensors="pt")
+    assert set(got) == {"input_ids"}
+    with torch.no_grad():
+        want = model.encode_text(Tokenizer(ctx)(TOKENIZER_TEXTS))
+        assert (_pooled(hf.get_text_features(**got)) - want).abs().max() <= TOL
 
 
 def test_export_hf_refuses_clip_layout_siglip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -221,3 +233,45 @@ def test_export_hf_refuses_clip_layout_siglip(tmp_path: Path, capsys: pytest.Cap
     assert export_main([str(tmp_path / "run"), "--to", "hf", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "SiglipModel" in err and "MAP head" in err and "causal=True" in err
+
+
+TOKENIZER_TEXTS = ["a photo of a mouse.", "This is a photo of T-shirt/top.", "Clipart by Nicu Buculei - antenna",
+                   "  Hello,   WORLD!! 123 4567 don't  it's", "hi !", "café naïve ß 日本語 😀", "word " * 40]
+
+
+def test_hf_export_is_usable_in_transformers_own_tools(tmp_path: Path, digits_shards_dir: Path) -> None:
+    """A trained class-token model exported --to hf: AutoTokenizer gives vlp's ids (padding and truncation
+    included), CLIPProcessor loads, and pipeline("zero-shot-image-classification") over the digits test
+    split predicts what vlp's zero-shot evaluator predicts with the same template."""
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPProcessor, pipeline
+
+    import vlp
+    from vlp.data.datasets import load_eval_dataset
+    from vlp.eval.zeroshot import evaluate_zeroshot
+
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    run([sys.executable, "train.py", "--config", "tests/configs/digits_nano.yaml", f"run_dir={run_dir}",
+         f"data.train_shards={digits_shards_dir}/train.json", "data.workers=1", "train.steps=90", "evals={}",
+         "model.overrides.vision.timm_kwargs={global_pool: token, class_token: true}"])
+    assert export_main([str(run_dir), "--to", "hf", str(out)]) == 0
+    model, pre, tok = vlp.load_model(run_dir)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ctx = tok.context_length
+    assert hf_tok.model_max_length == ctx
+    got = hf_tok(TOKENIZER_TEXTS, padding="max_length", truncation=True, max_length=ctx, return_tensors="pt")
+    assert torch.equal(got["input_ids"], tok(TOKENIZER_TEXTS))
+    assert isinstance(CLIPProcessor.from_pretrained(out).tokenizer, type(hf_tok))
+    assert "pipeline_tag: zero-shot-image-classification" in (out / "README.md").read_text()
+
+    data = load_eval_dataset("digits", split="test")
+    template = data.templates[0]
+    data.templates = [template]
+    ours = evaluate_zeroshot(model, tok, data, pre, 64, "cpu")
+    classify = pipeline("zero-shot-image-classification", model=str(out), device="cpu")
+    images = [Image.fromarray(a).convert("RGB") for a in data.images]
+    preds = [data.classnames.index(r[0]["label"])
+             for r in classify(images, candidate_labels=data.classnames, hypothesis_template=template, batch_size=64)]
+    top1 = sum(int(p == y) for p, y in zip(preds, data.labels)) / len(preds)
+    assert ours["top1"] > 0.5  # trained (chance: 0.1), so agreeing means agreeing on real predictions
+    assert top1 == pytest.approx(ours["top1"], abs=1e-6)

@@ -4,7 +4,8 @@ CHECKPOINT is a run directory, a .safetensors file or a DeepSpeed checkpoint dir
 stage, any world size; consolidated on the CPU, every file read with weights_only=True).
 
     vlp        model.safetensors (fp32, config in its metadata) + model_config.json + preprocess.json
-    hf         transformers CLIPModel folder (CLIPModel.from_pretrained(OUT_DIR))
+    hf         transformers CLIPModel / SiglipModel folder with its tokenizer and a model card
+               (from_pretrained(OUT_DIR), AutoTokenizer, pipeline("zero-shot-image-classification"))
     open_clip  open_clip_config.json + open_clip_model.safetensors (create_model("local-dir:OUT_DIR"))
     timm       image tower only: model.safetensors + timm_config.json (vlp.interop.timm.load_timm_export)
 """

@@ -54,6 +54,14 @@ class Tokenizer:
                 out.append(i)
         return self._tok.decode(out).strip()
 
+    def vocab_and_merges(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """The BPE tables: token -> id (the byte-level alphabet, its `</w>` forms, the merges' results,
+        then sot and eot), and the merges in rank order - what a byte-level BPE tokenizer of another
+        library (transformers' CLIPTokenizer) needs to give the same ids."""
+        vocab = dict(self._tok.encoder)
+        merges = sorted(self._tok.bpe_ranks, key=self._tok.bpe_ranks.__getitem__)
+        return vocab, merges
+
     def __repr__(self) -> str:
         return f"Tokenizer(context_length={self.context_length}, vocab_size={self.vocab_size})"
 

@@ -130,16 +130,84 @@ def export_hf(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Path,
             mod = model.get_submodule(mod_name)
             mod.register_buffer(attr, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
     model.save_pretrained(out)
+    siglip = model_cls is SiglipModel
+    _write_preprocessor(out, cfg, "SiglipImageProcessor" if siglip else "CLIPImageProcessor")
+    write_tokenizer(out, cfg.text.context_length, siglip)
+    _write_model_card(out, cfg, model_cls.__name__)
+    return out
+
+
+def _write_preprocessor(out: Path, cfg: CLIPConfig, processor: str) -> None:
+    """preprocessor_config.json: the checkpoint's eval preprocessing (resize the short side, centre crop)."""
     p = cfg.preprocess
     size = p.image_size
-    processor = "SiglipImageProcessor" if model_cls is SiglipModel else "CLIPImageProcessor"
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": processor, "do_resize": True, "size": {"shortest_edge": size},
         "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(p.mean), "image_std": list(p.std),
         "resample": 3 if p.interpolation == "bicubic" else 2, "do_convert_rgb": True,
     }, indent=1))
+
+
+# open_clip's names of the two special tokens -> the names transformers' CLIP tokenizer files use
+_HF_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+
+
+def write_tokenizer(out: str | Path, context_length: int, siglip: bool = False) -> Path:
+    """transformers CLIPTokenizer files (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json) from the BPE vlp tokenizes with, written offline: `AutoTokenizer` then
+    gives vlp's ids (sot, BPE, eot; padded with vlp's pad id 0, the token "!"; `model_max_length` the
+    text tower's context). A SigLIP text tower attends to its padding, so its tokenizer returns no
+    attention mask (as transformers' own SigLIP tokenizers)."""
+    from vlp.data.tokenizer import Tokenizer
+
+    out = Path(out)
+    tok = Tokenizer(context_length)
+    vocab, merges = tok.vocab_and_merges()
+    vocab = {_HF_SPECIAL.get(k, k): i for k, i in vocab.items()}
+    names = {i: k for k, i in vocab.items()}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    special = {"bos_token": names[tok.sot_token_id], "eos_token": names[tok.eot_token_id],
+               "unk_token": names[tok.eot_token_id], "pad_token": names[tok.pad_token_id]}
+    # the pad token is "!" (id 0): split_special_tokens keeps a "!" in a text an ordinary character, so
+    # "wow!!" still becomes the BPE's merged "!!" instead of two pad ids
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "do_lower_case": True,
+              "padding_side": "right", "split_special_tokens": True, **special}
+    if siglip:
+        config["model_input_names"] = ["input_ids"]
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
     return out
+
+
+def _write_model_card(out: Path, cfg: CLIPConfig, model_class: str) -> None:
+    """README.md: what the folder holds and how transformers loads it."""
+    p, t = cfg.preprocess, cfg.text
+    (out / "README.md").write_text(f"""---
+library_name: transformers
+pipeline_tag: zero-shot-image-classification
+tags: [vlp, clip, contrastive-image-text]
+---
+
+# {model_class} exported by vlp
+
+A contrastive image-text model trained with vlp and converted with `python -m vlp.export RUN --to hf`.
+
+- image tower: {cfg.vision.timm_model} at {p.image_size} px, mean {list(p.mean)}, std {list(p.std)},
+  {p.interpolation} resize of the short side then a centre crop (`preprocessor_config.json`)
+- text tower: {t.layers} layers, width {t.width}, context {t.context_length} tokens; CLIP's byte-level BPE
+  (`vocab.json`, `merges.txt`), the same ids as vlp's tokenizer
+- embedding: {cfg.embed_dim} dimensions
+
+```python
+from transformers import pipeline
+classify = pipeline("zero-shot-image-classification", model="PATH/TO/THIS/FOLDER")
+classify("image.png", candidate_labels=["a cat", "a dog"])
+```
+
+`{model_class}.from_pretrained`, `AutoProcessor` and `AutoTokenizer` load it the same way.
+""")
 
 
 # ---- SigLIP -> transformers SiglipModel -------------------------------------------------------------
