@@ -81,3 +81,22 @@ def test_zero2_consolidation_without_deepspeed_classes(tmp_path: Path) -> None:
     sd = consolidate_deepspeed(ckpt)
     assert torch.equal(sd["model.a"], a) and torch.equal(sd["model.b"], b)
     shutil.rmtree(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors_is_named_not_a_traceback(tmp_path: Path, damage: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    from vlp.eval.__main__ import main as eval_main
+    from vlp.train.checkpoint import export_weights
+
+    model = create_model("clip-nano")
+    export_weights(model.state_dict(), model.config, "clip-nano", tmp_path / "good")
+    data = (tmp_path / "good" / "model.safetensors").read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00\x01not a safetensors file" * 8)
+    with pytest.raises(LoadError, match="bad.safetensors") as err:
+        load_state(bad)
+    assert "corrupt" in str(err.value)
+    assert eval_main(["--checkpoint", str(bad), "--tasks", "zeroshot", "--datasets", "digits"]) == 2
+    msg = capsys.readouterr().err
+    assert "bad.safetensors" in msg and "Traceback" not in msg

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from vlp.data.tokenizer import Tokenizer, get_tokenizer
@@ -69,9 +69,18 @@ def safe_torch_load(path: str | Path, deepspeed_records: bool = False) -> Any:
         ) from None
 
 
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a .safetensors file; a truncated or corrupt file raises LoadError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta, load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoadError(f"'{path}' is not a readable .safetensors file (truncated or corrupt?): {e}") from None
+
+
 def _from_safetensors(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta, sd = _read_safetensors(path)
     cfg_json = meta.get("model_config")
     side = path.parent / "model_config.json"
     if cfg_json is not None:
@@ -82,7 +91,7 @@ def _from_safetensors(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
         cfg = config_from_dict(d)
     else:
         raise LoadError(f"'{path}' carries no model config (no metadata, no model_config.json beside it)")
-    return cfg, load_file(str(path))
+    return cfg, sd
 
 
 # ---- DeepSpeed consolidation -------------------------------------------------------------------
