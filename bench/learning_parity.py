@@ -33,7 +33,7 @@ except that open_clip copies vlp's resolved optim section and model architecture
 
 Evaluation is vlp's `evaluate_zeroshot` on the held-out test split for both, with the dataset's
 zero-shot prompts (never the training templates). A class-token open_clip checkpoint is converted with
-`vlp.import.import_checkpoint` first (the open_clip model itself is scored too, as a check of the
+`vlp.importer.import_checkpoint` first (the open_clip model itself is scored too, as a check of the
 importer); vlp's importer refuses avg-pooled open_clip towers, so those are scored as open_clip models
 through the same function. Training time: vlp - the sum of its logged
 step windows (metrics.jsonl); open_clip - the time inside `train_one_epoch`; both include data loading.
@@ -267,12 +267,10 @@ def train_open_clip(py: Path, model_cfg: dict, argv: list[str], run_dir: Path, t
            "train_s": json.loads(timing.read_text())["train_s"], "argv": argv}
     res["top1"], res["eval"] = res["top1_open_clip_model"], "open_clip model (vlp's importer refuses avg pooling)"
     if model_cfg["vision_cfg"].get("pool_type", "tok") == "tok":  # the figure: converted by vlp's importer
-        import importlib
-
         import vlp
+        from vlp.importer import import_checkpoint
 
-        importer = importlib.import_module("vlp.import")
-        importer.import_checkpoint("open_clip", str(ckpt), str(cfg_dir / "bench-model.json"), run_dir / "vlp")
+        import_checkpoint("open_clip", str(ckpt), str(cfg_dir / "bench-model.json"), run_dir / "vlp")
         res["top1"] = evaluate(vlp.load_model(run_dir / "vlp")[0], pre, context, eval_name, a.test_samples)
         res["eval"] = "imported into vlp"
     (run_dir / "result.json").write_text(json.dumps(res, indent=1))

@@ -6,7 +6,6 @@ hand-written cross-entropy, and step-by-step argmax over full forward passes for
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from vlp.data.captions import DIGITS_CLASSNAMES, FASHION_CLASSNAMES
 from vlp.data.datasets import load_eval_dataset
 from vlp.data.tokenizer import Tokenizer
 from vlp.generate import _filter, generate
+from vlp.importer import main as import_main
 from vlp.interop.open_clip_coca import (
     open_clip_coca_to_vlp,
     vlp_coca_config_from_open_clip,
@@ -33,7 +33,6 @@ from vlp.losses import ClipLoss, CoCaLoss
 from vlp.models import CoCa, create_model
 from vlp.train.checkpoint import export_weights
 
-import_main = importlib.import_module("vlp.import").main
 TOL = 1e-4
 SMALL = {"embed_dim": 64,
          "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "patch_size": 8, "head_width": 32,
@@ -71,7 +70,7 @@ def _max_diff(a: dict, b: dict) -> dict[str, float]:
 
 
 def test_small_open_clip_coca_round_trip_and_clis(tmp_path: Path) -> None:
-    """open_clip CoCa -> `python -m vlp.import` -> vlp; vlp -> `python -m vlp.export --to open_clip` -> open_clip."""
+    """open_clip CoCa -> `python -m vlp.importer` -> vlp; vlp -> `python -m vlp.export --to open_clip` -> open_clip."""
     torch.manual_seed(0)
     cfg = {k: v for k, v in SMALL.items() if k != "custom_text"}
     oc = _open_clip_coca(OCCoCa(**cfg))

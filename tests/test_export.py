@@ -6,7 +6,6 @@ ViT-B-32 parity lives in test_open_clip_parity.py.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
@@ -16,10 +15,9 @@ import torch
 
 from tests.helpers import run
 from vlp.export import main as export_main
+from vlp.importer import main as import_main
 from vlp.models import CLIP, create_model
 from vlp.train.checkpoint import export_weights
-
-import_main = importlib.import_module("vlp.import").main  # `import` is a keyword: load by string
 
 TOL = 1e-4
 # clip-nano with a class token: the layout open_clip's and HF's ViTs have
@@ -95,7 +93,7 @@ def test_export_open_clip_parity(run_dir: tuple[Path, CLIP], tmp_path: Path) -> 
 
 
 def test_import_open_clip_parity(tmp_path: Path) -> None:
-    """A custom small open_clip config -> `python -m vlp.import` -> vlp.load_model: same embeddings."""
+    """A custom small open_clip config -> `python -m vlp.importer` -> vlp.load_model: same embeddings."""
     import json
 
     import vlp
@@ -275,3 +273,12 @@ def test_hf_export_is_usable_in_transformers_own_tools(tmp_path: Path, digits_sh
     top1 = sum(int(p == y) for p, y in zip(preds, data.labels)) / len(preds)
     assert ours["top1"] > 0.5  # trained (chance: 0.1), so agreeing means agreeing on real predictions
     assert top1 == pytest.approx(ours["top1"], abs=1e-6)
+
+
+def test_importer_runs_under_its_new_and_its_old_name() -> None:
+    import subprocess
+
+    for module in ("vlp.importer", "vlp.import"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "python -m vlp.importer" in done.stdout
