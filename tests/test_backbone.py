@@ -69,6 +69,30 @@ def test_features_only_and_dynamic_size(nano: tuple[Path, CLIP]) -> None:
         assert dyn.forward_dense(torch.randn(1, 3, 24, 32)).shape == (1, 48, 64)
 
 
+def test_timm_data_config_is_the_checkpoints_preprocessing(nano: tuple[Path, CLIP]) -> None:
+    """timm.data.resolve_data_config / create_transform on a backbone give the checkpoint's size, mean,
+    std and interpolation (not timm's ImageNet defaults), and the transform's output equals vlp's eval
+    preprocessing of the same image."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from vlp.data.transforms import eval_transform
+
+    path, model = nano
+    pre = model.config.preprocess
+    for net in (vlp.load_backbone(path), vlp.load_backbone(path, features_only=True, out_indices=(1,))):
+        cfg = timm.data.resolve_data_config(model=net)
+        assert tuple(cfg["input_size"]) == (3, pre.image_size, pre.image_size)
+        assert cfg["mean"] == pytest.approx(pre.mean) and cfg["std"] == pytest.approx(pre.std)
+        assert cfg["interpolation"] == pre.interpolation and cfg["crop_pct"] == 1.0
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    ours = eval_transform(pre)(image)
+    theirs = timm.data.create_transform(**timm.data.resolve_data_config(model=vlp.load_backbone(path)))(image)
+    assert ours.shape == theirs.shape == (3, pre.image_size, pre.image_size)
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
 @pytest.mark.slow
 def test_zero3_checkpoint_backbone_matches_live_model(tmp_path: Path, digits_shards_dir: Path) -> None:
     run_dir, dump = tmp_path / "z3", tmp_path / "live.pt"

@@ -126,6 +126,26 @@ def test_export_timm_parity(tmp_path: Path) -> None:
     with torch.no_grad():
         assert (tm(images) - model.visual(images)).abs().max() <= TOL
         assert (model.image_proj(tm(images)) - model.encode_image(images)).abs().max() <= TOL
+    # timm alone, the way its users load a folder: the same features and the checkpoint's preprocessing
+    import timm
+
+    own = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert (own(images) - model.visual(images)).abs().max() <= TOL
+    data_cfg = timm.data.resolve_data_config(model=own)
+    pre = model.config.preprocess
+    assert tuple(data_cfg["input_size"]) == (3, pre.image_size, pre.image_size)
+    assert data_cfg["mean"] == pytest.approx(tuple(pre.mean)) and data_cfg["std"] == pytest.approx(tuple(pre.std))
+    assert data_cfg["interpolation"] == pre.interpolation
+    # a folder exported before the local-dir layout (timm_config.json) still loads
+    import json
+
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    (tmp_path / "timm" / "config.json").unlink()
+    (tmp_path / "timm" / "timm_config.json").write_text(json.dumps(
+        {"model_name": cfg["architecture"], "kwargs": cfg["model_args"], "pretrained_cfg": cfg["pretrained_cfg"]}))
+    with torch.no_grad():
+        assert (load_timm_export(tmp_path / "timm")(images) - model.visual(images)).abs().max() <= TOL
 
 
 def test_export_refuses_what_target_cannot_hold(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -35,6 +35,7 @@ class Backbone(nn.Module):
         self.preprocess: PreprocessConfig = config.preprocess
         self.num_features: int = int(trunk.num_features)
         self.embed_dim: int = image_proj.out_features
+        self.pretrained_cfg: dict[str, Any] = trunk.pretrained_cfg  # timm.data.resolve_data_config reads it
 
     @property
     def feature_info(self) -> Any:
@@ -120,11 +121,20 @@ def trunk_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def timm_pretrained_cfg(pre: PreprocessConfig) -> dict[str, Any]:
+    """timm's `pretrained_cfg` preprocessing fields for a checkpoint's eval preprocessing (resize to the
+    crop, no border: crop_pct 1), so `timm.data.resolve_data_config(model=...)` gives its size, mean, std."""
+    return {"input_size": (3, pre.image_size, pre.image_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
+            "interpolation": pre.interpolation, "crop_pct": 1.0, "crop_mode": "center", "num_classes": 0}
+
+
 def build_trunk(cfg: CLIPConfig, sd: dict[str, torch.Tensor], **timm_kwargs: Any) -> nn.Module:
-    """timm model of the checkpoint's image tower (no head) with its weights loaded strictly."""
+    """timm model of the checkpoint's image tower (no head) with its weights loaded strictly and its
+    `pretrained_cfg` describing the checkpoint's preprocessing (not timm's ImageNet defaults)."""
     kwargs = {**cfg.vision.timm_kwargs, **timm_kwargs}
     trunk = timm.create_model(cfg.vision.timm_model, pretrained=False, num_classes=0, **kwargs)
     trunk.load_state_dict(trunk_state_dict(sd), strict=True)
+    trunk.pretrained_cfg = {**trunk.pretrained_cfg, **timm_pretrained_cfg(cfg.preprocess)}
     return trunk
 
 
@@ -156,7 +166,7 @@ def load_backbone(
         if not hasattr(trunk, "forward_intermediates"):
             raise NotImplementedError(f"{type(trunk).__name__} has no forward_intermediates for features_only")
         net: nn.Module = FeatureGetterNet(trunk, out_indices=out_indices, output_fmt=output_fmt)
-        net.pretrained_cfg = getattr(trunk, "pretrained_cfg", {})
+        net.pretrained_cfg = trunk.pretrained_cfg
         return net.to(device).eval()
     family = family_of(cfg)
     if not family.can("backbone"):

@@ -7,7 +7,7 @@ stage, any world size; consolidated on the CPU, every file read with weights_onl
     hf         transformers CLIPModel / SiglipModel folder with its tokenizer and a model card
                (from_pretrained(OUT_DIR), AutoTokenizer, pipeline("zero-shot-image-classification"))
     open_clip  open_clip_config.json + open_clip_model.safetensors (create_model("local-dir:OUT_DIR"))
-    timm       image tower only: model.safetensors + timm_config.json (vlp.interop.timm.load_timm_export)
+    timm       image tower only: model.safetensors + config.json (timm.create_model("local-dir:OUT_DIR", pretrained=True))
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""vlp -> timm: the image tower as a plain timm model (weights + the arguments that create it).
+"""vlp -> timm: the image tower as a plain timm model folder, in timm's own `local-dir:` layout.
 
-The export folder holds `model.safetensors` (the trunk's state dict, timm key names) and
-`timm_config.json` (`{"model_name", "kwargs", "pretrained_cfg"}`); `load_timm_export` rebuilds it,
-and timm alone can too:
+The folder holds `model.safetensors` (the trunk's state dict, timm key names) and `config.json`
+(`{"architecture", "num_classes", "model_args", "pretrained_cfg"}`, as timm's `push_to_hf_hub` writes
+it), so timm alone rebuilds it with the checkpoint's preprocessing in `pretrained_cfg`:
 
-    timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": ".../model.safetensors"}, **kwargs)
+    timm.create_model("local-dir:OUT", pretrained=True)
+
+(`pretrained=True` is timm's switch for "load the folder's weights"; without it the architecture comes
+up randomly initialised.) `load_timm_export` does exactly that, and still reads the `timm_config.json`
+of folders exported before this layout.
 """
 
 from __future__ import annotations
@@ -19,25 +23,22 @@ from torch import nn
 
 from vlp.models.config import CLIPConfig
 
-TIMM_CONFIG = "timm_config.json"
+TIMM_CONFIG = "config.json"
+LEGACY_CONFIG = "timm_config.json"  # written by vlp before the local-dir layout
 TIMM_WEIGHTS = "model.safetensors"
 
 
 def timm_create_args(cfg: CLIPConfig) -> dict[str, Any]:
-    """`timm.create_model` arguments of a checkpoint's image tower (no classifier head)."""
-    p = cfg.preprocess
-    return {
-        "model_name": cfg.vision.timm_model,
-        "kwargs": {**cfg.vision.timm_kwargs, "num_classes": 0},
-        "pretrained_cfg": {
-            "input_size": [3, p.image_size, p.image_size], "mean": list(p.mean), "std": list(p.std),
-            "interpolation": p.interpolation, "crop_pct": 1.0, "num_classes": 0,
-        },
-    }
+    """timm's `config.json` of a checkpoint's image tower (no classifier head)."""
+    from vlp.backbone import timm_pretrained_cfg
+
+    return {"architecture": cfg.vision.timm_model, "num_classes": 0,
+            "model_args": {**cfg.vision.timm_kwargs, "num_classes": 0},
+            "pretrained_cfg": timm_pretrained_cfg(cfg.preprocess)}
 
 
 def export_timm(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-    """Write the image tower of a vlp state dict as a timm model folder."""
+    """Write the image tower of a vlp state dict as a timm `local-dir:` model folder."""
     from vlp.backbone import trunk_state_dict
 
     out = Path(out_dir)
@@ -46,17 +47,20 @@ def export_timm(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Pat
     if not tensors:
         raise ValueError("state dict has no 'visual.trunk.' weights (not a vlp CLIP state dict?)")
     args = timm_create_args(cfg)
-    save_file(tensors, str(out / TIMM_WEIGHTS), metadata={"format": "pt", "timm_model": args["model_name"]})
+    save_file(tensors, str(out / TIMM_WEIGHTS), metadata={"format": "pt", "timm_model": args["architecture"]})
     (out / TIMM_CONFIG).write_text(json.dumps(args, indent=1))
     return out
 
 
 def load_timm_export(path: str | Path, **overrides: Any) -> nn.Module:
-    """timm model from an `export_timm` folder (strict load); `overrides` go to timm.create_model."""
+    """timm model from an `export_timm` folder (timm's local-dir loading; strict); `overrides` go to
+    timm.create_model."""
     import timm
 
     folder = Path(path)
-    args = json.loads((folder / TIMM_CONFIG).read_text())
+    if (folder / TIMM_CONFIG).is_file():
+        return timm.create_model(f"local-dir:{folder}", pretrained=True, **overrides).eval()
+    args = json.loads((folder / LEGACY_CONFIG).read_text())
     model = timm.create_model(args["model_name"], pretrained=True,
                               pretrained_cfg_overlay={**args["pretrained_cfg"], "file": str(folder / TIMM_WEIGHTS)},
                               **{**args["kwargs"], **overrides})
