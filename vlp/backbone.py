@@ -35,7 +35,11 @@ class Backbone(nn.Module):
         self.preprocess: PreprocessConfig = config.preprocess
         self.num_features: int = int(trunk.num_features)
         self.embed_dim: int = image_proj.out_features
-        self.pretrained_cfg: dict[str, Any] = trunk.pretrained_cfg  # timm.data.resolve_data_config reads it
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The trunk's timm pretrained_cfg (the checkpoint's preprocessing; timm.data.resolve_data_config reads it)."""
+        return self.trunk.pretrained_cfg
 
     @property
     def feature_info(self) -> Any:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from vlp.data.transforms import eval_transform
-    from vlp.loading import LoadError, load_model
+    from vlp.loading import LOAD_ERRORS, load_model
 
     gen = dict(method=args.method, max_len=args.max_len, num_beams=args.num_beams, top_k=args.top_k,
                top_p=args.top_p, temperature=args.temperature,
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             res = {"captions": dict(zip(args.images, texts))}
             for path, text in zip(args.images, texts):
                 print(f"{path}\t{text}")
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except LOAD_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res))

@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", required=True, choices=FORMATS)
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
-    from vlp.loading import LoadError
+    from vlp.loading import LOAD_ERRORS
 
     try:
         out = export(args.checkpoint, args.to, args.out_dir)
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except LOAD_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.to} export of {args.checkpoint} to {out}")

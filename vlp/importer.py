@@ -40,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="preset / open_clip model name, or a config .json")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
-    from vlp.loading import LoadError
+    from vlp.loading import LOAD_ERRORS
 
     try:
         path = import_checkpoint(args.source, args.checkpoint, args.model, args.out_dir)
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except LOAD_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

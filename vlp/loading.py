@@ -37,8 +37,14 @@ class LoadError(ValueError):
     """A path that is not a loadable vlp checkpoint; the message names it."""
 
 
+# what a command-line entry point reports as one "error: ..." line (exit status 2) instead of a traceback:
+# an unloadable checkpoint, a bad argument value, a missing file - each message names the input
+LOAD_ERRORS = (LoadError, ValueError, FileNotFoundError)
+
+
 class _PlainRecord:
     """Stand-in for DeepSpeed's attribute-only objects (LossScaler, fragment_address): data, no methods."""
+
 
 
 class _EnumValue(int):
@@ -190,7 +196,7 @@ def _zero3_frozen(model_files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def _from_deepspeed(ckpt_dir: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    meta = json.loads((ckpt_dir / META).read_text())
     cfg = config_from_dict(meta["model_config"])
     full = consolidate_deepspeed(ckpt_dir)
     sd = {k[len("model."):]: v.float() for k, v in full.items() if k.startswith("model.")}
@@ -226,10 +232,7 @@ def consolidate_ema(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
             out[name] = t
             continue
         full = torch.cat([s["shadow"][name] for s in states])
-        n = 1
-        for d in shapes[name]:
-            n *= d
-        out[name] = full[:n].view(shapes[name]).clone()
+        out[name] = full[:math.prod(shapes[name])].view(shapes[name]).clone()
     return out
 
 
@@ -241,7 +244,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         if (p / "model.safetensors").is_file():
             return p / "model.safetensors"
-        if (p / "meta.json").is_file():
+        if (p / META).is_file():
             return p
         if (p / "checkpoints").is_dir():
             latest = find_latest(p / "checkpoints")
@@ -267,7 +270,7 @@ def _ema_state(path: str | Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     sd = consolidate_ema(ckpt_dir)
     if sd is None:
         raise LoadError(f"checkpoint '{ckpt_dir}' holds no EMA weights (trained without ema.enabled?)")
-    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    meta = json.loads((ckpt_dir / META).read_text())
     return config_from_dict(meta["model_config"]), sd
 
 

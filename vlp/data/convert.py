@@ -186,7 +186,7 @@ def _finished(manifest_path: Path, params: dict[str, Any]) -> dict[str, Any] | N
 
 
 def _run_jobs(rows: list[tuple[str, str]], root: str | Path, parts: Path, params: dict[str, Any], shard_size: int,
-              resize_max_side: int, workers: int, bar: tqdm) -> None:
+              num_jobs: int, resize_max_side: int, workers: int, bar: tqdm) -> None:
     """Write each job's tar and record under `parts`, skipping jobs an interrupted conversion finished."""
     parts.mkdir(parents=True, exist_ok=True)
     stamp = parts / "params.json"
@@ -194,7 +194,6 @@ def _run_jobs(rows: list[tuple[str, str]], root: str | Path, parts: Path, params
         shutil.rmtree(parts)  # records of a conversion with other arguments: start over
         parts.mkdir(parents=True)
     stamp.write_text(json.dumps(params))
-    num_jobs = (len(rows) + shard_size - 1) // shard_size
     done = {j for j in range(num_jobs) if (parts / f"job-{j:06d}.json").is_file() and (parts / f"job-{j:06d}.tar").is_file()}
     todo = [(j, [(i, *rows[i]) for i in range(j * shard_size, min(len(rows), (j + 1) * shard_size))],
              str(root), str(parts), resize_max_side) for j in range(num_jobs) if j not in done]
@@ -225,7 +224,7 @@ def convert(rows: list[tuple[str, str]], root: str | Path, out_dir: str | Path, 
         return done
     parts = out / f".{split}-parts"
     num_jobs = (len(rows) + shard_size - 1) // shard_size
-    _run_jobs(rows, root, parts, params, shard_size, resize_max_side, workers,
+    _run_jobs(rows, root, parts, params, shard_size, num_jobs, resize_max_side, workers,
               tqdm(total=num_jobs, desc=f"shards {split}", unit="shard", disable=not progress))
     records = [json.loads((parts / f"job-{j:06d}.json").read_text()) for j in range(num_jobs)]
     shards = []

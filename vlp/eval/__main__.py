@@ -41,12 +41,12 @@ def _legacy_zeroshot(argv: list[str]) -> int:
 
     from vlp.data.datasets import load_eval_dataset
     from vlp.eval.zeroshot import evaluate_zeroshot
-    from vlp.loading import LoadError, load_model
+    from vlp.loading import LOAD_ERRORS, load_model
 
     try:
         model, pre, tokenizer = load_model(args.checkpoint, device=args.device, ema=args.ema)
         data = load_eval_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except LOAD_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = evaluate_zeroshot(model, tokenizer, data, pre, args.batch_size, args.device)
@@ -215,11 +215,11 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], options: d
     from vlp.eval.common import fingerprint_model, make_context
     from vlp.eval.report import Entry
     from vlp.eval.tasks import DatasetSpec, run_task
-    from vlp.loading import LoadError
+    from vlp.loading import LOAD_ERRORS
 
     try:
         model, pre, tokenizer = _load(args, device)
-    except (LoadError, ValueError, FileNotFoundError) as e:
+    except LOAD_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ckpt = Path(args.checkpoint)
