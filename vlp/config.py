@@ -23,11 +23,28 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class InitFromSection:
+    """Start from pretrained weights instead of a random init (vlp/interop/pretrained.py). A resumed
+    run never re-initialises: its checkpoint's weights are used and this section is ignored."""
+
+    # a vlp run dir / .safetensors / checkpoint dir, an open_clip or OpenAI state dict or open_clip
+    # folder, a transformers CLIP/SigLIP folder, or timm weights (image trunk); "" = random init
+    path: str = ""
+    format: str = "auto"  # auto | vlp | open_clip | openai | hf | timm
+    # the model parts to copy (image, text, logit; CoCa also decoder); empty: every part the source holds
+    parts: list[str] = field(default_factory=list)
+    ema: bool = False  # vlp runs: start from their EMA weights
+    # source tensors of the chosen parts that the model has no place for are refused (false: listed)
+    strict: bool = True
+
+
+@dataclass
 class ModelSection:
     # name of a registered preset (see `vlp.list_models()`)
     name: str = "clip-tiny"
     # field overrides applied onto the preset, e.g. {text: {layers: 4}}; validated against the preset
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: InitFromSection = field(default_factory=InitFromSection)
 
 
 @dataclass
@@ -312,6 +329,7 @@ def validate(cfg: DictConfig) -> None:
     _check_supports(cfg, objective, _bad)
     objective.validate(cfg, _bad)
     _check_lock_and_ema(cfg)
+    _check_init_from(cfg)
     if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
         _bad("logging.wandb_mode", "must be online, offline or disabled")
     _check_evals(cfg)
@@ -349,6 +367,16 @@ def _check_lock_and_ema(cfg: DictConfig) -> None:
             _bad("ema.start_step", "must be >= 0")
         if cfg.ema.update_every_n_steps < 1:
             _bad("ema.update_every_n_steps", "must be >= 1")
+
+
+def _check_init_from(cfg: DictConfig) -> None:
+    from vlp.interop.pretrained import FORMATS
+
+    init = cfg.model.init_from
+    if init.format not in FORMATS:
+        _bad("model.init_from.format", f"must be one of {', '.join(FORMATS)}, got '{init.format}'")
+    if not init.path and (init.parts or init.ema or init.format != "auto"):
+        _bad("model.init_from.path", "is empty, but other model.init_from keys are set")
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -289,3 +289,107 @@ def vlp_to_hf_siglip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
     _blocks(sd, "visual.trunk.blocks.", f"{v}.encoder.layers", out)
     _blocks(sd, "text.blocks.", f"{t}.encoder.layers", out)
     return {k: x.contiguous() for k, x in out.items()}
+
+
+# ---- transformers -> vlp (model.init_from) ---------------------------------------------------------
+
+_VLP_BLOCK = {hf: ours for ours, hf in _HF_BLOCK.items()}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _unblocks(sd: dict[str, torch.Tensor], src: str, dst: str, out: dict[str, torch.Tensor], used: set[str]) -> None:
+    """Inverse of `_blocks`: transformers encoder layers -> timm blocks (q, k, v fused into qkv)."""
+    for key in sd:
+        if not key.startswith(src):
+            continue
+        idx, rest = key[len(src):].split(".", 1)
+        mod, kind = rest.rsplit(".", 1)
+        if mod in (f"self_attn.{n}" for n in _QKV):
+            if mod == "self_attn.q_proj":
+                parts = [f"{src}{idx}.self_attn.{n}.{kind}" for n in _QKV]
+                out[f"{dst}.{idx}.attn.qkv.{kind}"] = torch.cat([sd[p] for p in parts])
+                used.update(parts)
+            continue
+        if mod in _VLP_BLOCK:
+            out[f"{dst}.{idx}.{_VLP_BLOCK[mod]}.{kind}"] = sd[key]
+            used.add(key)
+
+
+def _clip_from_hf(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> list[str]:
+    v = "vision_model"
+    pos = sd[f"{v}.embeddings.position_embedding.weight"]
+    table = {
+        f"{v}.embeddings.class_embedding": ("visual.trunk.cls_token", lambda x: x.reshape(1, 1, -1)),
+        f"{v}.embeddings.patch_embedding.weight": ("visual.trunk.patch_embed.proj.weight", None),
+        f"{v}.embeddings.position_embedding.weight": ("visual.trunk.pos_embed", lambda x: x.reshape(1, *pos.shape)),
+        "visual_projection.weight": ("image_proj.weight", None),
+    }
+    for kind in ("weight", "bias"):
+        table[f"{v}.pre_layrnorm.{kind}"] = (f"visual.trunk.norm_pre.{kind}", None)
+        table[f"{v}.post_layernorm.{kind}"] = (f"visual.trunk.norm.{kind}", None)
+    return _apply_table(sd, table, out)
+
+
+def _siglip_from_hf(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> list[str]:
+    v, t, p = "vision_model", "text_model", "visual.trunk.attn_pool"
+    bias = sd.get(f"{t}.head.bias")
+    if bias is not None and bool(bias.abs().max() > 0):
+        raise ValueError(f"{t}.head.bias is non-zero, but vlp's text projection has no bias: this SiglipModel "
+                         "cannot start a vlp model exactly")
+    pos = sd[f"{v}.embeddings.position_embedding.weight"]
+    width = pos.shape[-1]
+    table = {
+        f"{v}.embeddings.patch_embedding.weight": ("visual.trunk.patch_embed.proj.weight", None),
+        f"{v}.embeddings.patch_embedding.bias": ("visual.trunk.patch_embed.proj.bias", None),
+        f"{v}.embeddings.position_embedding.weight": ("visual.trunk.pos_embed", lambda x: x.reshape(1, *pos.shape)),
+        f"{v}.head.probe": (f"{p}.latent", None),
+        f"{t}.head.weight": ("text_proj.weight", None),
+        f"{t}.head.bias": (None, None),  # checked to be zero above
+        "logit_bias": ("logit_bias", lambda x: x.reshape(1)),
+    }
+    for kind in ("weight", "bias"):
+        table[f"{v}.post_layernorm.{kind}"] = (f"visual.trunk.norm.{kind}", None)
+        table[f"{v}.head.attention.out_proj.{kind}"] = (f"{p}.proj.{kind}", None)
+        table[f"{v}.head.layernorm.{kind}"] = (f"{p}.norm.{kind}", None)
+        table[f"{v}.head.mlp.fc1.{kind}"] = (f"{p}.mlp.fc1.{kind}", None)
+        table[f"{v}.head.mlp.fc2.{kind}"] = (f"{p}.mlp.fc2.{kind}", None)
+    packed = {"weight": f"{v}.head.attention.in_proj_weight", "bias": f"{v}.head.attention.in_proj_bias"}
+    for kind, key in packed.items():  # nn.MultiheadAttention's packed q, k, v -> timm's q and fused kv
+        if key in sd:
+            out[f"{p}.q.{kind}"], out[f"{p}.kv.{kind}"] = sd[key][:width], sd[key][width:]
+    return [*_apply_table(sd, table, out), *packed.values()]
+
+
+def _apply_table(sd: dict[str, torch.Tensor], table: dict[str, tuple[str | None, Any]],
+                 out: dict[str, torch.Tensor]) -> list[str]:
+    used = []
+    for src, (dst, fn) in table.items():
+        if src in sd:
+            used.append(src)
+            if dst is not None:
+                out[dst] = fn(sd[src]) if fn is not None else sd[src]
+    return used
+
+
+def hf_to_vlp_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers CLIPModel / SiglipModel state dict -> (vlp state dict, HF keys that have no vlp
+    equivalent). A SiglipModel is recognised by its MAP head (`vision_model.head.probe`)."""
+    v, t = "vision_model", "text_model"
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    siglip = f"{v}.head.probe" in sd
+    used.update(_siglip_from_hf(sd, out) if siglip else _clip_from_hf(sd, out))
+    common = {
+        f"{t}.embeddings.token_embedding.weight": ("text.token_embedding.weight", None),
+        f"{t}.embeddings.position_embedding.weight": ("text.positional_embedding", None),
+        "text_projection.weight": ("text_proj.weight", None),
+        "logit_scale": ("logit_scale", lambda x: x.reshape(1)),
+    }
+    for kind in ("weight", "bias"):
+        common[f"{t}.final_layer_norm.{kind}"] = (f"text.ln_final.{kind}", None)
+    used.update(_apply_table(sd, common, out))
+    _unblocks(sd, f"{v}.encoder.layers.", "visual.trunk.blocks", out, used)
+    _unblocks(sd, f"{t}.encoder.layers.", "text.blocks", out, used)
+    # position ids are buffers transformers rebuilds; everything else unread is reported
+    rest = [k for k in sd if k not in used and not k.endswith("position_ids")]
+    return {k: x.contiguous() for k, x in out.items()}, rest

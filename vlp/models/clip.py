@@ -32,6 +32,14 @@ _NO_DECAY_FRAGMENTS = (
 class CLIP(nn.Module):
     """Contrastive image-text model; `forward` returns normalized features and the clamped temperature."""
 
+    # state-dict key prefixes of each part a run can start from separately (model.init_from.parts);
+    # a family whose model adds parameters extends these, and every key must belong to one part
+    PARTS: dict[str, tuple[str, ...]] = {
+        "image": ("visual.", "image_proj."),
+        "text": ("text.", "text_proj."),
+        "logit": ("logit_scale", "logit_bias"),
+    }
+
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg

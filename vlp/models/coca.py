@@ -217,6 +217,14 @@ class CoCa(nn.Module):
     `logits` [B, T-1, classes] for `tokens[:, :-1]` and their targets `labels`: the classes of
     `tokens[:, 1:]`, -100 (ignored by cross-entropy) at padding."""
 
+    # see CLIP.PARTS: the attentional pooler reads image tokens; the decoder is a part of its own
+    PARTS: dict[str, tuple[str, ...]] = {
+        "image": ("visual.", "attn_pool.", "ln_post.", "image_proj."),
+        "text": ("text.", "text_proj."),
+        "decoder": ("decoder.",),
+        "logit": ("logit_scale",),
+    }
+
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
         if cfg.caption_queries < 1:

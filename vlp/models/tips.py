@@ -52,6 +52,13 @@ class DistillHead(nn.Module):
 class TIPS(CLIP):
     """CLIP with `num_streams` pooled image embeddings and DINO/iBOT heads (see module doc)."""
 
+    # see CLIP.PARTS: the stream poolers, their projections, the mask token and the distillation
+    # head all act on image tokens
+    PARTS: dict[str, tuple[str, ...]] = {
+        **CLIP.PARTS,
+        "image": ("visual.", "image_proj.", "pool_key.", "pool_query", "stream_proj.", "mask_token", "head."),
+    }
+
     def __init__(self, cfg: TIPSConfig) -> None:
         if cfg.num_streams < 1:
             raise ValueError(f"num_streams must be >= 1, got {cfg.num_streams}")

@@ -29,6 +29,8 @@ from vlp.data.pipeline import (
     num_samples_from_manifest,
 )
 from vlp.data.tokenizer import get_tokenizer
+from vlp.interop.pretrained import InitError, InitReport, init_model
+from vlp.loading import LoadError
 from vlp.models import build_model, get_model_config
 from vlp.models.families import config_to_dict
 from vlp.objectives import ObjectiveError, get_objective
@@ -103,6 +105,7 @@ class Trainer:
         # -- build
         seed_everything(cfg.train.seed)  # same init on every rank
         self.model = build_model(self.model_cfg)
+        self.init_report = self._init_from() if self.resume_dir is None else None
         self.tokenizer = get_tokenizer(self.model_cfg.text)
         self.module = self.objective.build(self.model, cfg, self.total_steps)
         self._prepare_model()
@@ -127,8 +130,14 @@ class Trainer:
                                    cfg.train.seed, self.log)
         if self.resume_dir is not None:
             self.log.write(f"resumed from {self.resume_dir} at step {self.step}")
+            if cfg.model.init_from.path:
+                self.log.write(f"model.init_from ignored: the weights are the checkpoint's ({self.resume_dir})")
             if note:
                 self.log.write(f"warning: {note}")
+        elif self.init_report is not None:
+            self.log.write(self.init_report.summary())
+            if self.dist.is_main:
+                (self.run_dir / "init_report.json").write_text(json.dumps(self.init_report.to_dict(), indent=1))
 
     def _check_run(self) -> Any:
         """Config-only checks of what the run needs (model, objective, shards); the resolved model config."""
@@ -147,6 +156,17 @@ class Trainer:
         for src in source_specs(cfg.data):
             expand_shards(src.shards)  # raises DataError naming a missing path
         return model_cfg
+
+    def _init_from(self) -> InitReport | None:
+        """Start the freshly built model from `model.init_from` (before locking, the objective's own
+        copies and DeepSpeed's partitioning see it)."""
+        init = self.cfg.model.init_from
+        if not init.path:
+            return None
+        try:
+            return init_model(self.model, init.path, init.format, list(init.parts), init.ema, init.strict)
+        except (InitError, LoadError, FileNotFoundError) as e:
+            raise TrainError(f"model.init_from: {e}" if not str(e).startswith("model.init_from") else str(e)) from None
 
     def _restore(self) -> str:
         """Weights, optimizer, EMA and data position from `resume_dir`; a warning to log, or ''."""
