@@ -16,30 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import run, torchrun
-from tests.test_train_features import train
+from tests.test_export import CLS_NANO, _perturbed
+from tests.test_train_features import initial_weights, train
 
 CLS = "model.overrides.vision.timm_kwargs={global_pool: token, class_token: true}"
 QUICK = ["model.overrides.text.act=quick_gelu", "model.overrides.vision.timm_kwargs.act_layer=quick_gelu"]
-CLS_NANO = {"vision": {"timm_kwargs": {"global_pool": "token", "class_token": True}}}
-
-
-def _perturbed(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g), alpha=0.02)
-    return model
-
-
-def fresh(name="clip-nano", **overrides):
-    """The weights a run builds before init_from (the trainer seeds with train.seed=0, then builds)."""
-    from vlp.models import create_model
-    from vlp.train.trainer import seed_everything
-
-    seed_everything(0)
-    return {k: v.detach().clone() for k, v in create_model(name, **overrides).state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, digits_shards_dir):
     """A trained vlp run (with EMA and a DeepSpeed checkpoint), its hf / open_clip / timm exports, an
@@ -102,7 +83,7 @@ def _expected(name: str, src: dict) -> tuple[dict, set[str]]:
 
 
 def _check(results: dict, src: dict, names) -> None:
-    base = fresh(**CLS_NANO)
+    base = initial_weights(**CLS_NANO)
     for name in names:
         got = results[name]
         want, from_source = _expected(name, src)
@@ -161,7 +142,7 @@ def test_lit_from_a_timm_trunk_keeps_it_and_a_resumed_run_never_reinitialises(tm
     split = load_file(str(tmp_path / "split" / "model.safetensors"))
     trunk = [k for k in full if k.startswith("visual.trunk.")]
     assert trunk and all(torch.equal(full[k], sources["run"][k]) for k in trunk)
-    base = fresh(**CLS_NANO)
+    base = initial_weights(**CLS_NANO)
     assert any(not torch.equal(full[k], base[k]) for k in full if k.startswith("text.blocks."))
     assert max((full[k] - split[k]).abs().max().item() for k in full) <= 1e-6
 

@@ -64,13 +64,13 @@ def losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def initial_weights(name="clip-nano"):
+def initial_weights(name="clip-nano", **overrides):
     """The weights the trainer starts from (it seeds with train.seed=0 before building)."""
     from vlp.models import create_model
     from vlp.train.trainer import seed_everything
 
     seed_everything(0)
-    return {k: v.detach().clone() for k, v in create_model(name).state_dict().items()}
+    return {k: v.detach().clone() for k, v in create_model(name, **overrides).state_dict().items()}
 
 
 # ---------------------------------------------------------------- locking

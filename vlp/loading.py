@@ -46,7 +46,6 @@ class _PlainRecord:
     """Stand-in for DeepSpeed's attribute-only objects (LossScaler, fragment_address): data, no methods."""
 
 
-
 class _EnumValue(int):
     """Stand-in for DeepSpeed's ZeroStageEnum: keeps the integer value only."""
 

@@ -148,16 +148,19 @@ def vlp_to_open_clip_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    from vlp.loading import safe_torch_load
+    from vlp.loading import _read_safetensors, safe_torch_load
 
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path), device="cpu")
+        obj: Any = _read_safetensors(path)[1]  # a truncated or corrupt file: LoadError naming it
     else:
         obj = safe_torch_load(path)  # weights_only=True; a code-running pickle raises LoadError naming it
-    # unwrap training-checkpoint containers
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded weights file: training-checkpoint containers unwrapped
+    (`state_dict` / `model` / `module`) and DDP / DeepSpeed `module.` prefixes removed."""
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]

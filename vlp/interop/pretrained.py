@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlp.loading import LoadError, _read_safetensors, load_state
+from vlp.loading import LoadError, _read_safetensors, load_state, safe_torch_load
 
 FORMATS = ("auto", "vlp", "open_clip", "openai", "hf", "timm")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
@@ -83,13 +83,15 @@ class InitReport:
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a weights file (training-checkpoint wrappers and DDP prefixes removed)."""
-    from vlp.interop.open_clip import _read_state_dict
+def _read_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(safetensors metadata or {}, state dict) of a weights file, read once; a corrupt file raises
+    LoadError naming it."""
+    from vlp.interop.open_clip import unwrap_state_dict
 
     if path.suffix == ".safetensors":
-        _read_safetensors(path)  # a corrupt file: LoadError naming it
-    return _read_state_dict(path)
+        meta, obj = _read_safetensors(path)
+        return meta, unwrap_state_dict(obj, path)
+    return {}, unwrap_state_dict(safe_torch_load(path), path)
 
 
 def _weights_in(folder: Path) -> Path:
@@ -130,19 +132,7 @@ def _keys_format(path: Path, keys: list[str]) -> str:
                     "set model.init_from.format")
 
 
-def detect_format(path: str | Path) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise LoadError(f"model.init_from.path '{path}' does not exist")
-    if p.is_dir():
-        return _folder_format(p)
-    if p.suffix == ".safetensors":
-        meta, sd = _read_safetensors(p)
-        return "vlp" if "model_config" in meta else _keys_format(p, list(sd))
-    return _keys_format(p, list(_read_tensors(p)))
-
-
-def _from_open_clip(p: Path) -> Pretrained:
+def _from_open_clip(p: Path, raw: dict[str, torch.Tensor]) -> Pretrained:
     from vlp.interop.open_clip import (
         _OPENAI_EXTRA,
         open_clip_to_vlp_state_dict,
@@ -150,7 +140,6 @@ def _from_open_clip(p: Path) -> Pretrained:
     )
     from vlp.interop.open_clip_coca import is_open_clip_coca, open_clip_coca_to_vlp
 
-    raw = _read_tensors(_weights_in(p) if p.is_dir() else p)
     if any(k in raw for k in _OPENAI_EXTRA):
         oc, _ = openai_state_dict_to_open_clip(raw)
         return Pretrained(str(p), "openai", open_clip_to_vlp_state_dict(oc), quick_gelu=True)
@@ -161,38 +150,48 @@ def _from_open_clip(p: Path) -> Pretrained:
     return Pretrained(str(p), "open_clip", sd, quick_gelu=quick)
 
 
-def _from_hf(p: Path) -> Pretrained:
+def _from_hf(p: Path, raw: dict[str, torch.Tensor]) -> Pretrained:
     from vlp.interop.hf import hf_to_vlp_state_dict
 
-    sd, rest = hf_to_vlp_state_dict(_read_tensors(_weights_in(p) if p.is_dir() else p))
+    sd, rest = hf_to_vlp_state_dict(raw)
     return Pretrained(str(p), "hf", sd, dropped=rest)
 
 
-def _from_timm(p: Path) -> Pretrained:
+def _from_timm(p: Path, raw: dict[str, torch.Tensor]) -> Pretrained:
     classifier = "head"
     if p.is_dir():
         doc = json.loads((p / "config.json").read_text())
         classifier = (doc.get("pretrained_cfg") or {}).get("classifier") or "head"
-    raw = _read_tensors(_weights_in(p) if p.is_dir() else p)
     dropped = [k for k in raw if k == classifier or k.startswith(f"{classifier}.")]
     sd = {f"visual.trunk.{k}": v for k, v in raw.items() if k not in dropped}
     return Pretrained(str(p), "timm", sd, dropped=dropped)
 
 
 def read_pretrained(path: str | Path, fmt: str = "auto", ema: bool = False) -> Pretrained:
-    """The tensors of `path` in vlp key names (`fmt`: one of FORMATS; `ema`: a vlp run's EMA weights)."""
+    """The tensors of `path` in vlp key names (`fmt`: one of FORMATS, "auto" tells it by what the path
+    holds; `ema`: a vlp run's EMA weights). A weights file is read once."""
     if fmt not in FORMATS:
         raise InitError(f"model.init_from.format must be one of {', '.join(FORMATS)}, got '{fmt}'")
-    fmt = detect_format(path) if fmt == "auto" else fmt
+    p = Path(path)
+    if not p.exists():
+        raise LoadError(f"model.init_from.path '{path}' does not exist")
+    meta: dict[str, str] = {}
+    raw: dict[str, torch.Tensor] | None = None
+    if p.is_dir():
+        fmt = _folder_format(p) if fmt == "auto" else fmt
+    else:
+        meta, raw = _read_file(p)
+        fmt = ("vlp" if "model_config" in meta else _keys_format(p, list(raw))) if fmt == "auto" else fmt
     if ema and fmt != "vlp":
         raise InitError(f"model.init_from.ema: '{path}' holds {fmt} weights; only vlp runs keep EMA weights")
-    p = Path(path)
-    if fmt == "vlp":
-        _, sd = load_state(p, ema=ema)
+    if fmt == "vlp":  # a run or checkpoint dir, an EMA, a file without config metadata: vlp's own loader
+        sd = raw if raw is not None and "model_config" in meta and not ema else load_state(p, ema=ema)[1]
         return Pretrained(str(p), "vlp", sd)
+    if raw is None:
+        raw = _read_file(_weights_in(p))[1]
     if fmt in ("open_clip", "openai"):
-        return _from_open_clip(p)
-    return _from_hf(p) if fmt == "hf" else _from_timm(p)
+        return _from_open_clip(p, raw)
+    return _from_hf(p, raw) if fmt == "hf" else _from_timm(p, raw)
 
 
 # ---- applying ----------------------------------------------------------------------------------
@@ -213,9 +212,9 @@ def _uses_quick_gelu(model: nn.Module) -> bool:
 def _check_activation(model: nn.Module, src: Pretrained, parts: list[str]) -> None:
     if src.quick_gelu is None or not {"image", "text"} & set(parts) or src.quick_gelu == _uses_quick_gelu(model):
         return
-    want = "QuickGELU" if src.quick_gelu else "GELU"
-    raise InitError(f"model.init_from: '{src.path}' was trained with {want} activations but this model uses "
-                    f"{'QuickGELU' if not src.quick_gelu else 'GELU'}; set the model's activations to match "
+    trained, ours = ("QuickGELU", "GELU") if src.quick_gelu else ("GELU", "QuickGELU")
+    raise InitError(f"model.init_from: '{src.path}' was trained with {trained} activations but this model uses "
+                    f"{ours}; set the model's activations to match "
                     f"(e.g. model.overrides.text.act={'quick_gelu' if src.quick_gelu else 'gelu'} and "
                     "model.overrides.vision.timm_kwargs.act_layer) or the weights compute something else")
 

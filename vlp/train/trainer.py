@@ -29,8 +29,8 @@ from vlp.data.pipeline import (
     num_samples_from_manifest,
 )
 from vlp.data.tokenizer import get_tokenizer
-from vlp.interop.pretrained import InitError, InitReport, init_model
-from vlp.loading import LoadError
+from vlp.interop.pretrained import InitReport, init_model
+from vlp.loading import LOAD_ERRORS
 from vlp.models import build_model, get_model_config
 from vlp.models.families import config_to_dict
 from vlp.objectives import ObjectiveError, get_objective
@@ -165,7 +165,7 @@ class Trainer:
             return None
         try:
             return init_model(self.model, init.path, init.format, list(init.parts), init.ema, init.strict)
-        except (InitError, LoadError, FileNotFoundError) as e:
+        except LOAD_ERRORS as e:  # InitError / LoadError name the source; a converter's ValueError too
             raise TrainError(f"model.init_from: {e}" if not str(e).startswith("model.init_from") else str(e)) from None
 
     def _restore(self) -> str:
