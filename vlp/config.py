@@ -165,6 +165,11 @@ class TrainSection:
     # recompute tower activations in the backward (timm's set_grad_checkpointing for the image
     # tower, non-reentrant torch.utils.checkpoint per text block): less memory, ~1/3 more compute
     grad_checkpointing: bool = False
+    # DeepSpeed config keys merged into the one vlp generates (mappings key by key), e.g.
+    # {zero_optimization: {overlap_comm: true, reduce_bucket_size: 5e8}}; the keys vlp derives from
+    # its own settings (batch size, accumulation, clipping, ZeRO stage, precision, optimizer,
+    # scheduler) are refused with the key to set instead; checked by DeepSpeed's own parser
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -246,6 +251,8 @@ def _schema() -> DictConfig:
     # open mappings: eval names are the user's; model overrides are checked against the preset
     OmegaConf.set_struct(cfg.evals, False)
     OmegaConf.set_struct(cfg.model.overrides, False)
+    # DeepSpeed's own keys: checked by DeepSpeed's parser (vlp.train.engine.check_deepspeed_overrides)
+    OmegaConf.set_struct(cfg.train.deepspeed, False)
     return cfg
 
 

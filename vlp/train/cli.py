@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -17,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
                         "whose saved config is used then")
     parser.add_argument("--resume", help="'latest' (the run dir's newest checkpoint, if any) or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
+    # the `deepspeed` launcher appends --local_rank=N (it also sets LOCAL_RANK, which is what we read)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     from vlp.config import ConfigError, load_config
     from vlp.data.pipeline import DataError

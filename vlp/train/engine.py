@@ -106,7 +106,110 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    user = t.get("deepspeed") or {}
+    if user:
+        ds = _merged(ds, to_plain(user))
     return ds
+
+
+# DeepSpeed settings that vlp derives from its own keys: setting them in train.deepspeed is refused
+# with the vlp key to use (two sources for one value would disagree silently)
+OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "data.batch_size x world size x train.gradient_accumulation_steps",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "optimizer": "optim.* (vlp builds AdamW with its parameter groups)",
+    "scheduler": "optim.warmup_steps / optim.min_lr_ratio (vlp's cosine schedule)",
+}
+# top-level sections DeepSpeed reads through `.keys()` tests, which the probe in
+# known_deepspeed_keys cannot see
+_SECTIONS_READ_ELSEWHERE = {"activation_checkpointing", "flops_profiler", "autotuning", "monitor_config"}
+
+
+def to_plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, mappings key by key (a copy; neither input changes)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _offloads_optimizer(ds: dict[str, Any]) -> bool:
+    off = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return str(off.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def known_deepspeed_keys() -> set[str]:
+    """The top-level keys this DeepSpeed version reads: recorded while it parses a minimal config."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[str] = set()
+
+    class Recording(dict):
+        def get(self, k, *default):
+            seen.add(k)
+            return super().get(k, *default)
+
+        def __getitem__(self, k):
+            seen.add(k)
+            return super().__getitem__(k)
+
+        def __contains__(self, k):
+            seen.add(k)
+            return super().__contains__(k)
+
+        def __copy__(self):
+            return self
+
+    DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    return {k for k in seen if isinstance(k, str)} | _SECTIONS_READ_ELSEWHERE | {"optimizer", "scheduler"}
+
+
+def _paths(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out += _paths(v, f"{prefix}{k}.")
+    return out
+
+
+def check_deepspeed_overrides(cfg: DictConfig) -> str | None:
+    """None if `train.deepspeed` is usable, else why not (naming the key): keys vlp owns, keys this
+    DeepSpeed does not know (with the nearest known one), and whatever DeepSpeed's own parsing of
+    the merged config refuses (e.g. an unknown ZeRO field or a wrong type). Needs no process group."""
+    import difflib
+
+    user = to_plain(cfg.train.get("deepspeed") or {})
+    if not isinstance(user, dict):
+        return f"train.deepspeed must be a mapping of DeepSpeed config keys, got {type(user).__name__}"
+    for path in _paths(user):
+        if path in OWNED_DEEPSPEED_KEYS:
+            return f"train.deepspeed.{path} is set by vlp from {OWNED_DEEPSPEED_KEYS[path]}; set that instead"
+    known = known_deepspeed_keys()
+    for k in user:
+        if k not in known:
+            near = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            return f"train.deepspeed.{k} is not a DeepSpeed config key{hint}"
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(deepspeed_config(cfg))
+    except Exception as e:  # noqa: BLE001 - pydantic, assertion and value errors alike: one message
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if not ln.strip().startswith("For further")]
+        return f"train.deepspeed: DeepSpeed refuses the merged config: {type(e).__name__}: " + "; ".join(lines[:6])
+    return None
 
 
 def decay_exempt(no_decay: set[str], decay_embeddings: bool) -> set[str]:
@@ -144,12 +247,21 @@ def build_engine(task: nn.Module, cfg: DictConfig, total_steps: int, no_decay: s
 
     o = cfg.optim
     groups = param_groups(task, o.weight_decay, decay_exempt(no_decay, bool(o.decay_embeddings)))
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    ds_config = deepspeed_config(cfg)
+    if _offloads_optimizer(ds_config):
+        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised AdamW (the same update
+        # as torch's AdamW, decoupled decay) instead of torch's, which DeepSpeed refuses there
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                                            adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, o.warmup_steps, total_steps, o.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=task, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+        model=task, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
     return engine
 

@@ -38,7 +38,15 @@ from vlp.objectives import ObjectiveError, get_objective
 from . import checkpoint as ckpt
 from .accumulate import exact_accumulation_step
 from .ema import WeightEMA
-from .engine import DistInfo, all_ranks_true, barrier, build_engine, full_state_dict, init_distributed
+from .engine import (
+    DistInfo,
+    all_ranks_true,
+    barrier,
+    build_engine,
+    check_deepspeed_overrides,
+    full_state_dict,
+    init_distributed,
+)
 from .evals import EvalScheduler
 from .locking import LockError, apply_locks
 from .logger import MetricsLogger
@@ -125,6 +133,8 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            # what DeepSpeed was given: vlp's generated settings with train.deepspeed merged in
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(self.engine.config, indent=1, default=str))
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step, self.dist.is_main)
         self.evals = EvalScheduler(cfg.evals, self.tokenizer, self.model_cfg.preprocess, self.dist.device,
                                    cfg.train.seed, self.log)
@@ -155,6 +165,8 @@ class Trainer:
             raise TrainError("data.train_shards is empty: give a shard list, e.g. data.train_shards='shards/train-{000000..000009}.tar'")
         for src in source_specs(cfg.data):
             expand_shards(src.shards)  # raises DataError naming a missing path
+        if cfg.train.deepspeed and (why := check_deepspeed_overrides(cfg)):
+            raise TrainError(why)
         return model_cfg
 
     def _init_from(self) -> InitReport | None:
