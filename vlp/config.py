@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlp.extras import is_installed, missing_message
 from vlp.objectives import Objective, UnknownObjectiveError, get_objective, objectives
 
 
@@ -339,6 +340,8 @@ def validate(cfg: DictConfig) -> None:
     _check_init_from(cfg)
     if cfg.logging.wandb_mode not in ("online", "offline", "disabled"):
         _bad("logging.wandb_mode", "must be online, offline or disabled")
+    if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled" and not is_installed("wandb"):
+        _bad("logging.wandb", missing_message("wandb", "logging.wandb=true"))
     _check_evals(cfg)
 
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from vlp.data.tokenizer import Tokenizer, get_tokenizer
+from vlp.extras import MissingExtraError
 from vlp.models import CLIP, build_model
 from vlp.models.config import CLIPConfig, PreprocessConfig
 from vlp.models.families import config_from_dict
@@ -39,7 +40,7 @@ class LoadError(ValueError):
 
 # what a command-line entry point reports as one "error: ..." line (exit status 2) instead of a traceback:
 # an unloadable checkpoint, a bad argument value, a missing file - each message names the input
-LOAD_ERRORS = (LoadError, ValueError, FileNotFoundError)
+LOAD_ERRORS = (LoadError, ValueError, FileNotFoundError, MissingExtraError)
 
 
 class _PlainRecord:
@@ -86,6 +87,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
 
 def _from_safetensors(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     meta, sd = _read_safetensors(path)
+    return _safetensors_config(path, meta), sd
+
+
+def _safetensors_config(path: Path, meta: dict[str, str]) -> CLIPConfig:
     cfg_json = meta.get("model_config")
     side = path.parent / "model_config.json"
     if cfg_json is not None:
@@ -96,7 +101,20 @@ def _from_safetensors(path: Path) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
         cfg = config_from_dict(d)
     else:
         raise LoadError(f"'{path}' carries no model config (no metadata, no model_config.json beside it)")
-    return cfg, sd
+    return cfg
+
+
+def load_model_config(path: str | Path) -> CLIPConfig:
+    """The model config of a checkpoint path (as load_model resolves it), without reading its weights."""
+    p = resolve_checkpoint(path)
+    if p.is_dir():
+        return config_from_dict(json.loads((p / META).read_text())["model_config"])
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoadError(f"'{p}' is not a readable .safetensors file (truncated or corrupt?): {e}") from None
+    return _safetensors_config(p, meta)
 
 
 # ---- DeepSpeed consolidation -------------------------------------------------------------------

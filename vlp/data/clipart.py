@@ -323,11 +323,13 @@ def load_sprites(max_per_class: int = 64, root: Path | None = None, cache_dir: P
 
 def load_backgrounds() -> list[tuple[np.ndarray, str, bool]]:
     """(uint8 image [H, W] or [H, W, 3], caption words, is grayscale texture) for every background."""
-    import skimage.data
+    from vlp.extras import require
+
+    skimage_data = require("skimage.data", "the clipart scenes' backgrounds")
 
     out = []
     for name, words, gray in BACKGROUNDS:
-        img = np.asarray(getattr(skimage.data, name)())
+        img = np.asarray(getattr(skimage_data, name)())
         if img.dtype != np.uint8:
             img = (img * 255).astype(np.uint8) if img.max() <= 1 else img.astype(np.uint8)
         if img.ndim == 3:

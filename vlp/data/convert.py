@@ -39,10 +39,12 @@ def read_captions_table(path: str | Path) -> list[tuple[str, str]]:
     if not p.is_file():
         raise FileNotFoundError(f"captions file '{p}' not found")
     if p.suffix == ".parquet":
+        from vlp.extras import MissingExtraError, require
+
         try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            pq = require("pyarrow.parquet", f"reading the Parquet captions file '{p}'")
+        except MissingExtraError as e:
+            raise ValueError(str(e)) from None
         table = pq.read_table(p)
         if not {"file", "caption"} <= set(table.column_names):
             raise ValueError(f"{p}: Parquet needs columns 'file' and 'caption', has {table.column_names}")

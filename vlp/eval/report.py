@@ -83,8 +83,9 @@ def markdown_table(entries: list[Entry]) -> str:
 
 
 def figure_png(fig: Figure) -> bytes:
-    import matplotlib
+    from vlp.extras import require
 
+    matplotlib = require("matplotlib", "the figures of the eval report (or pass --no-report)")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlp.extras import require as require_extra
 from vlp.models.config import CLIPConfig
 from vlp.models.families import family_of, require
 
@@ -38,7 +39,7 @@ def _vit_dims(cfg: CLIPConfig, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 def hf_clip_config(cfg: CLIPConfig, sd: dict[str, torch.Tensor], layer_norm_eps: float = 1e-5) -> Any:
     """transformers.CLIPConfig equivalent to a vlp CLIP config (+ its weights, for the dims)."""
-    from transformers import CLIPConfig as HFCLIPConfig
+    HFCLIPConfig = require_extra("transformers", "export to transformers").CLIPConfig
 
     t = cfg.text
     if not t.causal or t.pool != "eot" or not cfg.image_proj:
@@ -102,7 +103,8 @@ def vlp_to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def export_hf(cfg: CLIPConfig, sd: dict[str, torch.Tensor], out_dir: str | Path, layer_norm_eps: float = 1e-5) -> Path:
     """Write a transformers folder (config.json + model.safetensors + preprocessor_config.json):
     a SiglipModel for a model with a logit bias, else a CLIPModel."""
-    from transformers import CLIPModel, SiglipModel
+    transformers = require_extra("transformers", "export to transformers")
+    CLIPModel, SiglipModel = transformers.CLIPModel, transformers.SiglipModel
 
     require(cfg, "export:hf", "export to transformers")
     if cfg.text.prefix_kinds:
@@ -240,7 +242,7 @@ def _siglip_refusals(cfg: CLIPConfig, sd: dict[str, torch.Tensor]) -> list[str]:
 
 def hf_siglip_config(cfg: CLIPConfig, sd: dict[str, torch.Tensor]) -> Any:
     """transformers.SiglipConfig of a vlp SigLIP-architecture model (see `_siglip_architecture`)."""
-    from transformers import SiglipConfig
+    SiglipConfig = require_extra("transformers", "export to transformers").SiglipConfig
 
     from vlp.models.vision import VisionTower
 

@@ -27,7 +27,9 @@ class MetricsLogger:
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
             os.environ.setdefault("WANDB_SILENT", "true")
-            import wandb
+            from vlp.extras import require
+
+            wandb = require("wandb", "logging.wandb")
 
             from vlp.config import to_container
 
