@@ -65,6 +65,41 @@ def _split_list(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+# CLIP_benchmark's task names, accepted beside vlp's
+TASK_ALIASES = {"zeroshot_classification": "zeroshot", "zeroshot_retrieval": "retrieval"}
+
+
+def _task_list(s: str) -> list[str]:
+    return list(dict.fromkeys(TASK_ALIASES.get(t, t) for t in _split_list(s)))
+
+
+def resolve_datasets(datasets: list[str], root: str | None) -> tuple[list[str], dict[str, str]]:
+    """(entries with their data's location, {location: name as given}): `wds/NAME` (CLIP_benchmark's
+    webdataset names, also as TASK:wds/NAME) is --dataset-root with CLIP_benchmark's placeholders
+    filled ({dataset}: NAME, {dataset_cleaned}: NAME with '/' as '-'); a root without placeholders
+    is used as it is. Other entries are their own location."""
+    out, names = [], {}
+    for d in datasets:
+        head, sep, rest = d.partition(":")
+        prefix, name = (head + sep, rest) if sep and rest.startswith("wds/") else ("", d)
+        if not name.startswith("wds/"):
+            out.append(d)
+            continue
+        if not root:
+            raise ValueError(f"dataset '{name}' is a CLIP_benchmark webdataset name: give --dataset-root, e.g. "
+                             "--dataset-root 'data/wds_{dataset_cleaned}'")
+        short = name[len("wds/"):]
+        path = root.format(dataset=short, dataset_cleaned=short.replace("/", "-"))
+        if "://" in path:
+            raise ValueError(f"--dataset-root '{root}' for '{name}' is a URL; vlp reads local directories "
+                             "(download the shards once, e.g. with `huggingface-cli download`)")
+        if not Path(path).is_dir():
+            raise ValueError(f"dataset '{name}': --dataset-root gives '{path}', which is not a directory")
+        out.append(prefix + path)
+        names[path] = name
+    return out, names
+
+
 def plan(tasks: list[str], datasets: list[str]) -> list[tuple[str, str]]:
     """(task, dataset) pairs; checks task names and the datasets the built-in tasks can read."""
     from vlp.eval.tasks import get_task, task_names
@@ -163,9 +198,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (trained with ema.enabled)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate the checkpoint's architecture with random weights (seed --seed): the baseline")
-    p.add_argument("--tasks", default="zeroshot", help="comma list: zeroshot, retrieval, linear_probe, segmentation")
+    p.add_argument("--tasks", default="zeroshot",
+                   help="comma list: zeroshot, retrieval, linear_probe, segmentation (CLIP_benchmark's "
+                        "zeroshot_classification and zeroshot_retrieval are accepted)")
     p.add_argument("--datasets", default="fashion-mnist",
                    help="comma list: fashion-mnist, digits, directories, captions files; TASK:NAME ties one to a task")
+    p.add_argument("--dataset-root", default=None,
+                   help="where wds/NAME datasets are, with CLIP_benchmark's placeholders: 'data/wds_{dataset_cleaned}'")
     p.add_argument("--split", default="test", help="evaluation split (linear probes train on --train-split)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--out", help="output directory (default: CHECKPOINT/eval, or beside a weights file)")
@@ -197,14 +236,19 @@ def _load(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Any
     return model, pre, tokenizer
 
 
-def _write(entries: list, args: argparse.Namespace, out: Path, meta: dict) -> None:
-    """results.json (and, unless --no-report, the HTML report with its figures); the table on stdout."""
-    from vlp.eval.report import markdown_table, write_json, write_outputs
+def _write(entries: list, args: argparse.Namespace, out: Path, meta: dict, model: Any) -> None:
+    """results.json, the same results in CLIP_benchmark's schema (one JSON per task and dataset under
+    clip_benchmark/), and unless --no-report the HTML report with its figures; the table on stdout."""
+    from vlp.eval.report import markdown_table, write_clip_benchmark, write_json, write_outputs
 
     if args.no_report:
         paths = {"json": write_json(out, entries, args.checkpoint, meta)}
     else:
         paths = write_outputs(out, entries, args.checkpoint, meta)
+    # CLIP_benchmark's model / pretrained pair: the toolkit and architecture class, the weights evaluated
+    pretrained = args.checkpoint + ("-ema" if args.ema else "") + ("-random-init" if args.random_init else "")
+    cb = write_clip_benchmark(out, entries, f"vlp-{type(model).__name__}", pretrained)
+    paths["clip_benchmark"] = cb[0].parent
     print()
     print(markdown_table(entries))
     for kind, path in paths.items():
@@ -236,12 +280,13 @@ def _evaluate(args: argparse.Namespace, pairs: list[tuple[str, str]], options: d
         except (ValueError, FileNotFoundError) as e:
             print(f"error: task '{task}' on dataset '{dataset}': {e}", file=sys.stderr)
             return 2
-        entries.append(Entry(task, dataset, args.split, res.metrics, time.perf_counter() - t0, res.figures, res.details))
+        name = getattr(args, "dataset_names", {}).get(dataset, dataset)
+        entries.append(Entry(task, name, args.split, res.metrics, time.perf_counter() - t0, res.figures, res.details))
         if ctx.is_main:
             print(f"[{task} / {dataset}] " + ", ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()), flush=True)
     if ctx.is_main:
         _write(entries, args, out, {"world_size": ctx.world_size, "device": str(device), "ema": args.ema,
-                                    "random_init": args.random_init})
+                                    "random_init": args.random_init}, model)
     return 0
 
 
@@ -254,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlp.eval.tasks import UnknownTaskError, parse_options
 
     try:  # tasks, datasets and options are checked before any model or data is loaded
-        pairs = plan(_split_list(args.tasks), _split_list(args.datasets))
+        datasets, args.dataset_names = resolve_datasets(_split_list(args.datasets), args.dataset_root)
+        pairs = plan(_task_list(args.tasks), datasets)
         options = {t: parse_options(t, o) for t, o in task_options(args, {t for t, _ in pairs}).items()}
     except (UnknownTaskError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

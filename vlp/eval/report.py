@@ -146,6 +146,40 @@ def write_json(out_dir: Path, entries: list[Entry], checkpoint: str, meta: dict[
     return path
 
 
+# vlp task -> (CLIP_benchmark task, {vlp metric: CLIP_benchmark metric}); metrics not named here keep
+# their name (retrieval's image_retrieval_recall@k / text_retrieval_recall@k already are CLIP_benchmark's)
+CLIP_BENCHMARK_NAMES: dict[str, tuple[str, dict[str, str]]] = {
+    "zeroshot": ("zeroshot_classification", {"top1": "acc1", "top5": "acc5"}),
+    "retrieval": ("zeroshot_retrieval", {}),
+    "linear_probe": ("linear_probe", {"top1": "lp_acc1", "top5": "lp_acc5",
+                                      "mean_per_class_recall": "lp_mean_per_class_recall"}),
+}
+
+
+def clip_benchmark_record(entry: Entry, model: str, pretrained: str, language: str = "en") -> dict[str, Any]:
+    """One result in CLIP_benchmark's JSON schema (what `clip_benchmark eval` dumps and
+    `clip_benchmark build` reads): dataset, model, pretrained, task, metrics, language."""
+    task, names = CLIP_BENCHMARK_NAMES.get(entry.task, (entry.task, {}))
+    metrics = {names.get(k, k): v for k, v in entry.metrics.items()}
+    return {"dataset": entry.dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+            "language": language}
+
+
+def write_clip_benchmark(out_dir: Path, entries: list[Entry], model: str, pretrained: str) -> list[Path]:
+    """`clip_benchmark/{dataset}_{pretrained}_{model}_{language}_{task}.json` per entry (CLIP_benchmark's
+    default output name; `/` in the dataset and pretrained names become `_`)."""
+    folder = out_dir / "clip_benchmark"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for e in entries:
+        rec = clip_benchmark_record(e, model, pretrained)
+        dataset = rec["dataset"].removeprefix("wds/")
+        name = "_".join(x.replace("/", "_").strip("_") for x in (dataset, pretrained, model, rec["language"], rec["task"]))
+        paths.append(folder / f"{name}.json")
+        paths[-1].write_text(json.dumps(rec, default=_jsonable))
+    return paths
+
+
 def write_outputs(out_dir: Path, entries: list[Entry], checkpoint: str, meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """results.json, results.md and report.html under out_dir."""
     paths = {"json": write_json(out_dir, entries, checkpoint, meta), "markdown": out_dir / "results.md",
