@@ -9,7 +9,6 @@ local directory in CLIP_benchmark's webdataset layout.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from vlp.data.captions import CLASSNAMES, EVAL_TEMPLATES
+from vlp.data.tar_images import TarImages, index_tar_images
 
 FASHION_MNIST_DIR = Path(os.environ.get("VLP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 DIGITS_NUM_TRAIN = 1500  # of 1797; the rest (297) is the test split
@@ -93,11 +93,12 @@ def load_source(source: str, split: str = "train") -> tuple[np.ndarray, np.ndarr
 class EvalDataset:
     """A labelled image set plus the class names and zero-shot templates to classify it with.
 
-    `images` is either a uint8 array [N, H, W] / [N, H, W, 3] or a list of PIL images;
+    `images` is a uint8 array [N, H, W] / [N, H, W, 3], a list of PIL images, or TarImages (decoded
+    on access from the shards);
     templates contain one `{}` placeholder.
     """
 
-    images: list[Image.Image] | np.ndarray
+    images: list[Image.Image] | np.ndarray | TarImages
     labels: np.ndarray
     classnames: list[str]
     templates: list[str]
@@ -119,9 +120,8 @@ def _natural_key(path: Path) -> list[int | str]:
 
 
 def _load_wds_dir(root: Path, split: str, max_samples: int) -> EvalDataset:
-    """CLIP_benchmark layout: {root}/{split}/*.tar with cls + image, classnames.txt, templates file."""
-    import webdataset as wds
-
+    """CLIP_benchmark layout: {root}/{split}/*.tar with cls + image, classnames.txt, templates file;
+    the images stay in the shards until encoded (vlp.data.tar_images)."""
     classnames_file = root / "classnames.txt"
     if not classnames_file.is_file():
         raise ValueError(f"eval dataset dir '{root}' has no classnames.txt")
@@ -136,18 +136,8 @@ def _load_wds_dir(root: Path, split: str, max_samples: int) -> EvalDataset:
     shards = sorted(shard_dir.glob("*.tar"), key=_natural_key)
     if not shards:
         raise ValueError(f"eval dataset dir '{shard_dir}' contains no .tar shards")
-    images: list[Image.Image] = []
-    labels: list[int] = []
-    for sample in wds.tarfile_samples([{"url": str(s)} for s in shards]):
-        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
-        if ext is None or "cls" not in sample:
-            continue
-        img = Image.open(io.BytesIO(sample[ext]))
-        img.load()
-        images.append(img.convert("RGB"))
-        labels.append(int(sample["cls"].decode().strip()))
-        if 0 < max_samples <= len(labels):
-            break
+    images, fields = index_tar_images(shards, _IMAGE_EXTS, ["cls"], max_samples)
+    labels = [int(f["cls"].strip()) for f in fields]
     return EvalDataset(images, np.asarray(labels, dtype=np.int64), classnames, templates)
 
 
@@ -216,7 +206,7 @@ class RetrievalDataset:
     class-level sets use the class as group, so a caption matches every image of its class.
     """
 
-    images: list[Image.Image] | np.ndarray
+    images: list[Image.Image] | np.ndarray | TarImages
     texts: list[str]
     image_groups: np.ndarray  # [num_images]
     text_groups: np.ndarray  # [num_texts]
@@ -241,22 +231,13 @@ def _from_captions(images: list, captions: list[list[str]], source: str) -> Retr
 def _load_wds_retrieval(root: Path, split: str, max_samples: int, text_key: str = "txt") -> RetrievalDataset:
     """CLIP_benchmark retrieval layout: {root}/{split}/*.tar, each sample an image and a `txt`
     (or another `text_key`, e.g. clipart's `syn.txt`) holding one caption per line."""
-    import webdataset as wds
 
     shard_dir = root / split if (root / split).is_dir() else root
     shards = sorted(shard_dir.glob("*.tar"), key=_natural_key)
     if not shards:
         raise ValueError(f"retrieval dataset dir '{shard_dir}' contains no .tar shards")
-    images, captions = [], []
-    for sample in wds.tarfile_samples([{"url": str(s)} for s in shards]):
-        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
-        if ext is None or text_key not in sample:
-            continue
-        img = Image.open(io.BytesIO(sample[ext]))
-        images.append(img.convert("RGB"))
-        captions.append([ln.strip() for ln in sample[text_key].decode().splitlines() if ln.strip()])
-        if 0 < max_samples <= len(images):
-            break
+    images, fields = index_tar_images(shards, _IMAGE_EXTS, [text_key], max_samples)
+    captions = [[ln.strip() for ln in f[text_key].splitlines() if ln.strip()] for f in fields]
     return _from_captions(images, captions, f"retrieval dataset '{root}'")
 
 
