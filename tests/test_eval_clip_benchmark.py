@@ -88,3 +88,27 @@ def test_wds_names_are_refused_without_a_usable_root(setup, tmp_path):
                  "https://huggingface.co/datasets/clip-benchmark/wds_{dataset_cleaned}/tree/main", check=False)
     assert proc.returncode == 2 and "is a URL" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = _eval(tmp_path, "--checkpoint", ckpt, "--datasets", "wds/a,wds/b", "--dataset-root", str(base / "root"),
+                 check=False)
+    assert proc.returncode == 2 and "the same directory" in proc.stderr
+    proc = _eval(tmp_path, "--checkpoint", ckpt, "--datasets", "wds/a", "--dataset-root", "{split}/x", check=False)
+    assert proc.returncode == 2 and "only the placeholders" in proc.stderr
+
+
+def test_clip_benchmark_task_names_in_task_prefixes_and_options(setup, tmp_path):
+    from vlp.eval.__main__ import _unalias, resolve_datasets
+
+    base, ds = setup
+    root = str(base / "root" / "wds_{dataset_cleaned}")
+    assert resolve_datasets(["zeroshot_classification:wds/vtab/digits", "zeroshot_retrieval:digits"], root) == (
+        [f"zeroshot:{ds}", "retrieval:digits"], {str(ds): "wds/vtab/digits"})
+    assert _unalias("zeroshot_classification.prefix=", ".") == "zeroshot.prefix="
+    _eval(tmp_path, "--checkpoint", str(base / "run"), "--tasks", "zeroshot_classification,linear_probe",
+          "--datasets", "zeroshot_classification:wds/vtab/digits,linear_probe:digits", "--dataset-root", root,
+          "--max-samples", "30", "--train-samples", "200")
+    recs = {json.loads(f.read_text())["task"]: json.loads(f.read_text())
+            for f in (tmp_path / "clip_benchmark").glob("*.json")}
+    assert recs["zeroshot_classification"]["dataset"] == "wds/vtab/digits"
+    assert recs["linear_probe"]["dataset"] == "digits"
+    assert {"lp_acc1", "lp_mean_per_class_recall"} <= set(recs["linear_probe"]["metrics"])
+    assert "top1" not in recs["linear_probe"]["metrics"]

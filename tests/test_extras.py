@@ -26,7 +26,9 @@ def _declared() -> tuple[set[str], dict[str, set[str]]]:
     def names(reqs):
         return {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
 
-    return names(project["dependencies"]), {k: names(v) for k, v in project["optional-dependencies"].items()}
+    extras = {k: names(v) for k, v in project["optional-dependencies"].items()}
+    extras["all[]"] = set(re.fullmatch(r"vlp\[(.*)\]", project["optional-dependencies"]["all"][0])[1].split(","))
+    return names(project["dependencies"]), extras
 
 
 def _third_party_imports() -> set[str]:
@@ -54,7 +56,8 @@ def test_every_imported_package_is_declared_and_extras_are_not_hard_dependencies
         else:
             assert names & required, f"vlp imports '{mod}' ({names}) but pyproject.toml does not declare it"
     assert set(EXTRAS.values()) <= {(e, d) for e in extras for d in extras[e]}
-    assert extras["all"] == {"vlp"}  # vlp[hf,wandb,...]: every extra
+    assert {e for e, _ in EXTRAS.values()} == extras["all[]"]
+    assert extras["all"] == {"vlp"} and extras["all[]"] == set(extras) - {"all", "all[]", "dev"}  # every extra
     assert "vlp" in extras["dev"]
 
 

@@ -82,6 +82,10 @@ def test_deepspeed_settings_reach_the_engine_and_offload_trains_like_zero2(tmp_p
     ("{gradient_clipping: 2.0}", "train.deepspeed.gradient_clipping is set by vlp from optim.grad_clip"),
     ("{zero_optimization: {stage: 3}}", "set by vlp from train.zero_stage"),
     ("{optimizer: {type: Adam}}", "train.deepspeed.optimizer is set by vlp"),
+    ("{bfloat16: {enabled: true}}", "set by vlp from train.precision"),
+    ("{zero_optimization: true}", "train.deepspeed.zero_optimization must be a mapping"),
+    ("{zero_optimization: {offload_optimizer: {device: cpu}}}", "needs train.zero_stage >= 1 (it is 0)"),
+    ("{zero_optimization: {offload_param: {device: cpu}}}", "needs train.zero_stage >= 3"),
 ])
 def test_bad_deepspeed_settings_are_refused_naming_the_key(setting, message):
     from vlp.config import load_config

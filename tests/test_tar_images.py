@@ -28,7 +28,7 @@ def wds_dir(tmp_path_factory):
         with wds.TarWriter(str(root / "test" / f"{s}.tar")) as w:
             for _ in range(N // 3 + 1):
                 img = rng.randint(0, 255, (12 + i % 5, 10, 3), dtype=np.uint8)
-                ext = "png" if i % 2 else "jpg"
+                ext = "png" if i % 2 else ("JPG" if i % 4 == 0 else "jpg")  # webdataset lowercases
                 sample = {"__key__": f"k{i:04d}", ext: img, "cls": i % 3, "txt": f"caption {i}\nsecond {i}"}
                 if i == 7:
                     del sample["cls"]  # no label: passed over by the labelled reader
@@ -44,7 +44,7 @@ def _reference(root, member):
     for sample in wds.tarfile_samples([{"url": u} for u in shards]):
         if member not in sample:
             continue
-        ext = "png" if "png" in sample else "jpg"
+        ext = "png" if "png" in sample else "jpg"  # tarfile_samples lowercases extensions
         images.append(np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB")))
         values.append(sample[member].decode())
     return images, values
@@ -63,7 +63,29 @@ def test_indexed_split_equals_webdataset_reading(wds_dir):
     assert len(blob) < 40 * len(ds) + 1000
     copy = pickle.loads(blob)
     assert np.array_equal(np.asarray(copy[5]), ref_images[5])
-    assert len(load_eval_dataset(str(wds_dir), max_samples=9)) == 9
+    for n in (9, 13, 14, 15, 40):  # 14 samples per shard, sample 7 unlabelled: 13 in the first shard
+        part = load_eval_dataset(str(wds_dir), max_samples=n)
+        assert part.labels.tolist() == ds.labels.tolist()[:n]
+        assert np.array_equal(np.asarray(part.image(n - 1)), ref_images[n - 1])
+
+
+def test_loader_workers_read_the_right_images_after_the_parent_did(wds_dir):
+    import torch
+    from torch.utils.data import DataLoader
+
+    ds = load_eval_dataset(str(wds_dir))
+    ref = [torch.from_numpy(np.asarray(ds.image(i)).copy()) for i in range(len(ds))]  # parent opens every shard
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(np.asarray(ds.image(i)).copy())
+
+    loader = DataLoader(Images(), batch_size=None, num_workers=2)
+    got = list(loader)
+    assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
 def test_indexed_retrieval_split_equals_webdataset_reading(wds_dir):

@@ -49,6 +49,7 @@ def require(module: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        if module.split(".")[0] not in EXTRAS:
+        top = module.split(".")[0]
+        if top not in EXTRAS or (e.name or top).split(".")[0] != top:  # a broken install, not a missing one
             raise
         raise MissingExtraError(missing_message(module, feature)) from e

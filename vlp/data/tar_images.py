@@ -3,8 +3,8 @@
 An eval split in CLIP_benchmark's layout is indexed once by walking the tar headers (tarfile seeks
 over member data): per sample its shard, the byte offset and size of its image member, and its
 small text members (label, captions), which are read. `TarImages[i]` then reads and decodes one
-image. A process holds 24 bytes per sample of index plus the images of the batches in flight, so
-a 50,000-image split costs about 1.2 MB per rank instead of 50,000 decoded images; each rank (and
+image. A process holds 20 bytes per sample of index plus the images of the batches in flight, so
+a 50,000-image split costs about 1 MB per rank instead of 50,000 decoded images; each rank (and
 each loader worker, which gets a pickled copy: paths and arrays, no open files) decodes only the
 samples it encodes.
 """
@@ -12,6 +12,7 @@ samples it encodes.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ class TarImages(Sequence):
     def __init__(self, shards: list[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray) -> None:
         self.shards = list(shards)
         self.shard, self.offset, self.size = shard, offset, size
-        self._files: dict[int, io.BufferedReader] = {}
+        self._fds: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -37,11 +38,11 @@ class TarImages(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         s = int(self.shard[i])
-        f = self._files.get(s)
-        if f is None:
-            f = self._files[s] = open(self.shards[s], "rb")  # noqa: SIM115 - kept open for the next reads
-        f.seek(int(self.offset[i]))
-        data = f.read(int(self.size[i]))
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = self._fds[s] = os.open(self.shards[s], os.O_RDONLY)
+        # pread: no file offset is moved, so forked loader workers may share an inherited descriptor
+        data = os.pread(fd, int(self.size[i]), int(self.offset[i]))
         try:
             with Image.open(io.BytesIO(data)) as img:
                 return img.convert("RGB")
@@ -49,12 +50,18 @@ class TarImages(Sequence):
             raise ValueError(f"{self.shards[s]}: the image at byte {int(self.offset[i])} cannot be decoded: {e}") from None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}}  # a loader worker opens its own files
+        return {**self.__dict__, "_fds": {}}  # a spawned loader worker opens its own files
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
 
 
 def index_tar_images(shards: list[Path], image_exts: Sequence[str], text_members: Sequence[str],
@@ -83,6 +90,7 @@ def index_tar_images(shards: list[Path], image_exts: Sequence[str], text_members
             for info in tar:
                 if not info.isfile() or (kx := member_key(info.name)) is None:
                     continue
+                kx = (kx[0], kx[1].lower())  # webdataset lowercases extensions (.JPG is jpg)
                 if kx[0] != key:
                     if key is not None:
                         flush(si, members, tar)

@@ -73,13 +73,19 @@ def _task_list(s: str) -> list[str]:
     return list(dict.fromkeys(TASK_ALIASES.get(t, t) for t in _split_list(s)))
 
 
+def _unalias(item: str, sep: str) -> str:
+    """A `TASK:NAME` dataset entry or `TASK.KEY=VALUE` option with a CLIP_benchmark task name, in vlp's."""
+    head, s, rest = item.partition(sep)
+    return TASK_ALIASES[head] + s + rest if s and head in TASK_ALIASES else item
+
+
 def resolve_datasets(datasets: list[str], root: str | None) -> tuple[list[str], dict[str, str]]:
     """(entries with their data's location, {location: name as given}): `wds/NAME` (CLIP_benchmark's
     webdataset names, also as TASK:wds/NAME) is --dataset-root with CLIP_benchmark's placeholders
     filled ({dataset}: NAME, {dataset_cleaned}: NAME with '/' as '-'); a root without placeholders
     is used as it is. Other entries are their own location."""
     out, names = [], {}
-    for d in datasets:
+    for d in (_unalias(x, ":") for x in datasets):
         head, sep, rest = d.partition(":")
         prefix, name = (head + sep, rest) if sep and rest.startswith("wds/") else ("", d)
         if not name.startswith("wds/"):
@@ -89,7 +95,14 @@ def resolve_datasets(datasets: list[str], root: str | None) -> tuple[list[str], 
             raise ValueError(f"dataset '{name}' is a CLIP_benchmark webdataset name: give --dataset-root, e.g. "
                              "--dataset-root 'data/wds_{dataset_cleaned}'")
         short = name[len("wds/"):]
-        path = root.format(dataset=short, dataset_cleaned=short.replace("/", "-"))
+        try:
+            path = root.format(dataset=short, dataset_cleaned=short.replace("/", "-"))
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"--dataset-root '{root}': only the placeholders {{dataset}} and {{dataset_cleaned}} "
+                             f"are filled ({type(e).__name__}: {e})") from None
+        if names.get(path, name) != name:
+            raise ValueError(f"--dataset-root '{root}' gives the same directory '{path}' for '{names[path]}' and "
+                             f"'{name}': use {{dataset}} or {{dataset_cleaned}} in it")
         if "://" in path:
             raise ValueError(f"--dataset-root '{root}' for '{name}' is a URL; vlp reads local directories "
                              "(download the shards once, e.g. with `huggingface-cli download`)")
@@ -300,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # tasks, datasets and options are checked before any model or data is loaded
         datasets, args.dataset_names = resolve_datasets(_split_list(args.datasets), args.dataset_root)
+        args.option = [_unalias(o, ".") for o in args.option]
         pairs = plan(_task_list(args.tasks), datasets)
         options = {t: parse_options(t, o) for t, o in task_options(args, {t for t, _ in pairs}).items()}
     except (UnknownTaskError, ValueError) as e:

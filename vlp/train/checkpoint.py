@@ -173,7 +173,18 @@ def check_resume(ckpt_dir: Path, cfg: Any, model_cfg: CLIPConfig, world_size: in
     if saved_lock != to_container(cfg)["lock"]:
         raise CheckpointError(f"checkpoint '{ckpt_dir}' was written with lock={saved_lock}; the optimizer state "
                               "holds exactly the parameters that were trainable: resume with the same lock")
+    offload = [_offload_device(c) for c in (meta["run_config"], to_container(cfg))]
+    if offload[0] != offload[1]:
+        raise CheckpointError(f"checkpoint '{ckpt_dir}' was written with optimizer offload {offload[0]!r}, this run "
+                              f"asks for {offload[1]!r}: the optimizer (and its saved state) differs; resume with "
+                              "the same train.deepspeed.zero_optimization.offload_optimizer")
     return meta
+
+
+def _offload_device(run_config: dict[str, Any]) -> str:
+    off = ((run_config.get("train", {}).get("deepspeed") or {}).get("zero_optimization") or {}).get("offload_optimizer")
+    device = str((off or {}).get("device", "none")).lower()
+    return "none" if device not in ("cpu", "nvme") else device
 
 
 def load_checkpoint(engine, ckpt_dir: Path) -> int:

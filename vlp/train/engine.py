@@ -121,7 +121,10 @@ OWNED_DEEPSPEED_KEYS = {
     "gradient_clipping": "optim.grad_clip",
     "zero_optimization.stage": "train.zero_stage",
     "bf16.enabled": "train.precision",
+    "bfloat16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
+    "amp": "train.precision",
+    "torch_autocast": "train.precision",
     "optimizer": "optim.* (vlp builds AdamW with its parameter groups)",
     "scheduler": "optim.warmup_steps / optim.min_lr_ratio (vlp's cosine schedule)",
 }
@@ -175,6 +178,14 @@ def known_deepspeed_keys() -> set[str]:
     return {k for k in seen if isinstance(k, str)} | _SECTIONS_READ_ELSEWHERE | {"optimizer", "scheduler"}
 
 
+def _without_user(cfg: DictConfig) -> DictConfig:
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["train"]["deepspeed"] = {}
+    return OmegaConf.create(plain)
+
+
 def _paths(d: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k, v in d.items():
@@ -196,6 +207,18 @@ def check_deepspeed_overrides(cfg: DictConfig) -> str | None:
     for path in _paths(user):
         if path in OWNED_DEEPSPEED_KEYS:
             return f"train.deepspeed.{path} is set by vlp from {OWNED_DEEPSPEED_KEYS[path]}; set that instead"
+    generated = deepspeed_config(_without_user(cfg))
+    for k, v in user.items():
+        if isinstance(generated.get(k), dict) and not isinstance(v, dict):
+            return f"train.deepspeed.{k} must be a mapping (vlp generates {k}: {generated[k]})"
+    stage = int(cfg.train.zero_stage)
+    zero = user.get("zero_optimization") or {}
+    for what, least in (("offload_optimizer", 1), ("offload_param", 3)):
+        device = str((zero.get(what) or {}).get("device", "none")).lower()
+        need = 3 if device == "nvme" else least
+        if device != "none" and stage < need:
+            return (f"train.deepspeed.zero_optimization.{what}.device={device} needs train.zero_stage >= {need} "
+                    f"(it is {stage})")
     known = known_deepspeed_keys()
     for k in user:
         if k not in known:
