@@ -8,17 +8,18 @@ shuffle_buffer) and data position the batch sequence is identical run to run; au
 depends only on (seed, epoch, sample key), so a sample is cropped the same way whichever
 worker reads it.
 
-Each batch carries the ids (`uid`) of its samples and of the samples its worker dropped since
-the previous batch (`dropped_uid`), so the trainer can record exactly what went into optimizer
-steps; a `DataPosition` built from those marks makes the next loader of the same epoch read
-only what is left, re-divided among however many ranks and workers there are then.
+Each batch carries its reader slot (`slot`) and how far the slot's read order is consumed once
+the batch is (`cursor`, per stream; vlp.data.split), so the trainer records exactly what went
+into optimizer steps with one small vector per slot; a `DataPosition` of those cursors makes the
+next loader of the same epoch read only what is left, re-divided among however many ranks and
+workers there are then. Batches also carry the ids of their samples (`uid`) and of those their
+worker dropped (`dropped_uid`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,13 +35,14 @@ from vlp.data.manifest import (
     num_samples_from_manifest,
     stable_seed,
 )
-from vlp.data.mixture import Source, build_sources, merge_order, source_specs
-from vlp.data.position import DataPosition, ShardTable, count_samples, iter_shard, slot_units
+from vlp.data.mixture import Source, build_sources, source_specs
+from vlp.data.position import DataPosition, LegacyPositionError, ShardTable, count_samples, iter_shard
 from vlp.data.preprocess import PreprocessConfig
 from vlp.data.resample import MIXTURES, Resampler
+from vlp.data.split import Layout, Stream, resolve_marks
 from vlp.data.transforms import TrainTransform, train_transform
 
-__all__ = ["DataError", "DataPosition", "TrainLoader", "build_train_loader", "expand_shards",
+__all__ = ["DataError", "DataPosition", "LegacyPositionError", "TrainLoader", "build_train_loader", "expand_shards",
            "num_samples_from_manifest", "shard_table"]
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,15 @@ class _Seed:
         return stable_seed("aug", self.seed, self.epoch, key, self.draw)
 
 
-def _view(pos: DataPosition, src: Source) -> DataPosition:
-    """The part of a mixture's position that belongs to one source (numpy views, no copies)."""
-    lo, hi = src.offset, src.offset + src.table.num_units
-    return DataPosition(pos.epoch, hi - lo, pos.consumed[lo:hi], pos.base[lo:hi], pos.slots, pos.batches_since_split)
+def split_streams(specs: list[Any], tables: list[ShardTable], seed: int, mixture: str,
+                  num_units: int) -> list[Stream]:
+    """What the splits divide: each source's units (its own shard order), or for a resampled
+    mixture the positions of the virtual epoch."""
+    if mixture == "resample":
+        return [Stream(ShardTable(["<positions>"], [num_units]), seed, 0, 1.0)]
+    offsets = np.concatenate([[0], np.cumsum([t.num_units for t in tables])])
+    return [Stream(t, seed if i == 0 else stable_seed(seed, src.name), int(offsets[i]), float(src.weight))
+            for i, (src, t) in enumerate(zip(specs, tables))]
 
 
 class _EpochParts:
@@ -121,10 +128,10 @@ class _SlotStream(IterableDataset):
     same object - a persistent DataLoader worker's copy, or the stream itself without workers -
     reads the next epoch from its start, building that epoch's parts in place."""
 
-    def __init__(self, parts: _EpochParts, pos: DataPosition, *, rank: int, workers: int, seed: int,
-                 shuffle_buffer: int, batch_size: int, tokenizer, transform: TrainTransform,
+    def __init__(self, parts: _EpochParts, pos: DataPosition, streams: list[Stream], *, rank: int, workers: int,
+                 seed: int, shuffle_buffer: int, batch_size: int, tokenizer, transform: TrainTransform,
                  shard_retries: int) -> None:
-        self.parts, self.passes = parts, 0
+        self.parts, self.passes, self.streams = parts, 0, streams
         self.sources, self.resampler, self.decoders = parts(pos.epoch)
         self.pos, self.rank, self.workers = pos, rank, max(workers, 1)
         self.seed, self.block = seed, max(int(shuffle_buffer), 1)
@@ -143,44 +150,46 @@ class _SlotStream(IterableDataset):
         rotation = self.pos.batches_since_split % self.workers
         return self.rank * self.workers + (worker + rotation) % self.workers
 
-    def _read_source(self, i: int, units: list[tuple[int, np.ndarray]], view: DataPosition,
+    def _read_source(self, i: int, units: list[tuple[int, np.ndarray]], need: np.ndarray,
                      events: Events) -> Iterator[tuple[int, int, dict]]:
-        """(position in the slot's list of source i, uid, raw) of the unconsumed units, in read order."""
+        """(place in the slot's list of source i, uid, raw) of the units in `need`, in read order."""
         src = self.sources[i]
         j0 = 0
         for shard, idx in units:
             off = int(src.table.offsets[shard])
-            at = {int(u): j0 + k for k, u in enumerate(idx) if not view.consumed[off + int(u)]}
+            at = {int(u): j0 + k for k, u in enumerate(idx) if need[j0 + k]}
             j0 += len(idx)
             if at:
                 for index, raw in iter_shard(src.table.urls[shard], set(at), self.shard_retries, events):
                     yield at[index], src.offset + off + index, raw
 
-    def _raw(self, slot: int, events: Events) -> Iterator[tuple[int, int, dict]]:
-        """(source, uid, raw sample) in mixed, block-shuffled order; consumed units are left out."""
+    def _raw(self, slot: int, events: Events, running: np.ndarray) -> Iterator[tuple[int, int, dict, np.ndarray]]:
+        """(source, uid, raw sample, cursor before it) from the slot's cursor on, in read order.
+
+        `running` is the slot's cursor (units of each stream passed), advanced in place as the
+        read order is walked: past every position, whether its sample is read, missing or not."""
         pos = self.pos
-        split_id = stable_seed("split", pos.slots, int(pos.base.sum()))
+        layout = Layout(self.streams, self.seed, pos.epoch, self.block)
+        order = layout.order(pos, len(pos.levels) - 1, slot)
+        units = layout.slot_units(pos, slot)
+        cursor = int(pos.cursors[slot].sum())
+        taken = order.delivered(cursor)
+        running[:] = pos.cursors[slot]
         if self.resampler is not None:
-            which, local, taken, readers = self._resampled(slot, events)
+            g = layout.uids(0, units[0])
+            which, local, readers = self._resampled(g, ~taken, events)
         else:
-            views = [_view(pos, src) for src in self.sources]
-            units = [slot_units(src.table, v, slot, self.seed if i == 0 else stable_seed(self.seed, src.name))
-                     for i, (src, v) in enumerate(zip(self.sources, views))]
-            lengths = [sum(len(idx) for _, idx in u) for u in units]
-            which, local = merge_order(lengths, [s.weight for s in self.sources],
-                                       stable_seed("mix", self.seed, pos.epoch, split_id, slot))
-            flat = [np.concatenate([src.table.offsets[shard] + idx for shard, idx in u]) if u
-                    else np.zeros(0, np.int64) for src, u in zip(self.sources, units)]  # slot position -> unit
-            taken = np.zeros(len(which), dtype=bool)
-            for i, v in enumerate(views):
-                sel = which == i
-                taken[sel] = v.consumed[flat[i][local[sel]]]
-            readers = [self._read_source(i, u, v, events) for i, (u, v) in enumerate(zip(units, views))]
+            which, local = order.which, order.local
+            readers = []
+            for i, u in enumerate(units):
+                need = np.zeros(int(order.lengths[i]), dtype=bool)
+                need[local[(which == i) & ~taken]] = True
+                readers.append(self._read_source(i, u, need, events))
         ahead: list[tuple[int, int, dict] | None] = [None] * len(readers)
         end = (len(which) + 1, 0, {})
 
         def fetch(i: int, j: int) -> tuple[int, dict] | None:
-            """Unit j of source i, or None if it was consumed or is missing from its tar."""
+            """Unit j of source i, or None if it is missing from its tar."""
             got = ahead[i]
             while got is None or got[0] < j:
                 got = next(readers[i], None)
@@ -195,6 +204,8 @@ class _SlotStream(IterableDataset):
 
         for b0 in range(0, len(which), self.block):
             size = min(self.block, len(which) - b0)
+            if b0 + size <= cursor:
+                continue  # read and consumed before
             block = {}
             for p in range(b0, b0 + size):
                 if taken[p]:
@@ -203,36 +214,36 @@ class _SlotStream(IterableDataset):
                 got = fetch(i, int(local[p]))
                 if got is not None:
                     block[p - b0] = (i, *got)
-            order = list(range(size))
-            random.Random(stable_seed("block", self.seed, pos.epoch, split_id, slot, b0 // self.block)).shuffle(order)
-            for k in order:
+            for n, k in enumerate(order.perm(b0 // self.block)):
+                if b0 + n < cursor:
+                    continue
+                before = running.copy()
+                running[order.which[b0 + k]] += 1
                 if k in block:
-                    yield block[k]
+                    yield (*block[k], before)
 
-    def _resampled(self, slot: int, events: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Iterator]]:
-        """The slot's positions of a resampled epoch: source and place in the source's list of each,
-        whether it was consumed, and one reader per source (vlp.data.resample)."""
-        pos, rs = self.pos, self.resampler
-        split = slot_units(ShardTable(["<positions>"], [pos.num_units]), pos, slot, self.seed)
-        g = split[0][1].astype(np.int64) if split else np.zeros(0, np.int64)
-        which, rank = rs.sources(g)
+    def _resampled(self, g: np.ndarray, keep: np.ndarray,
+                   events: Events) -> tuple[np.ndarray, np.ndarray, list[Iterator]]:
+        """The slot's positions `g` of a resampled epoch: the source and place in the source's list
+        of each, and one reader per source of the positions in `keep` (vlp.data.resample)."""
+        which, rank = self.resampler.sources(g)
         local = np.zeros(len(g), np.int64)
         readers = []
         for i in range(len(self.sources)):
             sel = np.flatnonzero(which == i)
             local[sel] = np.arange(len(sel))
-            draw, shard, index = rs.locate(i, rank[sel])
-            readers.append(self._read_draws(i, draw, shard, index, g[sel], events))
-        return which, local, pos.consumed[g], readers
+            draw, shard, index = self.resampler.locate(i, rank[sel])
+            readers.append(self._read_draws(i, draw, shard, index, g[sel], keep[sel], events))
+        return which, local, readers
 
     def _read_draws(self, i: int, draw: np.ndarray, shard: np.ndarray, index: np.ndarray, g: np.ndarray,
-                    events: Events) -> Iterator[tuple[int, int, dict]]:
-        """(place in the slot's list of source i, position, raw) of the unconsumed positions, one
+                    keep: np.ndarray, events: Events) -> Iterator[tuple[int, int, dict]]:
+        """(place in the slot's list of source i, position, raw) of the positions in `keep`, one
         pass over each shard draw."""
         urls = self.sources[i].table.urls
         cuts = np.flatnonzero(np.diff(draw)) + 1
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(draw)]])):
-            at = {int(index[p]): p for p in range(lo, hi) if not self.pos.consumed[g[p]]}
+            at = {int(index[p]): p for p in range(lo, hi) if keep[p]}
             if at:
                 for idx, raw in iter_shard(urls[int(shard[lo])], set(at), self.shard_retries, events):
                     raw["__draw__"] = int(g[at[idx]])  # crop and caption choice vary per draw
@@ -251,7 +262,8 @@ class _SlotStream(IterableDataset):
         good: list[dict] = []
         dropped: list[int] = []
         skipped = 0
-        for i, uid, raw in self._raw(slot, events):
+        running = np.zeros(len(self.streams), dtype=np.int64)
+        for i, uid, raw, before in self._raw(slot, events, running):
             if "__draw__" in raw:
                 self.decoders[i].seed_of.draw = raw["__draw__"]
             out = self.decoders[i](raw, events)
@@ -259,7 +271,7 @@ class _SlotStream(IterableDataset):
                 dropped.append(uid)
                 skipped += 1
                 continue
-            out["uid"], out["source"] = uid, i
+            out["uid"], out["source"], out["__before__"] = uid, i, before
             good.append(out)
             if len(good) == self.batch_size:
                 for s in good:
@@ -267,15 +279,23 @@ class _SlotStream(IterableDataset):
                     events[name] = events.get(name, 0) + 1
                 delta = {k: v - reported.get(k, 0) for k, v in events.items() if v != reported.get(k, 0)}
                 reported = dict(events)
-                yield self._collate(good, dropped, delta, skipped)
+                cursor = good[-1]["__before__"].copy()
+                cursor[self._stream_of(good[-1]["source"])] += 1  # up to and with the batch's last sample
+                yield self._collate(good, dropped, delta, skipped, slot, cursor)
                 good, dropped = [], []
         delta = {k: v - reported.get(k, 0) for k, v in events.items() if v != reported.get(k, 0)}
-        if delta or dropped:  # what happened after the last full batch: an empty batch reports it
-            yield self._collate([], dropped, delta, skipped)
+        if delta or dropped:  # what happened after the last full batch: an empty batch reports it,
+            # with the cursor up to the first sample of the incomplete batch (which stays unconsumed)
+            yield self._collate([], dropped, delta, skipped, slot, good[0]["__before__"] if good else running)
 
-    def _collate(self, samples: list[dict], dropped: list[int], events: Events, skipped: int) -> dict[str, Any]:
+    def _stream_of(self, source: int) -> int:
+        return 0 if self.resampler is not None else source
+
+    def _collate(self, samples: list[dict], dropped: list[int], events: Events, skipped: int, slot: int,
+                 cursor: np.ndarray) -> dict[str, Any]:
         common = {"dropped_uid": torch.tensor(dropped, dtype=torch.int64), "events": events,
-                  "worker": _worker()[0], "skipped": skipped}
+                  "worker": _worker()[0], "skipped": skipped, "slot": slot,
+                  "cursor": torch.tensor(np.asarray(cursor), dtype=torch.int64)}
         if not samples:  # a worker's closing report: no samples, only what it dropped or converted
             size = self.transform.size
             return {"image": torch.zeros(0, 3, size, size), "text": torch.zeros(0, 0, dtype=torch.long), "key": [],
@@ -309,7 +329,7 @@ class TrainLoader:
     (persistent: no new processes, no re-fork of the trainer's memory per epoch).
 
     `position` and `epoch` are those of the current pass (set when the pass starts); the trainer
-    marks consumed uids into `position`.
+    advances the cursor of a batch's slot in `position` once the batch is consumed.
     """
 
     def __init__(self, loader, stream: _SlotStream, position: DataPosition, tables: list[ShardTable],
@@ -362,7 +382,9 @@ def build_train_loader(
     Each batch: image FloatTensor[B,3,H,W], text LongTensor[B,ctx] (with data.text_streams:
     [B,streams,ctx]), key list[str], uid
     LongTensor[B], source / kind list[str], dropped_uid LongTensor, events dict (decode events
-    and `samples:<source>` counts since the worker's previous batch), worker int, skipped int. A worker's
+    and `samples:<source>` counts since the worker's previous batch), worker int, skipped int,
+    slot int and cursor LongTensor[streams] (`DataPosition.advance(slot, cursor)` once the batch
+    is consumed). A worker's
     incomplete final batch is not yielded (its samples stay unconsumed); a worker whose last
     events or dropped samples came after its last full batch closes with an empty batch
     (B = 0) that carries them, which consumers skip after recording (`is_report_only`).
@@ -380,9 +402,17 @@ def build_train_loader(
     if mixture == "resample":  # a virtual epoch of train_num_samples positions (default: all samples)
         num_units = int(data.train_num_samples) or num_units
     workers = max(int(data.workers), 0)
-    position = _epoch_position(position, epoch, num_units, mixture).for_layout(world_size * max(workers, 1))
+    streams = split_streams(specs, tables, seed, mixture, num_units)
+    slots = world_size * max(workers, 1)
+    position = _epoch_position(position, epoch, num_units, mixture)
+    layout = Layout(streams, seed, epoch, int(data.shuffle_buffer))
+    if position.marks:
+        position = resolve_marks(position, layout, slots)
+    layout.check(position)
+    position = position.for_layout(slots, len(streams))
     transform = train_transform(preprocess, tuple(data.crop_scale))
-    stream = _SlotStream(_EpochParts(data, tables, seed, transform, num_units, mixture == "resample"), position, rank=rank,
+    stream = _SlotStream(_EpochParts(data, tables, seed, transform, num_units, mixture == "resample"), position,
+                         streams, rank=rank,
                          workers=workers, seed=seed, shuffle_buffer=int(data.shuffle_buffer),
                          batch_size=int(data.batch_size), tokenizer=tokenizer, transform=transform,
                          shard_retries=int(data.shard_retries))

@@ -195,62 +195,143 @@ class ShardTable:
         return int(self.offsets[-1])
 
 
+class LegacyPositionError(DataError):
+    """An old bit-map data position that cannot be converted to cursors."""
+
+
+def _cursor_rows(slots: int, streams: int) -> np.ndarray:
+    return np.zeros((slots, streams), dtype=np.int64)
+
+
+@dataclass
+class Level:
+    """One split of an epoch: `slots` readers over the units the levels below left, and how far
+    each slot got through its read order (`cursors[slot, stream]`: units of that stream passed)."""
+
+    slots: int
+    cursors: np.ndarray  # int64[slots, streams]
+
+
 @dataclass
 class DataPosition:
-    """Consumed units of one epoch, and the split the current readers use.
+    """How far each reader slot of the epoch got: a stack of splits with a cursor per slot.
 
-    `base` holds the units that were already consumed when the current split was made; the
-    split itself is defined by (`base`, `slots`), so it can be rebuilt on resume.
+    A slot's consumed units are always a prefix of its read order (vlp.data.split), so a cursor
+    says everything. `levels[0]` splits the whole epoch; each later level (an elastic resume on
+    another layout) splits what the levels below did not consume. Size: O(levels x slots x
+    streams) integers, whatever the number of samples.
+
+    `mark(uids)` is the other way in (tests, converted old checkpoints): uids are kept aside and
+    turned into cursors against the split they were read under when the next loader is built
+    (vlp.data.split.resolve_marks).
     """
 
     epoch: int
     num_units: int
-    consumed: np.ndarray  # bool[num_units]
-    base: np.ndarray  # bool[num_units]
-    slots: int = 0  # 0: no split made yet this epoch
+    levels: list[Level] = field(default_factory=list)
     batches_since_split: int = 0  # per-rank micro-batches read from the current split
+    marks: list[np.ndarray] = field(default_factory=list)
 
     @classmethod
     def fresh(cls, epoch: int, num_units: int) -> DataPosition:
-        z = np.zeros(num_units, dtype=bool)
-        return cls(epoch, num_units, z, z.copy())
+        return cls(epoch, num_units)
+
+    @property
+    def slots(self) -> int:
+        """Slots of the current split (0: no split made yet this epoch)."""
+        return self.levels[-1].slots if self.levels else 0
+
+    @property
+    def cursors(self) -> np.ndarray:
+        return self.levels[-1].cursors
+
+    @property
+    def streams(self) -> int:
+        return self.levels[-1].cursors.shape[1] if self.levels else 1
 
     def next_epoch(self) -> DataPosition:
         """The next epoch's start: nothing consumed, split for the same number of slots."""
-        return DataPosition.fresh(self.epoch + 1, self.num_units).for_layout(self.slots)
+        return DataPosition.fresh(self.epoch + 1, self.num_units).for_layout(self.slots, self.streams)
 
     def mark(self, uids: Sequence[int] | np.ndarray) -> None:
-        idx = np.asarray(uids, dtype=np.int64)
+        idx = np.asarray(uids, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_units):
             raise DataError(f"sample id out of range for an epoch of {self.num_units} samples")
-        self.consumed[idx] = True
+        if idx.size:
+            self.marks.append(idx.copy())
+
+    @property
+    def marked(self) -> np.ndarray:
+        """The uids marked and not yet turned into cursors, sorted."""
+        return np.unique(np.concatenate(self.marks)) if self.marks else np.zeros(0, np.int64)
+
+    def advance(self, slot: int, cursor: Sequence[int] | np.ndarray) -> None:
+        """Slot `slot` of the current split has consumed its read order up to `cursor` (per stream)."""
+        c = np.asarray(cursor, dtype=np.int64).reshape(-1)
+        if not self.levels or not 0 <= slot < self.slots or c.size != self.streams:
+            raise DataError(f"cursor {c.tolist()} of slot {slot} does not fit the current split "
+                            f"({self.slots} slots x {self.streams} streams)")
+        np.maximum(self.cursors[slot], c, out=self.cursors[slot])
+
+    def merge(self, cursors: np.ndarray) -> None:
+        """Take the furthest of these and the own cursors of the current split (other ranks' slots)."""
+        np.maximum(self.cursors, np.asarray(cursors, dtype=np.int64).reshape(self.cursors.shape), out=self.cursors)
 
     @property
     def num_consumed(self) -> int:
-        return int(self.consumed.sum())
+        return int(sum(int(lv.cursors.sum()) for lv in self.levels)) + len(self.marked)
 
-    def for_layout(self, slots: int) -> DataPosition:
-        """The position readers with `slots` slots start from: the same split if the layout is
-        unchanged, else a new split of the units not consumed yet."""
-        if slots == self.slots:
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the position's arrays."""
+        return sum(lv.cursors.nbytes for lv in self.levels) + sum(m.nbytes for m in self.marks)
+
+    def for_layout(self, slots: int, streams: int = 1) -> DataPosition:
+        """The position readers with `slots` slots over `streams` streams start from: the same split
+        if the layout is unchanged, else a new split (a new level) of the units not consumed yet."""
+        if self.levels and slots == self.slots and streams == self.streams:
             return self
-        return DataPosition(self.epoch, self.num_units, self.consumed.copy(), self.consumed.copy(), slots, 0)
+        if self.marks:
+            raise DataError("marked samples must be turned into cursors (vlp.data.split.resolve_marks) "
+                            "before the position is split anew")
+        levels = [Level(lv.slots, lv.cursors.copy()) for lv in self.levels]
+        if levels and not levels[-1].cursors.any():
+            levels.pop()  # nothing read under it: the new split replaces it
+        elif levels and streams != self.streams:
+            raise DataError(f"data position has {self.streams} source stream(s), the data now {streams}: "
+                            "the sources changed")
+        levels.append(Level(slots, _cursor_rows(slots, streams)))
+        return DataPosition(self.epoch, self.num_units, levels, 0)
+
+    def copy(self) -> DataPosition:
+        return DataPosition(self.epoch, self.num_units, [Level(lv.slots, lv.cursors.copy()) for lv in self.levels],
+                            self.batches_since_split, [m.copy() for m in self.marks])
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez_compressed(
-            buf, epoch=self.epoch, num_units=self.num_units, slots=self.slots,
-            batches_since_split=self.batches_since_split,
-            consumed=np.packbits(self.consumed), base=np.packbits(self.base),
+            buf, format=FORMAT, epoch=self.epoch, num_units=self.num_units,
+            batches_since_split=self.batches_since_split, streams=self.streams,
+            slots=np.array([lv.slots for lv in self.levels], dtype=np.int64),
+            cursors=np.concatenate([lv.cursors for lv in self.levels]) if self.levels else _cursor_rows(0, 1),
+            marks=self.marked,
         )
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> DataPosition:
         z = np.load(io.BytesIO(data))
-        n = int(z["num_units"])
-        return cls(int(z["epoch"]), n, np.unpackbits(z["consumed"])[:n].astype(bool),
-                   np.unpackbits(z["base"])[:n].astype(bool), int(z["slots"]), int(z["batches_since_split"]))
+        if "consumed" in z.files:
+            return _from_bitmaps(z)
+        if int(z["format"]) != FORMAT:
+            raise DataError(f"data position format {int(z['format'])} is not known (this version reads {FORMAT})")
+        slots, rows = z["slots"].astype(np.int64), z["cursors"].astype(np.int64)
+        cuts = np.concatenate([[0], np.cumsum(slots)])
+        if rows.shape[0] != cuts[-1]:
+            raise DataError(f"data position: {rows.shape[0]} cursor rows for {int(cuts[-1])} slots")
+        levels = [Level(int(n), rows[a:b].copy()) for n, a, b in zip(slots, cuts[:-1], cuts[1:])]
+        marks = [z["marks"].astype(np.int64)] if z["marks"].size else []
+        return cls(int(z["epoch"]), int(z["num_units"]), levels, int(z["batches_since_split"]), marks)
 
     def save(self, path: Path) -> None:
         Path(path).write_bytes(self.to_bytes())
@@ -260,33 +341,27 @@ class DataPosition:
         return cls.from_bytes(Path(path).read_bytes())
 
 
+FORMAT = 2  # 1: the bit maps of consumed and split-base units (read and converted by _from_bitmaps)
+
+
+def _from_bitmaps(z) -> DataPosition:
+    """An old (format 1) position: bit maps of the consumed units and of those consumed when its
+    split was made. Without an earlier re-split (empty base) the consumed units are marks under
+    that split, turned into cursors when the loader is built; after a re-split the old split is
+    not one this version can rebuild."""
+    n = int(z["num_units"])
+    if np.unpackbits(z["base"])[:n].any():
+        raise LegacyPositionError(
+            "the data position is in the old bit-map format and was written after an elastic re-split, "
+            "which this version cannot rebuild")
+    pos = DataPosition(int(z["epoch"]), n, batches_since_split=int(z["batches_since_split"]))
+    if int(z["slots"]):
+        pos.levels.append(Level(int(z["slots"]), _cursor_rows(int(z["slots"]), 1)))
+    pos.mark(np.flatnonzero(np.unpackbits(z["consumed"])[:n]))
+    return pos
+
+
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     order = list(range(num_shards))
     random.Random(stable_seed("shards", seed, epoch)).shuffle(order)
     return order
-
-
-def slot_units(table: ShardTable, pos: DataPosition, slot: int, seed: int) -> list[tuple[int, np.ndarray]]:
-    """(shard, in-shard indices) that `slot` of the split (pos.base, pos.slots) reads, in order.
-
-    The units not in `base`, taken in epoch order, are cut into `slots` contiguous stretches
-    whose sizes differ by at most one; consumed units are still listed (callers skip them) so
-    that the block shuffle stays the same however much of the slot was consumed.
-    """
-    slots = pos.slots
-    order = epoch_shard_order(len(table.urls), seed, pos.epoch)
-    avail = np.array([table.sizes[s] - int(pos.base[table.offsets[s]:table.offsets[s + 1]].sum()) for s in order],
-                     dtype=np.int64)
-    total = int(avail.sum())
-    lo, hi = slot * total // slots, (slot + 1) * total // slots
-    ends = np.cumsum(avail)
-    out: list[tuple[int, np.ndarray]] = []
-    for j, s in enumerate(order):
-        start, end = int(ends[j] - avail[j]), int(ends[j])
-        if end <= lo or avail[j] == 0:
-            continue
-        if start >= hi:
-            break
-        free = np.flatnonzero(~pos.base[table.offsets[s]:table.offsets[s + 1]])
-        out.append((s, free[max(lo - start, 0):min(hi, end) - start]))
-    return out

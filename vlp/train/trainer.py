@@ -23,6 +23,7 @@ from vlp.config import to_container, to_yaml
 from vlp.data.mixture import source_specs
 from vlp.data.pipeline import (
     DataPosition,
+    LegacyPositionError,
     build_train_loader,
     expand_shards,
     is_report_only,
@@ -188,10 +189,14 @@ class Trainer:
             note = "checkpoint holds no EMA: the EMA starts from the resumed weights"
         meta = ckpt.read_meta(self.resume_dir)
         self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
-        self.data_pos = ckpt.load_data_position(self.resume_dir, self.epoch)
+        why = "checkpoint has no data position"
+        try:
+            self.data_pos = ckpt.load_data_position(self.resume_dir, self.epoch)
+        except LegacyPositionError as e:
+            self.data_pos, why = None, f"checkpoint '{self.resume_dir}': {e}"
         if self.data_pos is None and self.in_epoch:
             self.in_epoch = 0  # a checkpoint without a data position: the epoch restarts
-            note = f"checkpoint has no data position: epoch {self.epoch} restarts from its beginning"
+            note = f"{why}: epoch {self.epoch} restarts from its beginning"
         elif meta["world_size"] != self.dist.world_size:
             note = (f"checkpoint was written by {meta['world_size']} ranks, resuming on {self.dist.world_size}: "
                     f"the {self._remaining()} samples left in epoch {self.epoch} are divided among the new ranks")
@@ -361,13 +366,11 @@ class Trainer:
         self._pending.append(batch)
 
     def _commit_consumed(self) -> None:
-        """The micro-batches of the optimizer step just taken are consumed: mark their samples
-        (and the samples their workers dropped on the way) in the data position."""
+        """The micro-batches of the optimizer step just taken are consumed: move their slots'
+        cursors past them (and past the samples their workers dropped on the way)."""
         keys: list[str] = []
-        for batch in self._pending:
-            uids = torch.cat([batch["uid"], batch["dropped_uid"]]).numpy()
-            self.data_pos.mark(uids)
-            self._unsaved.append(uids)
+        for batch in self._pending:  # a slot's batches come in its read order: its cursor moves on
+            self.data_pos.advance(int(batch["slot"]), batch["cursor"].numpy())
             keys.extend(batch["key"])
         self.data_pos.batches_since_split += sum(not is_report_only(b) for b in self._pending)
         self._pending = []
@@ -378,14 +381,12 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, "epoch": self.epoch, "pid": os.getpid(), "keys": keys}) + "\n")
 
     def _gather_position(self) -> bytes | None:
-        """Merge every rank's consumed samples since the last save; the bytes to save (rank 0)."""
-        mine = np.concatenate(self._unsaved) if self._unsaved else np.zeros(0, dtype=np.int64)
-        self._unsaved = []
+        """Every rank's slot cursors (an int64 tensor of slots x streams, cursors only grow: a max
+        all-reduce); the bytes to save (rank 0)."""
         if dist.is_initialized() and self.dist.world_size > 1:
-            parts: list[Any] = [None] * self.dist.world_size
-            dist.all_gather_object(parts, mine)
-            for p in parts:
-                self.data_pos.mark(p)
+            cursors = torch.from_numpy(self.data_pos.cursors.copy()).to(self.dist.device)
+            dist.all_reduce(cursors, op=dist.ReduceOp.MAX)
+            self.data_pos.merge(cursors.cpu().numpy())
         return self.data_pos.to_bytes() if self.dist.is_main else None
 
     def _end_epoch(self, skipped_here: int) -> None:
