@@ -7,17 +7,18 @@ shards shuffled by (seed, epoch), samples in tar order inside each shard.
 
 A *split* divides the units still available when it was made (all of them at the start of an
 epoch) into `slots = world_size * max(workers, 1)` contiguous, near-equal stretches of that
-order; slot `rank * workers + worker` reads its stretch with one pass over each of its shards.
-Inside a slot the samples are shuffled in consecutive blocks of `shuffle_buffer` units, with a
-permutation that depends only on (seed, epoch, split, slot, block), never on which units were
-already consumed.
+order; slot `rank * workers + worker` reads its stretch with one pass over each of its shards,
+shuffled in consecutive blocks of `shuffle_buffer` units by a permutation that depends only on
+(seed, epoch, split, slot, block) — a read order fixed before anything is read
+(vlp.data.split).
 
-`DataPosition` records the units that went into optimizer steps (the trainer marks the uids a
-batch carries once the step is taken, plus the samples a worker dropped as undecodable). On
-resume with the same world size and worker count the same split is kept and each slot simply
-leaves out its consumed units, which reproduces the uninterrupted batch sequence. With another
-layout the units not yet consumed are split anew. Either way nothing is read twice or lost, and
-consumed units are skipped at the tar level (their bytes are seeked past, never decoded).
+`DataPosition` holds, for each split of the epoch, how far every slot got through its read
+order: what a slot consumed is always a prefix of it, so a cursor per slot is the whole state
+(kilobytes, whatever the dataset size). On resume with the same world size and worker count the
+same split is kept and each slot continues at its cursor, which reproduces the uninterrupted
+batch sequence. With another layout the units not consumed are split anew (a new level of the
+position). Either way nothing is read twice or lost, and consumed units are skipped at the tar
+level (their bytes are seeked past, never decoded).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ function of (seed, epoch, g):
   while a reader still goes through whole shards (a webdataset-style resampling of shards).
 
 The positions play the part of the units of vlp.data.position: the uid a batch carries is the
-position g, the data position is a bit map over the virtual epoch, and a split divides the
-positions not consumed yet among the rank x worker slots. Since a position's sample does not
+position g, the data position holds a cursor per slot into them (one stream, vlp.data.split), and
+a split divides the positions not consumed yet among the rank x worker slots. Since a position's sample does not
 depend on who reads it, a resume on another world size or worker count just re-divides the
 positions that are left; with the same layout the batch sequence continues unchanged.
 """
