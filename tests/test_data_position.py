@@ -205,16 +205,23 @@ def test_marks_resolve_to_the_cursors_batches_carry(digits_shards_dir: Path) -> 
 
     ls, pos = loaders(str(digits_shards_dir), 1, 2, None)
     by_cursor = pos.copy()
-    for b in [b for b in ls[0] if b["key"]][:9]:
+    batches = [b for b in ls[0] if b["key"]]
+    for b in batches[:9]:
         pos.mark(b["uid"])
         by_cursor.advance(b["slot"], b["cursor"])
     layout = Layout([Stream(ls[0].tables[0], 7, 0, 1.0)], 7, 0, 60)
     resolved = resolve_marks(pos, layout, 2)
     assert np.array_equal(resolved.cursors, by_cursor.cursors) and resolved.num_consumed == 9 * 25
-    with pytest.raises(ValueError, match="not read by the current split"):
+    with pytest.raises(ValueError, match="marked twice"):
         bad = by_cursor.copy()
-        bad.mark([int(next(iter(b for b in ls[0] if b["key"]))["uid"][0])])  # already consumed
+        bad.mark([int(batches[0]["uid"][0])])  # already consumed: behind slot's cursor
         resolve_marks(bad, layout, 2)
+    # an old bit-map position whose consumed samples skip one (not a prefix): refused as legacy
+    gap = pos.copy()
+    gap.marks = []
+    gap.mark(np.concatenate([b["uid"] for b in batches[:9]])[1:])
+    with pytest.raises(LegacyPositionError, match="not a prefix of its read order"):
+        resolve_marks(gap, layout, 2)
 
 
 def test_serialized_size_does_not_grow_with_the_epoch() -> None:

@@ -106,3 +106,15 @@ def test_torchrun_restarts_after_kill9_and_resumes_exactly(tmp_path, digits_shar
     assert all(first_try[s] == second_try[s] for s in first_try if s > resumed_at)
     assert all_keys(run_dir) == all_keys(ref) == tar_keys(digits_shards_dir)
     assert_same_weights(weights(ref), weights(run_dir))
+
+
+def test_a_changed_read_order_is_refused_mid_epoch(tmp_path, digits_shards_dir):
+    """The data position is a cursor into the epoch's read order: changing what fixes that order
+    (here data.shuffle_buffer) inside an epoch would re-read consumed samples and skip others."""
+    run_dir = tmp_path / "run"
+    train(1, run_dir, digits_shards_dir, **{"train.stop_after_steps": 2})
+    proc = run([sys.executable, "train.py", *args(run_dir, digits_shards_dir, **{"data.shuffle_buffer": 40}),
+                "--resume", "latest"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "read with data.shuffle_buffer=100; this run has data.shuffle_buffer=40" in proc.stderr
+    train(1, run_dir, digits_shards_dir, resume=True, **{"train.stop_after_steps": 1})  # unchanged: resumes

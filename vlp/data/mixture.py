@@ -177,6 +177,23 @@ class _Single:
         return getattr(self.data, name)
 
 
+def read_order_settings(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings (dotted key -> value) that fix an epoch's read order, from a plain run config.
+
+    A data position is a cursor per slot into that order (vlp.data.split), so it holds only while
+    these stay the same; shard sizes and the layout are checked against the position itself."""
+    d = run_config["data"]
+    out = {"train.seed": run_config["train"]["seed"], "data.shuffle_buffer": d.get("shuffle_buffer"),
+           "data.mixture": d.get("mixture", "epochs")}
+    if out["data.mixture"] == "resample":
+        out["data.train_num_samples"] = d.get("train_num_samples", 0)
+    if not d.get("sources"):
+        out["data.train_shards"] = d.get("train_shards")
+    for i, src in enumerate(d.get("sources") or []):
+        out.update({f"data.sources[{i}].{k}": src.get(k) for k in ("name", "shards", "weight")})
+    return out
+
+
 def build_sources(data: Any, tables: list[ShardTable], seed: int, epoch: int) -> list[Source]:
     out, offset = [], 0
     specs = source_specs(data)

@@ -27,7 +27,7 @@ import numpy as np
 
 from vlp.data.manifest import DataError, stable_seed
 from vlp.data.mixture import merge_order
-from vlp.data.position import DataPosition, Level, ShardTable, epoch_shard_order
+from vlp.data.position import DataPosition, LegacyPositionError, Level, ShardTable, epoch_shard_order
 
 
 @dataclass(frozen=True)
@@ -211,11 +211,19 @@ def resolve_marks(pos: DataPosition, layout: Layout, slots: int) -> DataPosition
         for i, f in enumerate(flat):
             sel = order.which == i
             uid[sel] = f[order.local[sel]]
+        start = int(out.cursors[slot].sum())  # what the slot's cursor already passed
         hit = np.isin(uid[read], marked)
-        found += int(hit.sum())
-        if hit.any():
-            cursor = max(int(np.flatnonzero(hit)[-1]) + 1, int(out.cursors[slot].sum()))
-            out.cursors[slot] = order.counts(_mask(len(order), read[:cursor]))
+        if hit[:start].any():
+            raise DataError(f"{int(hit[:start].sum())} marked sample id(s) of slot {slot} are inside the part of "
+                            "its read order the cursor already passed (marked twice)")
+        after = np.flatnonzero(hit[start:])
+        if len(after) and after[-1] != len(after) - 1:
+            raise LegacyPositionError(
+                f"the consumed samples of slot {slot} are not a prefix of its read order (an old bit-map "
+                f"position: {len(after)} consumed, the last at place {start + int(after[-1])})")
+        found += len(after)
+        if len(after):
+            out.cursors[slot] = order.counts(_mask(len(order), read[:start + len(after)]))
     if found != len(marked):
         raise DataError(f"{len(marked) - found} of the {len(marked)} marked sample ids are not read by the "
                         f"current split of {out.slots} slots (consumed earlier, or beyond a slot's mixture)")

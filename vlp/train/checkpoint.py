@@ -173,6 +173,18 @@ def check_resume(ckpt_dir: Path, cfg: Any, model_cfg: CLIPConfig, world_size: in
     if saved_lock != to_container(cfg)["lock"]:
         raise CheckpointError(f"checkpoint '{ckpt_dir}' was written with lock={saved_lock}; the optimizer state "
                               "holds exactly the parameters that were trainable: resume with the same lock")
+    if meta.get("batches_in_epoch"):  # mid-epoch: the data position is a cursor into the epoch's read order
+        from vlp.data.mixture import read_order_settings
+
+        saved, now = read_order_settings(meta["run_config"]), read_order_settings(to_container(cfg))
+        changed = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+        if changed:
+            k = changed[0]
+            raise CheckpointError(
+                f"checkpoint '{ckpt_dir}' stopped inside epoch {meta['epoch']}, read with {k}={saved.get(k)!r}; "
+                f"this run has {k}={now.get(k)!r}. The data position is a cursor into that epoch's read order, "
+                f"which {', '.join(changed)} determine: resume with the checkpoint's values (they may change at "
+                "an epoch boundary)")
     offload = [_offload_device(c) for c in (meta["run_config"], to_container(cfg))]
     if offload[0] != offload[1]:
         raise CheckpointError(f"checkpoint '{ckpt_dir}' was written with optimizer offload {offload[0]!r}, this run "

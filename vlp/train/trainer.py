@@ -127,7 +127,6 @@ class Trainer:
         self.step, self.epoch, self.in_epoch = 0, 0, 0
         self.data_pos: DataPosition | None = None  # consumed samples of the current epoch
         self._pending: list[dict] = []  # micro-batches of the optimizer step in progress
-        self._unsaved: list[np.ndarray] = []  # uids consumed on this rank since the last save
         self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
         self.skipped_before = 0  # skipped samples of finished epochs, this rank
         note = self._restore() if self.resume_dir is not None else ""
@@ -250,11 +249,7 @@ class Trainer:
         loader = None  # built once; each pass is the next epoch, on the same (persistent) loader workers
         while self.step < stop_at:
             if loader is None:
-                loader = build_train_loader(
-                    cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess,
-                    rank=self.dist.rank, world_size=self.dist.world_size, epoch=self.epoch, seed=cfg.train.seed,
-                    position=self.data_pos,
-                )
+                loader = self._loader()
             if not self._train_epoch(loader, state, stop_at):
                 break  # the step budget ended inside the epoch
             self._end_epoch(self._skipped_now())
@@ -263,13 +258,25 @@ class Trainer:
         del loader  # its workers end with it
         return self._finish(state.results)
 
+    def _loader(self) -> Any:
+        cfg = self.cfg
+        build = lambda: build_train_loader(  # noqa: E731
+            cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess, rank=self.dist.rank,
+            world_size=self.dist.world_size, epoch=self.epoch, seed=cfg.train.seed, position=self.data_pos)
+        try:
+            return build()
+        except LegacyPositionError as e:  # an old bit-map position whose consumed samples are no prefix
+            self.log.write(f"warning: checkpoint '{self.resume_dir}': {e}: epoch {self.epoch} restarts from its beginning")
+            self.data_pos, self.in_epoch = None, 0
+            return build()
+
     def _train_epoch(self, loader: Any, state: _StepState, stop_at: int) -> bool:
         """Train on the loader's next pass until the step budget or the epoch ends; True if the epoch did."""
         it = iter(loader)
         if loader.epoch != self.epoch:
             raise TrainError(f"data loader is at epoch {loader.epoch}, the trainer at {self.epoch}")
         self.data_pos = loader.position
-        self._pending, self._unsaved = [], []
+        self._pending = []
         fresh_epoch, got_any = self.in_epoch == 0, False
         while self.step < stop_at:
             t_wait = time.perf_counter()
