@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.fit()
+    try:
+        trainer.fit()
+    except CheckpointError as e:  # a save that failed (full disk, file size limit): nothing was published
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

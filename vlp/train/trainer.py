@@ -107,7 +107,8 @@ class Trainer:
         self.dist: DistInfo = init_distributed()
         self.total_steps = resolve_total_steps(cfg, self.dist.world_size,
                                                "::".join(src.shards for src in source_specs(cfg.data)))
-        self.resume_dir = ckpt.resolve_resume(resume, self.run_dir, self.ckpt_root)
+        self.resume_notes: list[str] = []  # corrupt checkpoints passed over
+        self.resume_dir = ckpt.resolve_resume(resume, self.run_dir, self.ckpt_root, self.resume_notes)
         if self.resume_dir is not None:
             ckpt.check_resume(self.resume_dir, cfg, self.model_cfg, self.dist.world_size)
         # -- build
@@ -138,6 +139,8 @@ class Trainer:
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step, self.dist.is_main)
         self.evals = EvalScheduler(cfg.evals, self.tokenizer, self.model_cfg.preprocess, self.dist.device,
                                    cfg.train.seed, self.log)
+        for line in self.resume_notes:
+            self.log.write(f"warning: {line}")
         if self.resume_dir is not None:
             self.log.write(f"resumed from {self.resume_dir} at step {self.step}")
             if cfg.model.init_from.path:
