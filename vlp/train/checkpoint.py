@@ -184,22 +184,26 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_la
                 writes.run(root / LATEST, lambda: atomic_write_bytes(root / LATEST, tag.encode()))
         failures = [f for f in _gather(writes.failure) if f is not None]
     if failures:
-        path, why = failures[0]
-        need = _bytes_needed(root, tmp_dir)
-        barrier()
-        if _rank() == 0:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        free = shutil.disk_usage(root).free if root.exists() else 0
-        prev = find_latest(root)
-        raise CheckpointWriteError(
-            f"checkpoint {tag} could not be written: {path}: {why}. The file system of '{root}' has {free:,} "
-            f"bytes free; a checkpoint of this run needs {need}. Nothing was published: "
-            + (f"'{prev}' and '{root / LATEST}' are unchanged" if prev is not None else "no earlier checkpoint exists")
-            + "; free space (or raise the file size limit) and resume with --resume latest")
+        _fail(root, tmp_dir, tag, *failures[0])
     if _rank() == 0:
         _prune(root, keep_last)
     barrier()
     return final_dir
+
+
+def _fail(root: Path, tmp_dir: Path, tag: str, path, why) -> None:
+    """Collective: removes the partial tmp dir and raises CheckpointWriteError on every rank."""
+    need = _bytes_needed(root, tmp_dir)
+    barrier()
+    if _rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    prev = find_latest(root)
+    raise CheckpointWriteError(
+        f"checkpoint {tag} could not be written: {path}: {why}. The file system of '{root}' has {free:,} "
+        f"bytes free; a checkpoint of this run needs {need}. Nothing was published: "
+        + (f"'{prev}' and '{root / LATEST}' are unchanged" if prev is not None else "no earlier checkpoint exists")
+        + "; free space (or raise the file size limit) and resume with --resume latest")
 
 
 def _prune(root: Path, keep_last: int) -> None:
