@@ -151,6 +151,12 @@ class TrainSection:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 0  # 0: only at the end
     keep_last_n_checkpoints: int = 2
+    # also checkpoint when this many minutes passed since the last save (any rank's clock; 0: off)
+    checkpoint_every_n_minutes: float = 0.0
+    # on these signals every rank finishes its optimizer step, a checkpoint is written and the
+    # process exits with preempt_exit_code (torchrun --max-restarts / a requeue resumes it)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preempt_exit_code: int = 75
     # end this invocation after this many optimizer steps (with a checkpoint), e.g. for
     # time-sliced jobs; resume with --resume latest. 0: run to train.steps
     stop_after_steps: int = 0

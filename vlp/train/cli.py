@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlp.config import ConfigError, load_config
     from vlp.data.pipeline import DataError
     from vlp.train.checkpoint import CheckpointError
+    from vlp.train.guard import Preempted
     from vlp.train.trainer import TrainError
 
     try:
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # a save that failed (full disk, file size limit): nothing was published
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # checkpointed on SIGTERM/SIGUSR1: a restart resumes it
+        print(str(e), file=sys.stderr)
+        return e.code
     return 0
 
 

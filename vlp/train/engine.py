@@ -81,15 +81,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` holds on every rank (keeps ranks in lockstep at epoch ends)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     t, o = cfg.train, cfg.optim
     ds: dict[str, Any] = {

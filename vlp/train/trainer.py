@@ -40,7 +40,6 @@ from .accumulate import exact_accumulation_step
 from .ema import WeightEMA
 from .engine import (
     DistInfo,
-    all_ranks_true,
     barrier,
     build_engine,
     check_deepspeed_overrides,
@@ -48,6 +47,7 @@ from .engine import (
     init_distributed,
 )
 from .evals import EvalScheduler
+from .guard import Preempted, StepSignals, signal_numbers
 from .locking import LockError, apply_locks
 from .logger import MetricsLogger
 
@@ -91,6 +91,8 @@ class _StepState:
         self.micro = 0
         self.pending: list[tuple[torch.Tensor, ...]] = []
         self.results: dict[str, Any] = {}
+        self.preempt = False  # some rank was signalled: checkpoint and stop at the step's end
+        self.save_due = False  # train.checkpoint_every_n_minutes elapsed on some rank
         self.window: dict[str, Any] = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0,
                                        "terms": {}}
 
@@ -130,6 +132,8 @@ class Trainer:
         self._unsaved: list[np.ndarray] = []  # uids consumed on this rank since the last save
         self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
         self.skipped_before = 0  # skipped samples of finished epochs, this rank
+        self._saved_step = -1  # the step of the last checkpoint this process wrote
+        self.signals: StepSignals | None = None  # preemption and save-due flags, while fit() runs
         note = self._restore() if self.resume_dir is not None else ""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +174,10 @@ class Trainer:
             expand_shards(src.shards)  # raises DataError naming a missing path
         if cfg.train.deepspeed and (why := check_deepspeed_overrides(cfg)):
             raise TrainError(why)
+        try:
+            signal_numbers(list(cfg.train.preempt_signals))
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         return model_cfg
 
     def _init_from(self) -> InitReport | None:
@@ -245,6 +253,15 @@ class Trainer:
         stop_at = self.total_steps
         if cfg.train.stop_after_steps > 0:
             stop_at = min(self.total_steps, self.step + cfg.train.stop_after_steps)
+        self.signals = StepSignals(list(cfg.train.preempt_signals), cfg.train.checkpoint_every_n_minutes,
+                                   self.dist.device)
+        try:
+            return self._fit_epochs(state, stop_at)
+        finally:
+            self.signals.close()
+
+    def _fit_epochs(self, state: _StepState, stop_at: int) -> dict[str, Any]:
+        cfg = self.cfg
         loader = None  # built once; each pass is the next epoch, on the same (persistent) loader workers
         while self.step < stop_at:
             if loader is None:
@@ -275,7 +292,10 @@ class Trainer:
             while batch is not None and is_report_only(batch):
                 self._absorb(batch)
                 batch = next(it, None)
-            if not all_ranks_true(batch is not None, self.dist.device):
+            more, preempt, due = self.signals.sync(batch is not None)
+            state.preempt |= preempt
+            state.save_due |= due
+            if not more:
                 break
             got_any = True
             state.window["wait"] += time.perf_counter() - t_wait
@@ -334,7 +354,22 @@ class Trainer:
                              self.skipped_before + self._skipped_now())
         if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
             self.save()
+        if (state.save_due or state.preempt) and self._saved_step != self.step:
+            self.save()
+        state.save_due = False
+        if state.preempt:
+            self._preempted()
         state.results.update(self._scheduled_evals(final=False))
+
+    def _preempted(self) -> None:
+        why = self.signals.requested or "a signal on another rank"
+        msg = (f"preempted ({why}) at step {self.step} of {self.total_steps}: checkpoint "
+               f"{self.ckpt_root / ckpt.tag_for(self.step)} written; exiting with code "
+               f"{self.cfg.train.preempt_exit_code} (continue with --resume latest)")
+        self.log.write(msg)
+        self.log.close()
+        barrier()  # exits together: torchrun restarts the group when the first worker exits
+        raise Preempted(msg, int(self.cfg.train.preempt_exit_code))
 
     def _finish(self, results: dict[str, Any]) -> dict[str, Any]:
         """A last checkpoint if the last step has none; at the end of training the export and final evals."""
@@ -470,6 +505,9 @@ class Trainer:
                                     self.cfg.train.keep_last_n_checkpoints,
                                     extra=self.ema.save if self.ema is not None else None, extra_files=extra)
         self.log.write(f"checkpoint: {path}")
+        self._saved_step = self.step
+        if self.signals is not None:
+            self.signals.saved()
         return path
 
     def export(self) -> None:
