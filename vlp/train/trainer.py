@@ -132,7 +132,6 @@ class Trainer:
         self._unsaved: list[np.ndarray] = []  # uids consumed on this rank since the last save
         self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
         self.skipped_before = 0  # skipped samples of finished epochs, this rank
-        self._saved_step = -1  # the step of the last checkpoint this process wrote
         self.signals: StepSignals | None = None  # preemption and save-due flags, while fit() runs
         note = self._restore() if self.resume_dir is not None else ""
         if self.dist.is_main:
@@ -352,9 +351,8 @@ class Trainer:
         if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
             self._log_window(state.window, state.global_batch, float(out["logit_scale"]),
                              self.skipped_before + self._skipped_now())
-        if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
-            self.save()
-        if (state.save_due or state.preempt) and self._saved_step != self.step:
+        every = cfg.train.checkpoint_every_n_steps
+        if (every and self.step % every == 0) or state.save_due or state.preempt:
             self.save()
         state.save_due = False
         if state.preempt:
@@ -505,7 +503,6 @@ class Trainer:
                                     self.cfg.train.keep_last_n_checkpoints,
                                     extra=self.ema.save if self.ema is not None else None, extra_files=extra)
         self.log.write(f"checkpoint: {path}")
-        self._saved_step = self.step
         if self.signals is not None:
             self.signals.saved()
         return path
