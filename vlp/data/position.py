@@ -97,6 +97,23 @@ def _missing_end_marker(tar: tarfile.TarFile, handle: object) -> bool:
     return size - tar.offset < 2 * tarfile.BLOCKSIZE
 
 
+SHARD_NOTES_ENV = "VLP_SHARD_NOTES"  # a directory: each process notes there the shard it opens (vlp.train.watchdog)
+
+
+def note_shard(url: str) -> None:
+    """Record, for the watchdog's report, that this process opens `url` now (one small file per process)."""
+    where = os.environ.get(SHARD_NOTES_ENV)
+    if not where:
+        return
+    path = os.path.join(where, f"rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.txt")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{time.time()} {url}")
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # a report aid only: never fail reading data for it
+
+
 def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
                events: dict[str, int] | None = None) -> Iterator[tuple[int, dict]]:
     """(index, {"__key__", ext: bytes, ...}) for the samples of one tar, in tar order.
@@ -106,6 +123,7 @@ def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
     last complete sample; both are counted in `events` ("shard_unreadable", "truncated_tar").
     """
     events = events if events is not None else {}
+    note_shard(url)
     try:
         tar, handle = open_shard(url, retries)
     except ShardOpenError:
