@@ -279,7 +279,9 @@ def build_engine(task: nn.Module, cfg: DictConfig, total_steps: int, no_decay: s
         optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                                             adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        # on a GPU torch's fused AdamW: one kernel per step for all parameters (same update)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                      fused=torch.cuda.is_available())
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, o.warmup_steps, total_steps, o.min_lr_ratio)
     )
