@@ -173,20 +173,20 @@ def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
         _close(handle)
 
 
-def count_samples(url: str) -> int:
-    """Samples (key groups) in one tar, from its headers alone (local tars are seeked through)."""
-    n, key = 0, None
-    try:
-        tar, handle = open_shard(url, retries=1)
-    except ShardOpenError:
-        return 0
+def count_tar(url: str, retries: int = 2) -> tuple[int, bool]:
+    """(samples, truncated) of one tar from its headers alone (local tars are seeked through). A
+    truncated tar counts its complete samples: those `iter_shard` yields. Raises ShardOpenError."""
+    n, key, truncated = 0, None, False
+    tar, handle = open_shard(url, retries)
     try:
         while True:
             try:
                 member = tar.next()
             except (tarfile.TarError, OSError, EOFError):
+                truncated = True
                 break
             if member is None:
+                truncated = _missing_end_marker(tar, handle)  # cut at a block boundary
                 break
             parsed = member_key(member.name) if member.isfile() else None
             if parsed is not None and parsed[0] != key:
@@ -194,7 +194,15 @@ def count_samples(url: str) -> int:
     finally:
         tar.close()
         _close(handle)
-    return n
+    return (n - 1 if truncated and n else n), truncated
+
+
+def count_samples(url: str) -> int:
+    """Samples in one tar (see count_tar); 0 for a shard that cannot be opened."""
+    try:
+        return count_tar(url, retries=1)[0]
+    except ShardOpenError:
+        return 0
 
 
 @dataclass

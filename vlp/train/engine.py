@@ -273,7 +273,9 @@ def build_engine(task: nn.Module, cfg: DictConfig, total_steps: int, no_decay: s
         optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                                             adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        # on a GPU torch's fused AdamW: one kernel per step for all parameters (same update)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                      fused=torch.cuda.is_available())
     # DeepSpeed's ZeRO and bf16/fp16 optimizers skip a non-finite step themselves; torch's optimizer,
     # used as it is for fp32 without ZeRO, gets the same test (before the schedule wraps its step)
     plain = optimizer if int(cfg.train.zero_stage) == 0 and cfg.train.precision == "fp32" else None
