@@ -1,14 +1,15 @@
 """Training data pipeline throughput per worker: vlp vs open_clip_train, same shards, 224 px.
 
-    python bench/data_pipeline.py [--samples 800] [--venv /work/venv-oc]
+    python bench/data_pipeline.py [--samples 800] [--venv DIR] [--no-peer]
 
 Shards of web-sized JPEGs (400-1200 px random crops, flips and colour jitter of the photos
 bundled with scikit-image) are written once into --out. Each pipeline then reads one full
 epoch in a single process (workers=0: the figure is samples/s of one loader worker) with the
 same tokenizer (open_clip's ViT-B-32 BPE), the same random-resized-crop scale (0.9-1.0) and
-224 px output. open_clip_train needs webdataset <= 0.2.86, so its side runs in the virtual
-environment given by --venv (created with `python -m venv --system-site-packages DIR` and
-`DIR/bin/pip install webdataset==0.2.86 pandas`). vlp is measured with and without JPEG draft
+224 px output. open_clip_train needs webdataset <= 0.2.86, so its side runs in a virtual
+environment: --venv, by default OUT/venv-oc, which this script creates when missing (system
+site packages + webdataset 0.2.86, as bench/learning_parity.py does). --no-peer measures vlp
+alone (e.g. on a machine without a package index). vlp is measured with and without JPEG draft
 decoding, the lever that makes the difference.
 """
 
@@ -105,7 +106,9 @@ def main() -> int:
     ap.add_argument("--shard-size", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default="/tmp/vlp-bench-data-pipeline")
-    ap.add_argument("--venv", default="/work/venv-oc", help="virtual env with open_clip_train + webdataset 0.2.86")
+    ap.add_argument("--venv", default=None, help="virtual env with open_clip_train + webdataset 0.2.86 "
+                    "(default: OUT/venv-oc, created when missing)")
+    ap.add_argument("--no-peer", action="store_true", help="vlp only: no open_clip side, no venv")
     ap.add_argument("--repeats", type=int, default=2, help="best of N passes per pipeline")
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -115,11 +118,12 @@ def main() -> int:
                                            for _ in range(args.repeats))}))
         return 0
     pattern = build(Path(args.out), args.samples, args.shard_size)
-    py = Path(args.venv) / "bin" / "python"
-    if not py.is_file():
-        print(f"error: no python in --venv '{args.venv}'; create it: python -m venv --system-site-packages "
-              f"{args.venv} && {args.venv}/bin/pip install webdataset==0.2.86 pandas", file=sys.stderr)
-        return 2
+    py = None
+    if not args.no_peer:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from learning_parity import ensure_venv
+
+        py = ensure_venv(Path(args.venv).resolve() if args.venv else Path(args.out).resolve() / "venv-oc")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -128,6 +132,12 @@ def main() -> int:
     res = {}
     for name, draft in (("vlp", True), ("vlp_no_draft", False)):
         res[name] = max(run_vlp(pattern, args.samples, args.batch, draft) for _ in range(args.repeats))
+    head = f"{args.samples} JPEGs (400-1200 px) -> 224 px, one worker, batch {args.batch}, best of {args.repeats}"
+    if py is None:
+        print(head + " (vlp only: --no-peer)")
+        for name, v in res.items():
+            print(f"  {name:14s} {v:8.1f} samples/s per worker")
+        return 0
     proc = subprocess.run([str(py), __file__, "--peer", "--samples", str(args.samples), "--shard-size",
                            str(args.shard_size), "--batch", str(args.batch), "--out", args.out,
                            "--repeats", str(args.repeats)], env=env, capture_output=True, text=True)
@@ -135,7 +145,7 @@ def main() -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         return 1
     res.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{args.samples} JPEGs (400-1200 px) -> 224 px, one worker, batch {args.batch}, best of {args.repeats}")
+    print(head)
     for name, v in res.items():
         print(f"  {name:14s} {v:8.1f} samples/s")
     print(f"ratio vlp / open_clip:          {res['vlp'] / res['open_clip']:.2f}x")

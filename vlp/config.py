@@ -140,6 +140,17 @@ class EvalEntry:
 
 
 @dataclass
+class NonFiniteSection:
+    """What a step with a non-finite gradient does (its optimizer step is never applied): skip it and
+    go on; rewind to the last checkpoint and train on without the step's samples; or stop. Under
+    fp16 a skipped step with finite losses is DeepSpeed's loss-scale search and does not count."""
+
+    policy: str = "skip"  # skip | rewind | stop
+    # stop after this many non-finite steps in a row (skip), or this many rewinds to one checkpoint
+    max_in_a_row: int = 5
+
+
+@dataclass
 class TrainSection:
     # total optimizer steps; if 0, computed from epochs and data.train_num_samples
     steps: int = 0
@@ -151,6 +162,19 @@ class TrainSection:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 0  # 0: only at the end
     keep_last_n_checkpoints: int = 2
+    # also checkpoint when this many minutes passed since the last save (any rank's clock; 0: off)
+    checkpoint_every_n_minutes: float = 0.0
+    # on these signals every rank finishes its optimizer step, a checkpoint is written and the
+    # process exits with preempt_exit_code (torchrun --max-restarts / a requeue resumes it)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preempt_exit_code: int = 75
+    nonfinite: NonFiniteSection = field(default_factory=NonFiniteSection)
+    # a rank whose step makes no progress for this long (data wait, forward, a collective) reports
+    # its stage and shards and exits (code 76) so torchrun restarts the group; evals and saves
+    # pause it. 0: off
+    watchdog_minutes: float = 30.0
+    # timeout of the process group's collectives (gloo, NCCL) and of joining it
+    collective_timeout_minutes: float = 30.0
     # end this invocation after this many optimizer steps (with a checkpoint), e.g. for
     # time-sliced jobs; resume with --resume latest. 0: run to train.steps
     stop_after_steps: int = 0
@@ -298,9 +322,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             layers.append((str(path), OmegaConf.load(p)))
         except OmegaConfBaseException as e:
             raise _explain(e, str(path)) from None
+    emptied: dict[str, str] = {}  # source -> key: `key={}` empties the mapping (a merge would keep it)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if value.strip() == "{}":
+            emptied[f"override '{item}'"] = key.lstrip("+")
         try:
             layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as e:
@@ -314,6 +342,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
+            if source in emptied and isinstance(OmegaConf.select(cfg, emptied[source]), DictConfig):
+                OmegaConf.update(cfg, emptied[source], {}, merge=False)
         except OmegaConfBaseException as e:
             raise _explain(e, source) from None
     validate(cfg)

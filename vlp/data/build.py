@@ -9,6 +9,7 @@ re-running with the same arguments finds it and does nothing.
         [--resize-max-side 512] [--workers 8]       (resumable; writes SPLIT_stats.json)
     python -m vlp.data.build img2dataset OUT_DIR --images IMG2DATASET_OUTPUT_DIR
     python -m vlp.data.build clipart OUT_DIR [--split train|test] [--num-scenes N] [--size PX]
+    python -m vlp.data.build manifest SPEC OUT.json [--workers N]   (count shards vlp did not write)
 """
 
 from __future__ import annotations
@@ -254,6 +255,11 @@ def build_clipart_shards(
 
 def main(argv: list[str] | None = None) -> int:
     """Console script `vlp-shards`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["manifest"]:  # count an existing shard set once (vlp.data.inventory)
+        from vlp.data.inventory import main as manifest_main
+
+        return manifest_main(argv[1:])
     ap = argparse.ArgumentParser(prog="vlp-shards", description=__doc__.split("\n\n")[0])
     ap.add_argument("source", choices=["fashion-mnist", "digits", "folder", "img2dataset", "clipart"])
     ap.add_argument("out_dir")

@@ -130,8 +130,9 @@ class _SlotStream(IterableDataset):
 
     def __init__(self, parts: _EpochParts, pos: DataPosition, streams: list[Stream], *, rank: int, workers: int,
                  seed: int, shuffle_buffer: int, batch_size: int, tokenizer, transform: TrainTransform,
-                 shard_retries: int) -> None:
+                 shard_retries: int, exclude: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.parts, self.passes, self.streams = parts, 0, streams
+        self.exclude = exclude  # (source name, key) of samples never to train on (train.nonfinite rewinds)
         self.sources, self.resampler, self.decoders = parts(pos.epoch)
         self.pos, self.rank, self.workers = pos, rank, max(workers, 1)
         self.seed, self.block = seed, max(int(shuffle_buffer), 1)
@@ -266,7 +267,11 @@ class _SlotStream(IterableDataset):
         for i, uid, raw, before in self._raw(slot, events, running):
             if "__draw__" in raw:
                 self.decoders[i].seed_of.draw = raw["__draw__"]
-            out = self.decoders[i](raw, events)
+            if self.exclude and (self.sources[i].name, raw["__key__"]) in self.exclude:
+                events["skipped:nonfinite_step"] = events.get("skipped:nonfinite_step", 0) + 1
+                out = None
+            else:
+                out = self.decoders[i](raw, events)
             if out is None:
                 dropped.append(uid)
                 skipped += 1
@@ -375,6 +380,7 @@ def build_train_loader(
     position: DataPosition | None = None,
     pin_memory: bool = False,
     tables: list[ShardTable] | None = None,
+    exclude: frozenset[tuple[str, str]] = frozenset(),
 ) -> TrainLoader:
     """Batches for (the rest of) epoch `epoch` of `data` (a run config's `data` section);
     each further pass over the returned loader is the next epoch (TrainLoader).
@@ -388,6 +394,8 @@ def build_train_loader(
     incomplete final batch is not yielded (its samples stay unconsumed); a worker whose last
     events or dropped samples came after its last full batch closes with an empty batch
     (B = 0) that carries them, which consumers skip after recording (`is_report_only`).
+    Samples whose (source name, key) is in `exclude` are passed over as dropped
+    (`skipped:nonfinite_step`), in every epoch.
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -415,7 +423,7 @@ def build_train_loader(
                          streams, rank=rank,
                          workers=workers, seed=seed, shuffle_buffer=int(data.shuffle_buffer),
                          batch_size=int(data.batch_size), tokenizer=tokenizer, transform=transform,
-                         shard_retries=int(data.shard_retries))
+                         shard_retries=int(data.shard_retries), exclude=frozenset(exclude))
     # its own generator: the workers' base seed (unused: crops are seeded per sample) is not drawn
     # from the trainer's torch RNG, which patch dropout and resume rely on
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,

@@ -98,6 +98,23 @@ def _missing_end_marker(tar: tarfile.TarFile, handle: object) -> bool:
     return size - tar.offset < 2 * tarfile.BLOCKSIZE
 
 
+SHARD_NOTES_ENV = "VLP_SHARD_NOTES"  # a directory: each process notes there the shard it opens (vlp.train.watchdog)
+
+
+def note_shard(url: str) -> None:
+    """Record, for the watchdog's report, that this process opens `url` now (one small file per process)."""
+    where = os.environ.get(SHARD_NOTES_ENV)
+    if not where:
+        return
+    path = os.path.join(where, f"rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.txt")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{time.time()} {url}")
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # a report aid only: never fail reading data for it
+
+
 def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
                events: dict[str, int] | None = None) -> Iterator[tuple[int, dict]]:
     """(index, {"__key__", ext: bytes, ...}) for the samples of one tar, in tar order.
@@ -107,6 +124,7 @@ def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
     last complete sample; both are counted in `events` ("shard_unreadable", "truncated_tar").
     """
     events = events if events is not None else {}
+    note_shard(url)
     try:
         tar, handle = open_shard(url, retries)
     except ShardOpenError:
@@ -156,20 +174,20 @@ def iter_shard(url: str, wanted: set[int] | None = None, retries: int = 2,
         _close(handle)
 
 
-def count_samples(url: str) -> int:
-    """Samples (key groups) in one tar, from its headers alone (local tars are seeked through)."""
-    n, key = 0, None
-    try:
-        tar, handle = open_shard(url, retries=1)
-    except ShardOpenError:
-        return 0
+def count_tar(url: str, retries: int = 2) -> tuple[int, bool]:
+    """(samples, truncated) of one tar from its headers alone (local tars are seeked through). A
+    truncated tar counts its complete samples: those `iter_shard` yields. Raises ShardOpenError."""
+    n, key, truncated = 0, None, False
+    tar, handle = open_shard(url, retries)
     try:
         while True:
             try:
                 member = tar.next()
             except (tarfile.TarError, OSError, EOFError):
+                truncated = True
                 break
             if member is None:
+                truncated = _missing_end_marker(tar, handle)  # cut at a block boundary
                 break
             parsed = member_key(member.name) if member.isfile() else None
             if parsed is not None and parsed[0] != key:
@@ -177,7 +195,15 @@ def count_samples(url: str) -> int:
     finally:
         tar.close()
         _close(handle)
-    return n
+    return (n - 1 if truncated and n else n), truncated
+
+
+def count_samples(url: str) -> int:
+    """Samples in one tar (see count_tar); 0 for a shard that cannot be opened."""
+    try:
+        return count_tar(url, retries=1)[0]
+    except ShardOpenError:
+        return 0
 
 
 @dataclass

@@ -2,7 +2,11 @@
 
 A checkpoint is written into `checkpoints/.tmp-<tag>/` and renamed to `checkpoints/<tag>/`
 only when every rank has finished; `checkpoints/latest` is then replaced atomically. A kill
-at any moment leaves the previous checkpoint and `latest` intact.
+at any moment leaves the previous checkpoint and `latest` intact. meta.json, written last,
+records the size and SHA-256 of every file (vlp/checkpoint.py); a resume verifies them and
+`--resume latest` falls back to the newest checkpoint that verifies. A write that fails (full
+disk, file size limit) on any rank is seen by every rank: the partial checkpoint is removed,
+the previous one and `latest` stay as they were, and the save raises CheckpointWriteError.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from vlp import checkpoint as integrity
 from vlp.loading import LATEST, META, find_latest  # reading a run lives in vlp.loading
 from vlp.models.config import CLIPConfig
 from vlp.models.families import FamilyError, config_from_dict, config_to_dict
@@ -33,8 +38,67 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message names it and why."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (no space, a file size limit, an I/O error)."""
+
+
+# what a failed write raises: OSError from Python's own writes, RuntimeError from torch.save's writer
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (a small picklable value), in rank order, on every rank."""
+    if _world() == 1:
+        return [obj]
+    parts: list[Any] = [None] * _world()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+class _Writes:
+    """The first failed write of this rank; later writes of the same save are not attempted."""
+
+    def __init__(self) -> None:
+        self.failure: tuple[str, str] | None = None
+
+    def run(self, path: Path | str, fn: Callable[[], Any], always: bool = False) -> None:
+        """`fn()`, unless an earlier write failed (`always`: a collective every rank must enter)."""
+        if self.failure is not None and not always:
+            return
+        try:
+            fn()
+        except WRITE_ERRORS as e:
+            if self.failure is None:
+                self.failure = (str(path), f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}")
+            if Path(path).is_file():
+                Path(path).unlink(missing_ok=True)
+
+    def around(self, engine) -> Callable[[], None]:
+        """Route DeepSpeed's file writes through `run`, so a rank whose write fails still reaches
+        DeepSpeed's own barriers (no rank is left waiting); returns the undo."""
+        ce = engine.checkpoint_engine
+        original = ce.save
+        ce.save = lambda state_dict, path: self.run(path, lambda: original(state_dict, path))
+        return lambda: setattr(ce, "save", original)
+
+
+def _bytes_needed(root: Path, tmp_dir: Path) -> str:
+    """How much a checkpoint of this run takes: the newest complete one's recorded size, else what the
+    failed save had written (a lower bound)."""
+    for cand in integrity.candidates(root):
+        meta, _ = integrity.read_meta_checked(cand)
+        if meta and meta.get("files"):
+            return f"about {sum(int(r['bytes']) for r in meta['files'].values()):,} bytes (the size of {cand.name})"
+    written = sum(p.stat().st_size for p in tmp_dir.rglob("*") if p.is_file()) if tmp_dir.is_dir() else 0
+    return f"more than the {written:,} bytes written before the failure"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -79,7 +143,8 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_la
                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Collective: every rank calls; `extra(dir)` (every rank) adds files before publication
     (the EMA); `extra_files` (name -> bytes, given on rank 0) are written too (the data
-    position). Returns the published checkpoint directory."""
+    position). Returns the published checkpoint directory; raises CheckpointWriteError on every
+    rank if any rank's write failed (nothing is published then)."""
     root = Path(root)
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
@@ -88,24 +153,57 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], keep_la
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # debris of an earlier killed save
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"vlp_step": step}, save_latest=False)
+    writes = _Writes()
+    undo = writes.around(engine)
+    try:
+        writes.run(tmp_dir, lambda: engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"vlp_step": step},
+                                                           save_latest=False))
+    finally:
+        undo()
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp_dir / f"rng_rank{_rank():05d}.pt")
+    rng_file = tmp_dir / f"rng_rank{_rank():05d}.pt"
+    writes.run(rng_file, lambda: torch.save(rng_state(), rng_file))
     if extra is not None:
-        extra(tmp_dir)
+        writes.run(tmp_dir, lambda: extra(tmp_dir), always=True)  # collective under ZeRO-3
     if _rank() == 0:
         for name, data in (extra_files or {}).items():
-            atomic_write_bytes(tmp_dir / name, data)
-        atomic_write_bytes(tmp_dir / META, json.dumps({**meta, "step": step}, indent=1).encode())
-    barrier()
+            writes.run(tmp_dir / name, lambda name=name, data=data: atomic_write_bytes(tmp_dir / name, data))
+    failures = [f for f in _gather(writes.failure) if f is not None]  # also: every rank's files are written
+    if not failures:  # sizes and SHA-256 of every file, each rank hashing its share
+        names = integrity.checkpoint_files(tmp_dir)
+        files: dict[str, dict] = {}
+        for part in _gather(integrity.records(tmp_dir, names, _rank(), _world())):
+            files.update(part)
+        if _rank() == 0:
+            doc = json.dumps({**meta, "step": step, "files": files}, indent=1).encode()
+            writes.run(tmp_dir / META, lambda: atomic_write_bytes(tmp_dir / META, doc))
+            if writes.failure is None:
+                if final_dir.exists():
+                    shutil.rmtree(final_dir)
+                os.replace(tmp_dir, final_dir)
+                writes.run(root / LATEST, lambda: atomic_write_bytes(root / LATEST, tag.encode()))
+        failures = [f for f in _gather(writes.failure) if f is not None]
+    if failures:
+        _fail(root, tmp_dir, tag, *failures[0])
     if _rank() == 0:
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
-        atomic_write_bytes(root / LATEST, tag.encode())
         _prune(root, keep_last)
     barrier()
     return final_dir
+
+
+def _fail(root: Path, tmp_dir: Path, tag: str, path, why) -> None:
+    """Collective: removes the partial tmp dir and raises CheckpointWriteError on every rank."""
+    need = _bytes_needed(root, tmp_dir)
+    barrier()
+    if _rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    prev = find_latest(root)
+    raise CheckpointWriteError(
+        f"checkpoint {tag} could not be written: {path}: {why}. The file system of '{root}' has {free:,} "
+        f"bytes free; a checkpoint of this run needs {need}. Nothing was published: "
+        + (f"'{prev}' and '{root / LATEST}' are unchanged" if prev is not None else "no earlier checkpoint exists")
+        + "; free space (or raise the file size limit) and resume with --resume latest")
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -138,19 +236,42 @@ def check_compatible(ckpt_dir: Path, model_cfg: CLIPConfig, model_name: str) -> 
     return meta
 
 
-def resolve_resume(resume: str | None, run_dir: Path, ckpt_root: Path) -> Path | None:
-    """The checkpoint a run continues from: None for a fresh run (refused if the run dir already holds
-    checkpoints), the newest for 'latest' (None if there is none yet), else the given directory."""
+def verify_distributed(ckpt_dir: Path) -> integrity.Verdict:
+    """Collective: verify a checkpoint's recorded sizes and SHA-256s, each rank hashing its share."""
+    verdict = integrity.verify(ckpt_dir, _rank(), _world())
+    verdict.problems = [p for part in _gather(verdict.problems) for p in part]
+    return verdict
+
+
+def resolve_resume(resume: str | None, run_dir: Path, ckpt_root: Path,
+                   notes: list[str] | None = None) -> Path | None:
+    """Collective: the checkpoint a run continues from. None for a fresh run (refused if the run dir
+    already holds checkpoints); for 'latest' the newest checkpoint that verifies (None if there is
+    none yet; a corrupt one is skipped with a note naming its files); else the given directory,
+    refused if it does not verify."""
+    notes = notes if notes is not None else []
     if resume is None:
         if find_latest(ckpt_root) is not None:
             raise CheckpointError(f"run directory '{run_dir}' already holds checkpoints; pass --resume latest "
                                   "to continue it or choose another run_dir")
         return None
     if resume == "latest":
-        return find_latest(ckpt_root)
+        found = integrity.candidates(ckpt_root)
+        for cand in found:
+            verdict = verify_distributed(cand)
+            if verdict.ok:
+                return cand
+            notes.append(f"checkpoint '{cand}' is corrupt, skipped: " + "; ".join(verdict.problems))
+        if found:
+            raise CheckpointError(f"no checkpoint under '{ckpt_root}' verifies: " + " | ".join(notes))
+        return None
     path = Path(resume)
     if not (path / META).is_file():
         raise CheckpointError(f"--resume '{resume}' is not a vlp checkpoint directory (no {META})")
+    verdict = verify_distributed(path)
+    if not verdict.ok:
+        raise CheckpointError(f"--resume '{resume}' is corrupt: " + "; ".join(verdict.problems)
+                              + " (python -m vlp.checkpoint verify lists every checkpoint of the run)")
     return path
 
 

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlp.config import ConfigError, load_config
     from vlp.data.pipeline import DataError
     from vlp.train.checkpoint import CheckpointError
+    from vlp.train.guard import Preempted
+    from vlp.train.nonfinite import NonFiniteStop
     from vlp.train.trainer import TrainError
 
     try:
@@ -42,7 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.fit()
+    try:
+        trainer.fit()
+    except CheckpointError as e:  # a save that failed (full disk, file size limit): nothing was published
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteStop as e:  # train.nonfinite: nothing non-finite reached the weights or a checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except Preempted as e:  # checkpointed on SIGTERM/SIGUSR1: a restart resumes it
+        print(str(e), file=sys.stderr)
+        return e.code
     return 0
 
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from vlp.models.clip import EMBEDDING_TABLE_FRAGMENTS
 
+from .nonfinite import guard_fp32_step
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -38,25 +40,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_elastic_group(backend: str) -> None:
+def _init_elastic_group(backend: str, timeout) -> None:
     """Under torchrun, join the group through a store namespaced by the restart attempt.
 
     After `--max-restarts` restarts a group, the agent's store still holds the previous
     attempt's peer addresses under the same keys, and gloo then connects to a dead rank
     ("Connection refused"). A prefix per attempt keeps each attempt's keys apart.
     """
-    from datetime import timedelta
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_store and rank == 0, timeout=timedelta(minutes=30))
+                          is_master=not agent_store and rank == 0, timeout=timeout)
     prefixed = dist.PrefixStore(f"vlp/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
-    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
 
 
-def init_distributed() -> DistInfo:
-    """Join (or create) the process group; safe to call twice."""
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    """Join (or create) the process group, whose collectives time out after `timeout_minutes`; safe to call twice."""
+    from datetime import timedelta
+
+    timeout = timedelta(minutes=float(timeout_minutes))
     if "RANK" not in os.environ:  # plain `python train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -71,23 +74,14 @@ def init_distributed() -> DistInfo:
         import deepspeed
 
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:
-            _init_elastic_group(backend)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            _init_elastic_group(backend, timeout)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` holds on every rank (keeps ranks in lockstep at epoch ends)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
@@ -279,13 +273,23 @@ def build_engine(task: nn.Module, cfg: DictConfig, total_steps: int, no_decay: s
         optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                                             adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        # on a GPU torch's fused AdamW: one kernel per step for all parameters (same update)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                      fused=torch.cuda.is_available())
+    # DeepSpeed's ZeRO and bf16/fp16 optimizers skip a non-finite step themselves; torch's optimizer,
+    # used as it is for fp32 without ZeRO, gets the same test (before the schedule wraps its step)
+    plain = optimizer if int(cfg.train.zero_stage) == 0 and cfg.train.precision == "fp32" else None
+    if plain is not None:
+        guard_fp32_step(plain)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, o.warmup_steps, total_steps, o.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(
         model=task, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
+    if plain is not None and engine.optimizer is not plain:
+        raise RuntimeError("DeepSpeed wrapped the optimizer of an fp32 run without ZeRO: the non-finite "
+                           "step guard would not see its steps")
     return engine
 
 

@@ -41,6 +41,12 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(n)
 
+    def rewound(self, step: int) -> None:
+        """The run went back to `step` (train.nonfinite.policy=rewind)."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
     def log(self, step: int, metrics: dict[str, Any], show: dict[str, str] | None = None) -> None:
         if not self.enabled:
             return

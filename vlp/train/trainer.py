@@ -6,6 +6,7 @@ checkpoint's model) is checked in `Trainer.__init__` before DeepSpeed starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,11 +38,11 @@ from vlp.models.families import config_to_dict
 from vlp.objectives import ObjectiveError, get_objective
 
 from . import checkpoint as ckpt
+from . import faults
 from .accumulate import exact_accumulation_step
 from .ema import WeightEMA
 from .engine import (
     DistInfo,
-    all_ranks_true,
     barrier,
     build_engine,
     check_deepspeed_overrides,
@@ -49,8 +50,11 @@ from .engine import (
     init_distributed,
 )
 from .evals import EvalScheduler
+from .guard import Preempted, StepSignals, signal_numbers
 from .locking import LockError, apply_locks
 from .logger import MetricsLogger
+from .nonfinite import NonFiniteGuard, Rewind, batch_keys
+from .watchdog import Watchdog
 
 
 class TrainError(ValueError):
@@ -92,8 +96,15 @@ class _StepState:
         self.micro = 0
         self.pending: list[tuple[torch.Tensor, ...]] = []
         self.results: dict[str, Any] = {}
-        self.window: dict[str, Any] = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "wait": 0.0, "steps": 0,
-                                       "terms": {}}
+        self.preempt = False  # some rank was signalled: checkpoint and stop at the step's end
+        self.save_due = False  # train.checkpoint_every_n_minutes elapsed on some rank
+        self.loss_bad = False  # a micro-batch of the step in progress had a non-finite loss on this rank
+        self.window: dict[str, Any] = {}
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        # n: micro-batches fetched; n_loss: those whose loss was finite (the logged loss averages these)
+        self.window.update(loss=0.0, n=0, n_loss=0, t0=time.perf_counter(), wait=0.0, steps=0, terms={})
 
 
 class Trainer:
@@ -105,10 +116,11 @@ class Trainer:
         self.model_cfg = self._check_run()
         self.source_prefix = self._source_prefixes()
         # the checks above read only the config: a refused run never joins (or creates) a process group
-        self.dist: DistInfo = init_distributed()
+        self.dist: DistInfo = init_distributed(float(cfg.train.collective_timeout_minutes))
         self.total_steps = resolve_total_steps(cfg, self.dist.world_size,
                                                "::".join(src.shards for src in source_specs(cfg.data)))
-        self.resume_dir = ckpt.resolve_resume(resume, self.run_dir, self.ckpt_root)
+        self.resume_notes: list[str] = []  # corrupt checkpoints passed over
+        self.resume_dir = ckpt.resolve_resume(resume, self.run_dir, self.ckpt_root, self.resume_notes)
         if self.resume_dir is not None:
             ckpt.check_resume(self.resume_dir, cfg, self.model_cfg, self.dist.world_size)
         # -- build
@@ -129,6 +141,8 @@ class Trainer:
         self._pending: list[dict] = []  # micro-batches of the optimizer step in progress
         self.data_events: dict[str, int] = {}  # decode events of this rank in this epoch
         self.skipped_before = 0  # skipped samples of finished epochs, this rank
+        self.signals: StepSignals | None = None  # preemption and save-due flags, while fit() runs
+        self.watchdog: Watchdog | None = None  # while fit() runs
         note = self._restore() if self.resume_dir is not None else ""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +152,8 @@ class Trainer:
         self.log = MetricsLogger(cfg, self.run_dir, self.total_steps, self.step, self.dist.is_main)
         self.evals = EvalScheduler(cfg.evals, self.tokenizer, self.model_cfg.preprocess, self.dist.device,
                                    cfg.train.seed, self.log)
+        for line in self.resume_notes:
+            self.log.write(f"warning: {line}")
         if self.resume_dir is not None:
             self.log.write(f"resumed from {self.resume_dir} at step {self.step}")
             if cfg.model.init_from.path:
@@ -167,6 +183,16 @@ class Trainer:
             expand_shards(src.shards)  # raises DataError naming a missing path
         if cfg.train.deepspeed and (why := check_deepspeed_overrides(cfg)):
             raise TrainError(why)
+        try:
+            signal_numbers(list(cfg.train.preempt_signals))
+            nf = cfg.train.nonfinite
+            self.nonfinite = NonFiniteGuard(str(nf.policy), int(nf.max_in_a_row), cfg.train.precision == "fp16")
+            self.faults = faults.from_env()
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if cfg.train.watchdog_minutes < 0 or cfg.train.collective_timeout_minutes <= 0:
+            raise TrainError(f"train.watchdog_minutes must be >= 0 (0: off) and train.collective_timeout_minutes "
+                             f"> 0, got {cfg.train.watchdog_minutes} and {cfg.train.collective_timeout_minutes}")
         return model_cfg
 
     def _init_from(self) -> InitReport | None:
@@ -188,6 +214,7 @@ class Trainer:
             note = "checkpoint holds no EMA: the EMA starts from the resumed weights"
         meta = ckpt.read_meta(self.resume_dir)
         self.epoch, self.in_epoch = meta["epoch"], meta["batches_in_epoch"]
+        self.nonfinite.load(meta.get("nonfinite"))
         why = "checkpoint has no data position"
         try:
             self.data_pos = ckpt.load_data_position(self.resume_dir, self.epoch)
@@ -246,12 +273,36 @@ class Trainer:
         stop_at = self.total_steps
         if cfg.train.stop_after_steps > 0:
             stop_at = min(self.total_steps, self.step + cfg.train.stop_after_steps)
+        self.signals = StepSignals(list(cfg.train.preempt_signals), cfg.train.checkpoint_every_n_minutes,
+                                   self.dist.device)
+        self.watchdog = Watchdog(cfg.train.watchdog_minutes, self.dist.rank, self.run_dir)
+        try:
+            return self._fit_epochs(state, stop_at)
+        finally:
+            self.signals.close()
+            self.watchdog.close()
+            self.watchdog = None
+
+    def _beat(self, stage: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(stage, self.step + 1)
+
+    def _paused(self):
+        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+
+    def _fit_epochs(self, state: _StepState, stop_at: int) -> dict[str, Any]:
         loader = None  # built once; each pass is the next epoch, on the same (persistent) loader workers
         while self.step < stop_at:
             if loader is None:
                 loader = self._loader()
-            if not self._train_epoch(loader, state, stop_at):
-                break  # the step budget ended inside the epoch
+            try:
+                if not self._train_epoch(loader, state, stop_at):
+                    break  # the step budget ended inside the epoch
+            except Rewind:
+                loader = None  # its workers end; the next one reads from the checkpoint's position
+                with self._paused():
+                    self._rewind(state)
+                continue
             self._end_epoch(self._skipped_now())
             self.data_events.clear()
             self.epoch, self.in_epoch, self.data_pos = self.epoch + 1, 0, None
@@ -262,7 +313,8 @@ class Trainer:
         cfg = self.cfg
         build = lambda: build_train_loader(  # noqa: E731
             cfg.data, tokenizer=self.tokenizer, preprocess=self.model_cfg.preprocess, rank=self.dist.rank,
-            world_size=self.dist.world_size, epoch=self.epoch, seed=cfg.train.seed, position=self.data_pos)
+            world_size=self.dist.world_size, epoch=self.epoch, seed=cfg.train.seed, position=self.data_pos,
+            exclude=frozenset(self.nonfinite.excluded))
         try:
             return build()
         except LegacyPositionError as e:  # an old bit-map position whose consumed samples are no prefix
@@ -280,11 +332,18 @@ class Trainer:
         fresh_epoch, got_any = self.in_epoch == 0, False
         while self.step < stop_at:
             t_wait = time.perf_counter()
+            self._beat("data wait")
             batch = next(it, None)
             while batch is not None and is_report_only(batch):
                 self._absorb(batch)
                 batch = next(it, None)
-            if not all_ranks_true(batch is not None, self.dist.device):
+            self._beat("collective (the step's flags all-reduce)")
+            if self.faults.sleep and state.micro % self.cfg.train.gradient_accumulation_steps == 0:
+                self.faults.maybe_sleep(self.dist.rank, self.step + 1)
+            more, preempt, due = self.signals.sync(batch is not None)
+            state.preempt |= preempt
+            state.save_due |= due
+            if not more:
                 break
             got_any = True
             state.window["wait"] += time.perf_counter() - t_wait
@@ -303,6 +362,9 @@ class Trainer:
         """Forward/backward of one micro-batch; the step's output once its last micro-batch is in."""
         d, gas = self.dist, self.cfg.train.gradient_accumulation_steps
         self._absorb(batch)
+        if self.faults.nan_keys:
+            self.faults.poison(batch)
+        self._beat("forward/backward and optimizer step (with their collectives)")
         inputs = (batch["image"].to(d.device, self.input_dtype, non_blocking=True),
                   batch["text"].to(d.device, non_blocking=True))
         if self.source_prefix is not None:  # each sample's prefix kind, from its source
@@ -321,8 +383,13 @@ class Trainer:
             self.engine.backward(out["loss"])
             self.engine.step()
         w = state.window
-        w["loss"] += float(out["loss"].detach())
         w["n"] += 1
+        loss = float(out["loss"].detach())
+        if not math.isfinite(loss):  # the step will not be applied (see _after_step): kept out of the log
+            state.loss_bad = True
+            return None if state.micro % gas else out
+        w["loss"] += loss
+        w["n_loss"] += 1
         for k, v in out.items():  # the loss's terms (e.g. loss/stream0, loss/ibot), this rank's
             if k.startswith("loss/"):
                 w["terms"][k] = w["terms"].get(k, 0.0) + float(v)
@@ -331,6 +398,11 @@ class Trainer:
     def _after_step(self, out: dict[str, torch.Tensor], state: _StepState) -> None:
         """Bookkeeping after optimizer step: teacher/EMA, consumed samples, logging, checkpoint, evals."""
         cfg = self.cfg
+        if self.engine.was_step_applied():
+            self.nonfinite.applied()
+        else:
+            self._not_applied(state)
+        state.loss_bad = False
         self.step += 1
         self.module.after_step(self.step)
         if self.ema is not None:
@@ -341,9 +413,54 @@ class Trainer:
         if self.step % cfg.train.log_every_n_steps == 0 or self.step == self.total_steps:
             self._log_window(state.window, state.global_batch, float(out["logit_scale"]),
                              self.skipped_before + self._skipped_now())
-        if cfg.train.checkpoint_every_n_steps and self.step % cfg.train.checkpoint_every_n_steps == 0:
+            state.reset_window()
+        every = cfg.train.checkpoint_every_n_steps
+        if (every and self.step % every == 0) or state.save_due or state.preempt:
             self.save()
-        state.results.update(self._scheduled_evals(final=False))
+        state.save_due = False
+        if state.preempt:
+            self._preempted()
+        with self._paused():
+            state.results.update(self._scheduled_evals(final=False))
+
+    def _not_applied(self, state: _StepState) -> None:
+        """A step DeepSpeed did not apply (non-finite gradient): log it, then skip, rewind or stop."""
+        action, msg = self.nonfinite.on_skipped(self.step + 1, batch_keys(self._pending), state.loss_bad,
+                                                ckpt.find_latest(self.ckpt_root) is not None)
+        if msg:
+            self.log.write(f"warning: {msg} (all keys: {self.run_dir / 'nonfinite.jsonl'})")
+            self.log.log(self.step + 1, {"nonfinite_steps": self.nonfinite.skipped})
+            if self.dist.is_main:
+                with open(self.run_dir / "nonfinite.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step + 1, "action": action,
+                                        "keys": [f"{s}/{k}" for s, k in self.nonfinite.last_keys]}) + "\n")
+        if action == "rewind":
+            raise Rewind(msg)
+
+    def _rewind(self, state: _StepState) -> None:
+        """Back to the newest verified checkpoint (weights, optimizer, EMA, data position); the samples
+        of the failed step stay excluded (`self.nonfinite.excluded`) from here on."""
+        failed = self.step + 1
+        self.resume_dir = ckpt.resolve_resume("latest", self.run_dir, self.ckpt_root, self.resume_notes)
+        note = self._restore()
+        state.pending.clear()
+        state.loss_bad = False
+        state.reset_window()
+        self._pending = []
+        self.log.rewound(self.step)
+        self.log.write(f"rewound from step {failed} to {self.resume_dir} (step {self.step}); "
+                       f"{len(self.nonfinite.excluded)} samples excluded from training"
+                       + (f"; {note}" if note else ""))
+
+    def _preempted(self) -> None:
+        why = self.signals.requested or "a signal on another rank"
+        msg = (f"preempted ({why}) at step {self.step} of {self.total_steps}: checkpoint "
+               f"{self.ckpt_root / ckpt.tag_for(self.step)} written; exiting with code "
+               f"{self.cfg.train.preempt_exit_code} (continue with --resume latest)")
+        self.log.write(msg)
+        self.log.close()
+        barrier()  # exits together: torchrun restarts the group when the first worker exits
+        raise Preempted(msg, int(self.cfg.train.preempt_exit_code))
 
     def _finish(self, results: dict[str, Any]) -> dict[str, Any]:
         """A last checkpoint if the last step has none; at the end of training the export and final evals."""
@@ -354,8 +471,9 @@ class Trainer:
             self.log.write(f"stopped at step {self.step} of {self.total_steps}; continue with --resume latest")
             self.log.close()
             return results
-        self.export()
-        results.update(self._scheduled_evals(final=True))
+        with self._paused():
+            self.export()
+            results.update(self._scheduled_evals(final=True))
         self.log.close()
         return results
 
@@ -418,7 +536,7 @@ class Trainer:
 
     def _log_window(self, w: dict[str, Any], global_batch: int, logit_scale: float, skipped: int) -> None:
         d = self.dist
-        stats = torch.tensor([w["loss"], w["n"], skipped], dtype=torch.float64, device=d.device)
+        stats = torch.tensor([w["loss"], w["n_loss"], skipped], dtype=torch.float64, device=d.device)
         if dist.is_initialized() and d.world_size > 1:
             dist.all_reduce(stats)
         elapsed = time.perf_counter() - w["t0"]
@@ -431,13 +549,12 @@ class Trainer:
             "data_wait_ms_per_step": 1000.0 * w["wait"] / max(w["n"], 1),  # per micro-batch fetched
             "epoch": self.epoch,
             "skipped_samples": int(stats[2].item()),
-            **{k: v / max(w["n"], 1) for k, v in w["terms"].items()},
+            **{k: v / max(w["n_loss"], 1) for k, v in w["terms"].items()},
         }
         self.log.log(self.step, metrics, show={
             "loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}",
             "samples/s": f"{metrics['samples_per_s']:.0f}",
         })
-        w.update(loss=0.0, n=0, t0=time.perf_counter(), wait=0.0, steps=0, terms={})
 
     def _scheduled_evals(self, final: bool) -> dict[str, Any]:
         out = self.evals.run(self.step, self._eval_model, final)
@@ -463,9 +580,14 @@ class Trainer:
             "epoch": self.epoch,
             "batches_in_epoch": self.in_epoch,
             "world_size": self.dist.world_size,
+            "nonfinite": self.nonfinite.state(),
         }
 
     def save(self) -> Path:
+        with self._paused():
+            return self._save()
+
+    def _save(self) -> Path:
         extra = {}
         if self.data_pos is not None:
             data = self._gather_position()
@@ -475,6 +597,9 @@ class Trainer:
                                     self.cfg.train.keep_last_n_checkpoints,
                                     extra=self.ema.save if self.ema is not None else None, extra_files=extra)
         self.log.write(f"checkpoint: {path}")
+        self.nonfinite.saved()
+        if self.signals is not None:
+            self.signals.saved()
         return path
 
     def export(self) -> None:
