@@ -85,3 +85,34 @@ def test_a_killed_rank_on_one_node_restarts_both_nodes_and_resumes_exactly(tmp_p
     assert all_keys(run_dir) == all_keys(one_node) and len(all_keys(run_dir)) == len(set(all_keys(run_dir)))
     assert set(all_keys(run_dir)) <= set(tar_keys(digits_shards_dir))
     assert_same_weights(weights(run_dir), weights(one_node))
+
+
+def test_attempt_generation_agrees_past_stale_and_dead_attempts():
+    """The store namespace of an attempt: generation 1 completed (an earlier attempt), generation 2
+    opened by a rank 0 that died before all joined; a new attempt's 3 ranks, started in any order,
+    must all land on generation 3 (TORCHELASTIC_RESTART_COUNT may differ between nodes)."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from vlp.train.engine import attempt_generation
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 4, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    server.add("vlp/generation", 2)
+    server.set("vlp/gen1/go", "1")
+    server.set("vlp/gen2/joined/1", "1")  # gen 2's rank 0 died waiting for rank 2
+    got: dict[int, int] = {}
+
+    def rank(r: int, delay: float) -> None:
+        time.sleep(delay)
+        store = dist.TCPStore("127.0.0.1", port, 4, is_master=False, timeout=timedelta(seconds=30))
+        got[r] = attempt_generation(store, r, 3, timeout_s=30, poll_s=0.01)
+
+    threads = [threading.Thread(target=rank, args=(r, d)) for r, d in ((1, 0.0), (2, 0.2), (0, 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert got == {0: 3, 1: 3, 2: 3}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ def _free_port() -> int:
 
 
 def _init_elastic_group(backend: str, timeout) -> None:
-    """Under torchrun, join the group through a store namespaced by the restart attempt.
+    """Under torchrun, join the group through a store namespaced by the attempt (`attempt_generation`).
 
     After `--max-restarts` restarts a group, the agent's store still holds the previous
     attempt's peer addresses under the same keys, and gloo then connects to a dead rank
@@ -51,8 +52,49 @@ def _init_elastic_group(backend: str, timeout) -> None:
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout)
-    prefixed = dist.PrefixStore(f"vlp/attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
-    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
+    gen = attempt_generation(store, rank, world, timeout.total_seconds())
+    dist.init_process_group(backend, store=dist.PrefixStore(f"vlp/gen{gen}", store), rank=rank, world_size=world,
+                            timeout=timeout)
+
+
+def attempt_generation(store, rank: int, world: int, timeout_s: float, poll_s: float = 0.05) -> int:
+    """A number all ranks of this attempt agree on and no earlier attempt used, from the store alone.
+
+    `TORCHELASTIC_RESTART_COUNT` is not it: on several nodes each agent counts its own restarts,
+    and one that restarts its workers because another node re-joined does not count, so two
+    nodes of one attempt can disagree (measured: counts 0 and 1 in the same round), and ranks
+    namespaced by it wait for each other forever. Here rank 0 opens a new generation (a counter
+    in the store), waits until every other rank has joined it and then says go. Another rank
+    joins the newest generation that is not complete yet (a complete one is an earlier
+    attempt's). If no go comes within a few seconds, the generation belonged to a rank 0 that
+    died, and the rank joins the next newest one.
+    """
+    if world == 1:
+        return int(store.add("vlp/generation", 1))
+    deadline = time.monotonic() + timeout_s
+    if rank == 0:
+        gen = int(store.add("vlp/generation", 1))
+        joined = [f"vlp/gen{gen}/joined/{r}" for r in range(1, world)]
+        while not store.check(joined):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"attempt generation {gen}: not every rank joined within {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        store.set(f"vlp/gen{gen}/go", "1")
+        return gen
+    while time.monotonic() < deadline:
+        gen = int(store.add("vlp/generation", 0))
+        if gen == 0 or store.check([f"vlp/gen{gen}/go"]):  # none opened yet, or an earlier attempt's
+            time.sleep(poll_s)
+            continue
+        store.set(f"vlp/gen{gen}/joined/{rank}", "1")
+        wait_until = time.monotonic() + 5.0
+        while time.monotonic() < wait_until:
+            if store.check([f"vlp/gen{gen}/go"]):
+                return gen
+            if int(store.add("vlp/generation", 0)) != gen:
+                break  # a newer generation opened: this one's rank 0 is gone
+            time.sleep(poll_s)
+    raise RuntimeError(f"rank {rank}: no attempt generation opened by rank 0 within {timeout_s:.0f} s")
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
