@@ -99,16 +99,20 @@ class Layout:
     def _bounds(self, size: int, slots: int) -> np.ndarray:
         return np.arange(slots + 1, dtype=np.int64) * size // slots
 
-    def order(self, pos: DataPosition, k: int, slot: int) -> SlotOrder:
-        """The read order of `slot` at level k (cached: the position's lower levels never change)."""
-        key = (k, slot)
+    def order(self, pos: DataPosition, k: int, slot: int, cache: bool = True) -> SlotOrder:
+        """The read order of `slot` at level k, cached by what fixes it (the level's slot count and
+        domain size), so a position whose lower levels differ never gets another one's order."""
+        lv, size = pos.levels[k], self.sizes(pos)[k]
+        key = (k, slot, lv.slots, tuple(int(n) for n in size))
         if key not in self._orders:
-            lv, size = pos.levels[k], self.sizes(pos)[k]
             lengths = np.array([self._bounds(int(n), lv.slots)[slot + 1] - self._bounds(int(n), lv.slots)[slot]
                                 for n in size], dtype=np.int64)
             split_id = stable_seed("split", lv.slots, self.total - int(size.sum()))
-            self._orders[key] = SlotOrder(lengths, [s.weight for s in self.streams], self.block, self.seed,
-                                          self.epoch, split_id, slot)
+            order = SlotOrder(lengths, [s.weight for s in self.streams], self.block, self.seed,
+                              self.epoch, split_id, slot)
+            if not cache:
+                return order
+            self._orders[key] = order
         return self._orders[key]
 
     def check(self, pos: DataPosition) -> None:
@@ -202,7 +206,7 @@ def resolve_marks(pos: DataPosition, layout: Layout, slots: int) -> DataPosition
     layout.check(out)
     k, found = len(out.levels) - 1, 0
     for slot in range(out.slots):
-        order = layout.order(out, k, slot)
+        order = layout.order(out, k, slot, cache=False)  # one slot's order at a time: O(samples / slots)
         flat = [layout.uids(i, u) for i, u in enumerate(layout.slot_units(out, slot))]
         read = order.read_order()
         if not len(read):
