@@ -368,6 +368,23 @@ def _epoch_position(position: DataPosition | None, epoch: int, num_units: int, m
     return position
 
 
+def _epoch_total(specs: list, mixture: str, num_units: int) -> int | None:
+    """Samples of an epoch when known without counting (manifests; a resampled epoch's draws)."""
+    if mixture == "resample":
+        return num_units
+    counts = [num_samples_from_manifest(src.shards) for src in specs]
+    return sum(counts) if all(c is not None for c in counts) else None  # type: ignore[misc]
+
+
+def _split_position(position: DataPosition, layout: Layout, slots: int) -> DataPosition:
+    """The epoch's position checked against its streams and split for `slots` readers (marked
+    uids of an old checkpoint turned into cursors first)."""
+    if position.marks:
+        position = resolve_marks(position, layout, slots)
+    layout.check(position)
+    return position.for_layout(slots, len(layout.streams))
+
+
 def build_train_loader(
     data: Any,
     *,
@@ -412,12 +429,8 @@ def build_train_loader(
     workers = max(int(data.workers), 0)
     streams = split_streams(specs, tables, seed, mixture, num_units)
     slots = world_size * max(workers, 1)
-    position = _epoch_position(position, epoch, num_units, mixture)
-    layout = Layout(streams, seed, epoch, int(data.shuffle_buffer))
-    if position.marks:
-        position = resolve_marks(position, layout, slots)
-    layout.check(position)
-    position = position.for_layout(slots, len(streams))
+    position = _split_position(_epoch_position(position, epoch, num_units, mixture),
+                               Layout(streams, seed, epoch, int(data.shuffle_buffer)), slots)
     transform = train_transform(preprocess, tuple(data.crop_scale))
     stream = _SlotStream(_EpochParts(data, tables, seed, transform, num_units, mixture == "resample"), position,
                          streams, rank=rank,
@@ -430,9 +443,5 @@ def build_train_loader(
                         persistent_workers=True, in_order=True,
                         generator=torch.Generator().manual_seed(stable_seed("loader", seed, epoch, rank) % 2**63),
                         ) if workers else stream
-    counts = [num_samples_from_manifest(src.shards) for src in specs]
-    total = sum(counts) if all(c is not None for c in counts) else None  # type: ignore[misc]
-    if mixture == "resample":
-        total = num_units
-    return TrainLoader(loader, stream, position, tables, total, int(data.batch_size))
+    return TrainLoader(loader, stream, position, tables, _epoch_total(specs, mixture, num_units), int(data.batch_size))
 
