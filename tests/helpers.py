@@ -21,12 +21,16 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADD
              "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RESTART_COUNT")
 
 
-def run(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    # a test that built a Trainer in-process leaves RANK/MASTER_PORT/... of its group of one in
-    # os.environ; a child must not inherit them (it would try to join that group's port)
+def child_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a launched run: this one without a process group's variables (a test
+    that built a Trainer in-process leaves RANK/MASTER_PORT/... of its group of one in os.environ,
+    and a child would try to join that group's port), one thread, this checkout first on the path."""
     inherited = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    full_env = {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra or {})}
+
+
+def run(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=child_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(args)}\n--- stdout\n{proc.stdout[-4000:]}\n"

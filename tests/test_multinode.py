@@ -13,7 +13,6 @@ with torch 2.14's c10d rendezvous on one host: the new round waited on role info
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import _DIST_ENV, ROOT, free_port
+from tests.helpers import ROOT, child_env, free_port
 from tests.test_data_position import tar_keys
 from tests.test_resume import all_keys, args, train
 from tests.test_train import assert_same_weights, weights
@@ -33,12 +32,10 @@ EXTRA = {"train.steps": 16, "train.checkpoint_every_n_steps": 4, "train.log_ever
 
 
 def _agent(run_dir: Path, shards: Path, port: int, restarts: int = 0) -> subprocess.Popen:
-    env = {**{k: v for k, v in os.environ.items() if k not in _DIST_ENV}, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=vlp-two-nodes",
            f"--max-restarts={restarts}", "train.py", *args(run_dir, shards, **EXTRA), "--resume", "latest"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: a node can be killed whole
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import _DIST_ENV, ROOT, free_port, run
+from tests.helpers import ROOT, child_env, free_port, run
 from tests.test_train import assert_same_weights, weights
 from vlp.train.checkpoint import find_latest, read_meta
 
@@ -55,9 +55,7 @@ def _launch(restarts: int) -> list[str]:
 
 
 def _start(args: list[str], restarts: int, env: dict | None = None) -> subprocess.Popen:
-    full = {**{k: v for k, v in os.environ.items() if k not in _DIST_ENV}, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([*_launch(restarts), *args], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+    return subprocess.Popen([*_launch(restarts), *args], cwd=ROOT, env=child_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
