@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`extended` tests re-check, at more cost, what a default test already covers (CI stays near
+    30 minutes on 2 cores); VLP_TEST_EXTENDED=1 runs them too."""
+    if os.environ.get("VLP_TEST_EXTENDED") == "1":
+        return
+    skip = pytest.mark.skip(reason="extended: set VLP_TEST_EXTENDED=1")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

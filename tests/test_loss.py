@@ -42,8 +42,30 @@ def test_sigmoid_loss_matches_open_clip_and_hand_computation():
         SigLipLoss()(img, txt, scale)
 
 
+def test_soft_clip_loss_is_clip_at_alpha_zero_and_matches_hand_computation():
+    from vlp.losses import SoftClipLoss
+
+    g = torch.Generator().manual_seed(4)
+    img = F.normalize(torch.randn(6, 16, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(6, 16, generator=g, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    torch.testing.assert_close(SoftClipLoss(alpha=0.0)(img, txt, scale), ClipLoss()(img, txt, scale))
+    a = 0.3
+    eye = torch.eye(6, dtype=torch.float64)
+
+    def ce(logits, target):  # cross-entropy against a probability target, averaged over rows
+        return -(target * logits.log_softmax(1)).sum(1).mean()
+
+    q_img = (1 - a) * eye + a * (scale * img @ img.t()).softmax(1)
+    q_txt = (1 - a) * eye + a * (scale * txt @ txt.t()).softmax(1)
+    by_hand = (ce(scale * img @ txt.t(), q_img) + ce(scale * txt @ img.t(), q_txt)) / 2
+    torch.testing.assert_close(SoftClipLoss(alpha=a)(img, txt, scale), by_hand.float(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        SoftClipLoss(alpha=1.0)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip", "siglip_tiled"])
+@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip", "siglip_tiled", "soft_clip"])
 @pytest.mark.parametrize("sizes", ["4,4", "5,3"])
 def test_two_process_gradients_equal_full_batch(tmp_path, sizes, loss):
     out = tmp_path / "grads.pt"

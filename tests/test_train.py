@@ -51,7 +51,8 @@ def losses(run_dir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("nproc, zero", [(1, 0), (2, 1)])
+# the 2-process ZeRO-1 case (50 s) is extended: test_resume.py resumes 2-process runs exactly in several layouts
+@pytest.mark.parametrize("nproc, zero", [(1, 0), pytest.param(2, 1, marks=pytest.mark.extended)])
 def test_resume_continues_the_same_trajectory(tmp_path, digits_shards_dir, nproc, zero):
     # 1500 samples: one rank sees an epoch boundary at ~28 steps of 50, two ranks at ~14
     steps, first = (32, 11) if nproc == 1 else (18, 7)

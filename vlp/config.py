@@ -68,7 +68,9 @@ class SourceSection:
     shards: str = ""  # same syntax as data.train_shards
     weight: float = 1.0  # relative share of the mixed stream
     kind: str = "caption"  # caption | label | multi_text
-    text_key: str = "txt"  # caption / multi_text: member(s) holding the text, first present of "a;b"
+    # caption / multi_text: member(s) holding the text, first present of "a;b"; multi_text "a+b": one of
+    # the members a and b drawn per sample and epoch (alt-text or a synthetic caption, vlp.curate caption)
+    text_key: str = "txt"
     image_key: str = "jpg;png;webp;jpeg"
     label_key: str = "cls"  # label: member holding the class id
     classnames: list[str] = field(default_factory=list)  # label: class id -> name
@@ -77,6 +79,8 @@ class SourceSection:
     # prefix-conditioned models (model text.prefix_kinds): the prefix this source's texts get;
     # "" = the source's kind (caption, label, multi_text)
     prefix: str = ""
+    # a selection of this source's samples (`python -m vlp.curate select`): the others are passed over
+    select: str = ""
 
 
 @dataclass
@@ -85,6 +89,8 @@ class DataSection:
     train_shards: str = ""
     # weighted mixture of sources instead of train_shards (each sample read at most once per epoch)
     sources: list[SourceSection] = field(default_factory=list)
+    # train_shards only: train on a selection of its samples (`python -m vlp.curate select`; vlp/data/selection.py)
+    select: str = ""
     # epochs: each sample at most once per epoch; resample: sources' samples drawn with replacement
     # by weight, a virtual epoch of train_num_samples draws (0: the sources' total) (docs/data.md)
     mixture: str = "epochs"

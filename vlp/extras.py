@@ -5,7 +5,7 @@ imported only when that feature runs, and a missing one is an error naming the e
     wandb    wandb          logging.wandb=true
     report   matplotlib     the figures of the eval HTML report (`python -m vlp.eval` without --no-report)
     clipart  scikit-image   the clipart scenes' photographic backgrounds (vlp.data.build clipart)
-    parquet  pyarrow        Parquet caption tables (vlp.data.build / convert)
+    parquet  pyarrow        Parquet caption tables (vlp.data.build / convert), curation scores and selections (vlp.curate)
 
 `pip install 'vlp[all]'` installs every extra.
 """

@@ -10,6 +10,7 @@ re-running with the same arguments finds it and does nothing.
     python -m vlp.data.build img2dataset OUT_DIR --images IMG2DATASET_OUTPUT_DIR
     python -m vlp.data.build clipart OUT_DIR [--split train|test] [--num-scenes N] [--size PX]
     python -m vlp.data.build manifest SPEC OUT.json [--workers N]   (count shards vlp did not write)
+    python -m vlp.data.build reshard SPEC SELECTION OUT             (rewrite only a selection's samples)
 """
 
 from __future__ import annotations
@@ -253,6 +254,50 @@ def build_clipart_shards(
     return existing
 
 
+def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: int = 10000) -> dict[str, Any]:
+    """Rewrite only the samples a selection (`python -m vlp.curate select`) keeps, byte for byte and in
+    SPEC's order, into `{out_dir}/train-NNNNNN.tar` + `train.json`.
+
+    Reading a selection in place (`data.select`) reads every shard each epoch; resharding reads them
+    once and writes the kept fraction f, after which an epoch reads f of the bytes: it pays when f
+    is small and the run has several epochs. In place the corpus is stored once (datacomp#11)."""
+    from vlp.data.manifest import DataError, expand_shards_with_sizes
+    from vlp.data.position import ShardTable, count_samples, iter_shard
+    from vlp.data.selection import Selection
+
+    entries = [(u, n if n is not None else count_samples(u)) for u, n in expand_shards_with_sizes(spec)]
+    sel = Selection(selection, "selection")
+    sel.check(ShardTable([u for u, _ in entries], [n for _, n in entries]))
+
+    def kept() -> Iterator[dict[str, Any]]:
+        for s, (url, _) in enumerate(entries):
+            for _, raw in iter_shard(url, {int(i) for i in sel.kept_in(s).nonzero()[0]}):
+                yield raw
+
+    shards = _write_shards(kept(), Path(out_dir), "train", shard_size, sel.kept, progress=False)
+    if sum(x["num_samples"] for x in shards) != sel.kept:
+        raise DataError(f"reshard: wrote {sum(x['num_samples'] for x in shards)} samples, the selection keeps "
+                        f"{sel.kept}: some shards of '{spec}' could not be read in full")
+    params = {"spec": spec, "selection": str(selection), "fingerprint": sel.fingerprint, "shard_size": shard_size}
+    return _finish(Path(out_dir), "train", f"reshard:{spec}", params, shards, {})
+
+
+def _reshard_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="vlp-shards reshard", description="rewrite only a selection's samples")
+    ap.add_argument("spec")
+    ap.add_argument("selection", help="output directory of `python -m vlp.curate select`")
+    ap.add_argument("out_dir")
+    ap.add_argument("--shard-size", type=int, default=10000)
+    args = ap.parse_args(argv)
+    try:
+        m = reshard(args.spec, args.selection, args.out_dir, args.shard_size)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlp-shards reshard: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{m['num_samples']} samples in {len(m['shards'])} shards: {m['pattern']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script `vlp-shards`."""
     argv = sys.argv[1:] if argv is None else argv
@@ -260,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         from vlp.data.inventory import main as manifest_main
 
         return manifest_main(argv[1:])
+    if argv[:1] == ["reshard"]:  # rewrite a selection's samples
+        return _reshard_main(argv[1:])
     ap = argparse.ArgumentParser(prog="vlp-shards", description=__doc__.split("\n\n")[0])
     ap.add_argument("source", choices=["fashion-mnist", "digits", "folder", "img2dataset", "clipart"])
     ap.add_argument("out_dir")

@@ -34,6 +34,7 @@ import numpy as np
 from vlp.data.decode import Events, _bump, decode_text
 from vlp.data.manifest import DataError, stable_seed
 from vlp.data.position import ShardTable
+from vlp.data.selection import Selection, open_selection
 
 KINDS = ("caption", "label", "multi_text")
 
@@ -49,6 +50,7 @@ class Source:
     offset: int
     image_keys: list[str]
     text_of: Any  # (sample, events) -> str | None
+    selection: Selection | None = None  # the samples to read (vlp.data.selection); None: all
 
 
 def _keys(spec: str) -> list[str]:
@@ -105,21 +107,35 @@ class LabelText:
 
 
 class MultiText:
-    """One of several captions (JSON list, or one caption per line), seeded by the sample key."""
+    """One of several captions, seeded by the sample key: of a member holding a JSON list (or one caption per
+    line), or, with text_key "a+b", of the members a and b (the alt-text and a synthetic caption)."""
 
     def __init__(self, text_keys: list[str], max_chars: int, seed: int, epoch: int) -> None:
+        self.members = [k.strip() for k in text_keys[0].split("+") if k.strip()] if len(text_keys) == 1 and \
+            "+" in text_keys[0] else []
         self.caption = CaptionText(text_keys, 0)
         self.max_chars, self.seed, self.epoch = max_chars, seed, epoch
 
-    def __call__(self, sample: dict, events: Events) -> str | None:
+    def _options(self, sample: dict, events: Events) -> list[str] | None:
+        if self.members:  # "txt+syn.txt": each present member is one option (alt-text or a synthetic caption)
+            got = [decode_text(sample[k], 0, {}) for k in self.members if k in sample]
+            if not any(got):
+                _bump(events, "skipped:no_caption")
+                return None
+            return [g for g in got if g]
         whole = self.caption(sample, events)
         if whole is None:
             return None
         try:
             options = json.loads(whole)
-            options = [options] if isinstance(options, str) else list(options)
+            return [options] if isinstance(options, str) else list(options)
         except json.JSONDecodeError:
-            options = whole.splitlines()
+            return whole.splitlines()
+
+    def __call__(self, sample: dict, events: Events) -> str | None:
+        options = self._options(sample, events)
+        if options is None:
+            return None
         options = [str(o).strip() for o in options if str(o).strip()]
         if not options:
             _bump(events, "skipped:empty_caption")
@@ -189,8 +205,9 @@ def read_order_settings(run_config: dict[str, Any]) -> dict[str, Any]:
         out["data.train_num_samples"] = d.get("train_num_samples", 0)
     if not d.get("sources"):
         out["data.train_shards"] = d.get("train_shards")
+        out["data.select"] = d.get("select", "")
     for i, src in enumerate(d.get("sources") or []):
-        out.update({f"data.sources[{i}].{k}": src.get(k) for k in ("name", "shards", "weight")})
+        out.update({f"data.sources[{i}].{k}": src.get(k, "") for k in ("name", "shards", "weight", "select")})
     return out
 
 
@@ -218,7 +235,11 @@ def build_sources(data: Any, tables: list[ShardTable], seed: int, epoch: int) ->
             text_of = LabelText(src.label_key, _classnames(src, where), _templates(src, where), seed, epoch)
         else:
             text_of = MultiText(_keys(src.text_key), max_chars, seed, epoch)
-        out.append(Source(src.name, src.kind, float(src.weight), table, offset, _keys(src.image_key), text_of))
+        selection = open_selection(src, i)
+        if selection is not None:
+            selection.check(table)
+        out.append(Source(src.name, src.kind, float(src.weight), table, offset, _keys(src.image_key), text_of,
+                          selection))
         offset += table.num_units
     return out
 

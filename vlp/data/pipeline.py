@@ -39,6 +39,7 @@ from vlp.data.mixture import Source, build_sources, source_specs
 from vlp.data.position import DataPosition, LegacyPositionError, ShardTable, count_samples, iter_shard
 from vlp.data.preprocess import PreprocessConfig
 from vlp.data.resample import MIXTURES, Resampler
+from vlp.data.selection import selected_total
 from vlp.data.split import Layout, Stream, resolve_marks
 from vlp.data.transforms import TrainTransform, train_transform
 
@@ -159,6 +160,8 @@ class _SlotStream(IterableDataset):
         for shard, idx in units:
             off = int(src.table.offsets[shard])
             at = {int(u): j0 + k for k, u in enumerate(idx) if need[j0 + k]}
+            if src.selection is not None:  # passed like a missing sample: never read, cursor moves past
+                at = _selected(at, src.selection.kept_in(shard), events)
             j0 += len(idx)
             if at:
                 for index, raw in iter_shard(src.table.urls[shard], set(at), self.shard_retries, events):
@@ -241,10 +244,12 @@ class _SlotStream(IterableDataset):
                     keep: np.ndarray, events: Events) -> Iterator[tuple[int, int, dict]]:
         """(place in the slot's list of source i, position, raw) of the positions in `keep`, one
         pass over each shard draw."""
-        urls = self.sources[i].table.urls
+        urls, selection = self.sources[i].table.urls, self.sources[i].selection
         cuts = np.flatnonzero(np.diff(draw)) + 1
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(draw)]])):
             at = {int(index[p]): p for p in range(lo, hi) if keep[p]}
+            if selection is not None:
+                at = _selected(at, selection.kept_in(int(shard[lo])), events)
             if at:
                 for idx, raw in iter_shard(urls[int(shard[lo])], set(at), self.shard_retries, events):
                     raw["__draw__"] = int(g[at[idx]])  # crop and caption choice vary per draw
@@ -316,6 +321,14 @@ class _SlotStream(IterableDataset):
         }
 
 
+def _selected(at: dict[int, Any], kept: np.ndarray, events: Events) -> dict[int, Any]:
+    """The entries of `at` (index in shard -> place) whose sample the selection keeps; the rest counted."""
+    out = {u: j for u, j in at.items() if kept[u]}
+    if len(out) != len(at):
+        events["selection:not_selected"] = events.get("selection:not_selected", 0) + len(at) - len(out)
+    return out
+
+
 def _tokenize_batch(tokenizer, texts: list) -> torch.Tensor:
     """LongTensor [B, ctx], or [B, streams, ctx] when each sample carries a tuple of texts."""
     if texts and isinstance(texts[0], tuple):
@@ -372,8 +385,7 @@ def _epoch_total(specs: list, mixture: str, num_units: int) -> int | None:
     """Samples of an epoch when known without counting (manifests; a resampled epoch's draws)."""
     if mixture == "resample":
         return num_units
-    counts = [num_samples_from_manifest(src.shards) for src in specs]
-    return sum(counts) if all(c is not None for c in counts) else None  # type: ignore[misc]
+    return selected_total(specs, [num_samples_from_manifest(src.shards) for src in specs])
 
 
 def _split_position(position: DataPosition, layout: Layout, slots: int) -> DataPosition:

@@ -12,6 +12,7 @@ _BUILTIN: tuple[str, ...] = (
     "vlp.objectives.siglip",
     "vlp.objectives.coca",
     "vlp.objectives.tips",
+    "vlp.objectives.soft_clip",
 )
 _REGISTRY: dict[str, Objective] = {}
 _loaded = False

@@ -306,12 +306,27 @@ def check_resume(ckpt_dir: Path, cfg: Any, model_cfg: CLIPConfig, world_size: in
                 f"this run has {k}={now.get(k)!r}. The data position is a cursor into that epoch's read order, "
                 f"which {', '.join(changed)} determine: resume with the checkpoint's values (they may change at "
                 "an epoch boundary)")
+        _check_selections(ckpt_dir, meta, cfg)
     offload = [_offload_device(c) for c in (meta["run_config"], to_container(cfg))]
     if offload[0] != offload[1]:
         raise CheckpointError(f"checkpoint '{ckpt_dir}' was written with optimizer offload {offload[0]!r}, this run "
                               f"asks for {offload[1]!r}: the optimizer (and its saved state) differs; resume with "
                               "the same train.deepspeed.zero_optimization.offload_optimizer")
     return meta
+
+
+def _check_selections(ckpt_dir: Path, meta: dict[str, Any], cfg: Any) -> None:
+    """Mid-epoch, a selection must be the one the epoch began with (its samples are the epoch)."""
+    from vlp.data.mixture import source_specs
+    from vlp.data.selection import selection_fingerprints
+
+    saved, now = meta.get("selections") or {}, selection_fingerprints(source_specs(cfg.data))
+    for name in sorted(saved.keys() | now.keys()):
+        if saved.get(name) != now.get(name):
+            raise CheckpointError(
+                f"checkpoint '{ckpt_dir}' stopped inside epoch {meta['epoch']} reading source '{name}' with "
+                f"selection {saved.get(name) or 'none'}; this run's selection is {now.get(name) or 'none'} (the "
+                "file changed): resume with the same selection, or change it at an epoch boundary")
 
 
 def _offload_device(run_config: dict[str, Any]) -> str:

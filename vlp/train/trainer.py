@@ -30,6 +30,7 @@ from vlp.data.pipeline import (
     is_report_only,
     num_samples_from_manifest,
 )
+from vlp.data.selection import selected_total, selection_fingerprints
 from vlp.data.tokenizer import get_tokenizer
 from vlp.interop.pretrained import InitReport, init_model
 from vlp.loading import LOAD_ERRORS
@@ -70,7 +71,8 @@ def seed_everything(seed: int) -> None:
 def resolve_total_steps(cfg: DictConfig, world_size: int, shards: str) -> int:
     if cfg.train.steps > 0:
         return int(cfg.train.steps)
-    n = cfg.data.train_num_samples or num_samples_from_manifest(shards)
+    specs = source_specs(cfg.data)
+    n = cfg.data.train_num_samples or selected_total(specs, [num_samples_from_manifest(s.shards) for s in specs])
     if not n:
         raise TrainError(
             f"cannot turn train.epochs={cfg.train.epochs} into steps: the number of samples in "
@@ -581,6 +583,7 @@ class Trainer:
             "batches_in_epoch": self.in_epoch,
             "world_size": self.dist.world_size,
             "nonfinite": self.nonfinite.state(),
+            "selections": selection_fingerprints(source_specs(self.cfg.data)),
         }
 
     def save(self) -> Path:

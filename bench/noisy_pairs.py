@@ -1,0 +1,164 @@
+"""Noisy pairs: how much of the zero-shot accuracy that mismatched captions cost does each vlp route win back?
+
+    python bench/noisy_pairs.py                          # Fashion-MNIST captions, r = 0.5
+    python bench/noisy_pairs.py --rates 0.2 0.5 0.8
+    python bench/noisy_pairs.py --quick                  # a fifth of the budget: a smoke run
+
+Protocol (DESIGN.md; NCR and after): the captions of a random fraction r of the training pairs are
+permuted among themselves (`python -m vlp.curate noise`, images stay, the corrupted keys are kept).
+Every run gets the same total training budget, the demo's (configs/demo.yaml: 2 epochs of 60,000
+pairs at batch 128, 937 optimizer steps, one process), and is scored by `python -m vlp.eval
+zeroshot` on the 10,000 held-out test images, with prompts disjoint from the training captions.
+
+Runs per r:
+  clean     the demo on the clean shards (once, the ceiling)
+  noisy     the demo on the noisy shards (the floor)
+  select    score -> select -> continue: train on the noisy shards for half the budget, score every
+            training pair with that checkpoint (`vlp.curate score`), keep the pairs of the clean
+            component of a two-Gaussian fit to the scores (`vlp.curate select --rule gmm`), and spend
+            the other half of the budget on the selection, starting from the half-budget weights
+            (`model.init_from`, `data.select`). Scoring is inference only and is not counted in the
+            budget (as in DataComp, where filtering compute is not training compute).
+
+Reported: top-1 per run, the share of the clean-noisy gap a route recovers ((route - noisy) /
+(clean - noisy)), and for the scorer its ROC AUC at telling corrupted pairs (by the kept key list)
+from the rest, plus precision (clean share of the kept) and recall (kept share of the clean) of the
+selection. Every figure comes from real CLI runs, started as a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _run(cmd: list[str], log: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    out = log.read_text()
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}) after {time.time() - t0:.0f} s: {' '.join(cmd)}\n{out[-3000:]}")
+    return out
+
+
+def train(run_dir: Path, shards: Path, steps: int, extra: list[str], log: Path) -> None:
+    if (run_dir / "model.safetensors").is_file():
+        return  # finished before (the bench reuses what it made)
+    _run([PY, "train.py", "--config", "configs/demo.yaml", f"run_dir={run_dir}", f"data.train_shards={shards}",
+          f"train.steps={steps}", "evals={}", "train.progress_bar=false", "train.checkpoint_every_n_steps=0",
+          *extra], log)
+
+
+def zeroshot(run_dir: Path, test_samples: int, log: Path) -> float:
+    cache = run_dir / "zeroshot.json"
+    if not cache.is_file():
+        extra = ["--max-samples", str(test_samples)] if test_samples else []
+        out = _run([PY, "-m", "vlp.eval", "zeroshot", "--checkpoint", str(run_dir), "--dataset", "fashion-mnist",
+                    "--split", "test", *extra], log)
+        cache.write_text(out.strip().splitlines()[-1])
+    return float(json.loads(cache.read_text())["top1"])
+
+
+def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1))
+
+
+def detection(scores_dir: Path, select_dir: Path, corrupted: set[str]) -> dict:
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(ROOT))
+    from vlp.curate.score import read_scores
+
+    table, _ = read_scores(scores_dir, ["key", "score"])
+    keys, score = table["key"].to_pylist(), table["score"].to_numpy()
+    bad = np.array([k in corrupted for k in keys])
+    kept = set(pq.read_table(select_dir / "selection.parquet")["key"].to_pylist())
+    keep = np.array([k in kept for k in keys])
+    clean = ~bad
+    return {"auc_clean_vs_corrupted": roc_auc(score, clean), "kept": int(keep.sum()),
+            "precision": float((keep & clean).sum() / max(keep.sum(), 1)),
+            "recall": float((keep & clean).sum() / max(clean.sum(), 1))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", nargs="+", type=float, default=[0.5])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-noisy")
+    ap.add_argument("--steps", type=int, default=937, help="total optimizer steps of every run (the demo's 937)")
+    ap.add_argument("--first-half", type=float, default=0.5, help="select: share of the budget before scoring")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed")
+    ap.add_argument("--test-samples", type=int, default=0, help="test images scored (0: all 10,000)")
+    ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 2,000 test images")
+    a = ap.parse_args()
+    if a.quick:
+        a.steps, a.test_samples = a.steps // 5, 2000
+    work = a.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    clean = work / "fashion-mnist"
+    _run([PY, "-m", "vlp.data.build", "fashion-mnist", str(clean), "--split", "train", "--no-progress"],
+         work / "build.log")
+    tag = f"s{a.steps}"
+    train(work / f"clean-{tag}", clean / "train.json", a.steps, [], work / f"clean-{tag}.log")
+    top_clean = zeroshot(work / f"clean-{tag}", a.test_samples, work / f"clean-{tag}.eval.log")
+    rows = [{"r": 0.0, "method": "clean", "top1": top_clean}]
+    print(f"clean: top-1 {top_clean:.2%}", flush=True)
+    for r in a.rates:
+        noisy = work / f"noisy-r{r}-seed{a.seed}"
+        if not (noisy / "train.json").is_file():
+            _run([PY, "-m", "vlp.curate", "noise", str(clean / "train.json"), str(noisy), "--rate", str(r),
+                  "--seed", str(a.seed)], work / f"noise-r{r}.log")
+        corrupted = set(json.loads((noisy / "corrupted.json").read_text())["keys"])
+        base = work / f"noisy-r{r}-{tag}"
+        train(base, noisy / "train.json", a.steps, [], work / f"{base.name}.log")
+        top_noisy = zeroshot(base, a.test_samples, work / f"{base.name}.eval.log")
+        rows.append({"r": r, "method": "noisy", "top1": top_noisy})
+        print(f"r={r} noisy: top-1 {top_noisy:.2%}", flush=True)
+        # score -> select -> continue, at the same total budget
+        s1 = int(round(a.steps * a.first_half))
+        half = work / f"select-r{r}-{tag}-phase1"
+        train(half, noisy / "train.json", s1, [], work / f"{half.name}.log")
+        scores, sel = work / f"scores-r{r}-{tag}", work / f"selection-r{r}-{tag}"
+        _run([PY, "-m", "vlp.curate", "score", str(noisy / "train.json"), str(scores), "--checkpoint", str(half),
+              "--workers", "1"], work / f"score-r{r}.log")
+        _run([PY, "-m", "vlp.curate", "select", str(scores), str(sel), "--rule", "gmm"], work / f"select-r{r}.log")
+        route = work / f"select-r{r}-{tag}"
+        train(route, noisy / "train.json", a.steps - s1,
+              [f"data.select={sel}", f"model.init_from.path={half}"], work / f"{route.name}.log")
+        top = zeroshot(route, a.test_samples, work / f"{route.name}.eval.log")
+        det = detection(scores, sel, corrupted)
+        rows.append({"r": r, "method": "score-select-continue", "top1": top, **det})
+        print(f"r={r} score->select->continue: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, "
+              f"kept {det['kept']} (precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
+    print("\n| r | method | zero-shot top-1 | gap recovered | scorer ROC AUC | kept | precision | recall |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    noisy_of = {row["r"]: row["top1"] for row in rows if row["method"] == "noisy"}
+    for row in rows:
+        gap = ""
+        if row["method"] not in ("clean", "noisy"):
+            gap = f"{(row['top1'] - noisy_of[row['r']]) / max(top_clean - noisy_of[row['r']], 1e-9):.0%}"
+        det = (f"{row['auc_clean_vs_corrupted']:.3f} | {row['kept']} | {row['precision']:.3f} | {row['recall']:.3f}"
+               if "kept" in row else " |  |  | ")
+        print(f"| {row['r']} | {row['method']} | {row['top1']:.2%} | {gap} | {det} |")
+    (work / f"results-{tag}.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Curation (issue 15): the noise protocol, scoring (1 process = 2 under torchrun, a killed job resumes),
+selection rules, and training on a selection (never a sample outside it; exact resume).
+
+References: the clean shards themselves (noise), a single-process scoring run (torchrun, resume),
+hand-computed cuts (rules), the selection's own key list and an uninterrupted run (training).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import ROOT, child_env, run, torchrun
+from tests.test_resume import all_keys
+from tests.test_resume import args as resume_args
+from tests.test_resume import train as train_run
+from tests.test_train import assert_same_weights, weights
+from vlp.curate.noise import corrupted_keys, make_noisy
+from vlp.curate.score import read_scores, score_shards
+from vlp.curate.select import rule_keep, select
+from vlp.data.manifest import DataError
+from vlp.data.position import iter_shard
+from vlp.data.selection import Selection
+
+
+def _members(spec_dir: Path) -> dict[str, dict]:
+    manifest = json.loads((spec_dir / "train.json").read_text())
+    return {raw["__key__"]: raw for s in manifest["shards"] for _, raw in iter_shard(s["url"])}
+
+
+def test_noise_permutes_the_captions_of_exactly_the_chosen_fraction(tmp_path, digits_shards_dir):
+    make_noisy(str(digits_shards_dir / "train.json"), tmp_path / "noisy", rate=0.4, seed=3)
+    clean, noisy = _members(digits_shards_dir), _members(tmp_path / "noisy")
+    assert list(clean) == list(noisy)  # same keys, same order
+    assert all(clean[k]["png"] == noisy[k]["png"] and clean[k]["cls"] == noisy[k]["cls"] for k in clean)
+    changed = {k for k in clean if clean[k]["txt"] != noisy[k]["txt"]}
+    assert changed == corrupted_keys(tmp_path / "noisy")
+    meta = json.loads((tmp_path / "noisy" / "corrupted.json").read_text())
+    assert meta["chosen"] == 600 and 560 <= len(changed) <= 600  # a caption may land on its own sample
+    assert sorted(v["txt"] for v in clean.values()) == sorted(v["txt"] for v in noisy.values())  # permuted
+
+
+def _random_checkpoint(tmp_path_factory, name: str) -> Path:
+    """A random-init preset exported as vlp weights (scoring and recaptioning need no trained model)."""
+    from vlp.models import build_model, get_model_config
+    from vlp.train.checkpoint import export_weights
+
+    torch.manual_seed(0)
+    cfg = get_model_config(name)
+    out = tmp_path_factory.mktemp(name)
+    export_weights(build_model(cfg).state_dict(), cfg, name, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _random_checkpoint(tmp_path_factory, "clip-nano")
+
+
+def _table(scores: Path):
+    table, _ = read_scores(scores)
+    return table.to_pydict()
+
+
+@pytest.mark.slow
+def test_scoring_under_torchrun_equals_one_process_and_a_killed_job_resumes(tmp_path, digits_shards_dir, checkpoint):
+    spec = str(digits_shards_dir / "train.json")
+    res = score_shards(spec, str(checkpoint), tmp_path / "one", batch_size=64, embeddings=True)
+    assert res["scored"] == 1500
+    one = _table(tmp_path / "one")
+    assert one["uid"] == list(range(1500)) and one["key"] == list(_members(digits_shards_dir))
+    # the score is the cosine of the stored embeddings
+    img, txt = np.array(one["image_emb"], np.float32), np.array(one["text_emb"], np.float32)
+    assert np.allclose((img * txt).sum(1), one["score"], atol=2e-3)
+
+    torchrun(2, "-m", "vlp.curate", "score", spec, str(tmp_path / "two"), "--checkpoint", str(checkpoint),
+             "--batch-size", "64", "--embeddings", "--workers", "1")
+    assert _table(tmp_path / "two") == one  # row for row, bit for bit
+
+    # a job killed after its first shards: started again, it skips them and ends equal
+    cmd = [sys.executable, "-m", "vlp.curate", "score", spec, str(tmp_path / "killed"), "--checkpoint",
+           str(checkpoint), "--batch-size", "64", "--embeddings", "--workers", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.time() + 120
+    while len(list(shards.glob("*.json"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.parquet")}
+    assert 2 <= len(done) < 8, f"{len(done)} shards finished before the kill"
+    with pytest.raises(DataError, match="not finished"):
+        read_scores(tmp_path / "killed")
+    out = run(cmd).stdout
+    assert f"({len(done)} already done)" in out
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("*.parquet") if p.name in done} == done
+    assert _table(tmp_path / "killed") == one
+
+
+def test_selection_rules_against_hand_computed_cuts():
+    s = np.array([0.1, 0.5, 0.3, 0.9, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0], np.float32)
+    keep, found = rule_keep(s, "top", fraction=0.3)
+    assert keep.tolist() == [s_ >= 0.7 for s_ in s] and found["cut"] == pytest.approx(0.7)
+    keep, _ = rule_keep(s, "threshold", min_score=0.45)
+    assert keep.sum() == 5 and not keep[7] and keep[1]
+    rng = np.random.default_rng(0)
+    bad, good = rng.normal(0.10, 0.02, 700), rng.normal(0.30, 0.03, 300)
+    keep, found = rule_keep(np.concatenate([bad, good]).astype(np.float32), "gmm")
+    # the Bayes cut of these two Gaussians lies near 0.19: at most a handful on the wrong side
+    assert keep[:700].sum() <= 3 and keep[700:].sum() >= 297
+    assert found["means"][found["clean_component"]] == pytest.approx(0.30, abs=0.01)
+    with pytest.raises(DataError, match="unknown selection rule"):
+        rule_keep(s, "median")
+
+
+def _selection(tmp_path: Path, shards: Path, checkpoint: Path, name: str, fraction: float) -> Path:
+    scores = tmp_path / "scores"
+    if not (scores / "scoring.json").is_file():
+        score_shards(str(shards / "train.json"), str(checkpoint), scores, batch_size=128)
+    select(scores, tmp_path / name, "top", fraction=fraction)
+    return tmp_path / name
+
+
+@pytest.mark.slow
+def test_training_on_a_selection_reads_nothing_outside_it_and_resumes_exactly(tmp_path, digits_shards_dir, checkpoint):
+    import pyarrow.parquet as pq
+
+    from vlp.config import load_config
+    from vlp.train.trainer import resolve_total_steps
+
+    sel = _selection(tmp_path, digits_shards_dir, checkpoint, "sel", fraction=0.6)
+    kept = set(pq.read_table(sel / "selection.parquet")["key"].to_pylist())
+    assert len(kept) == Selection(sel).kept >= 900
+    # an epoch is the selection: epochs -> steps counts the kept samples, not the shards'
+    cfg = load_config(ROOT / "tests/configs/resume_nano.yaml", [f"data.train_shards={digits_shards_dir}/train.json",
+                                                              f"data.select={sel}", "train.steps=0"])
+    assert resolve_total_steps(cfg, 2, "") == len(kept) // 50
+    # 12 steps stay inside epoch 0 (each of the 4 slots holds about 225 kept samples, >= 7 batches)
+    extra = {"data.select": sel, "train.steps": 12}
+    train_run(2, tmp_path / "full", digits_shards_dir, **extra)
+    keys = all_keys(tmp_path / "full")
+    assert set(keys) <= kept and len(keys) == len(set(keys)) == 12 * 50
+    meta = json.loads(next((tmp_path / "full" / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert meta["selections"] == {"train": Selection(sel).fingerprint}
+    # stopped inside the epoch and resumed: the same keys and weights as the uninterrupted run
+    train_run(2, tmp_path / "cut", digits_shards_dir, **extra, **{"train.stop_after_steps": 5})
+    train_run(2, tmp_path / "cut", digits_shards_dir, resume=True, **extra)
+    assert all_keys(tmp_path / "cut") == keys
+    assert_same_weights(weights(tmp_path / "cut"), weights(tmp_path / "full"))
+
+
+@pytest.mark.slow
+def test_a_changed_or_foreign_selection_is_refused_before_work_starts(tmp_path, digits_shards_dir, checkpoint):
+    sel = _selection(tmp_path, digits_shards_dir, checkpoint, "sel", fraction=0.6)
+    extra = {"data.select": sel, "train.steps": 8, "data.log_consumed_keys": "false"}
+    train_run(1, tmp_path / "cut", digits_shards_dir, **extra, **{"train.stop_after_steps": 3})
+    _selection(tmp_path, digits_shards_dir, checkpoint, "sel", fraction=0.5)  # rewritten in place
+    proc = run([sys.executable, "train.py", *resume_args(tmp_path / "cut", digits_shards_dir, **extra),
+                "--resume", "latest"], check=False)
+    assert proc.returncode != 0 and "stopped inside epoch 0 reading source 'train' with selection" in proc.stderr
+    # a selection made for other shards is named, before training
+    other = tmp_path / "other"
+    make_noisy(str(digits_shards_dir / "train.json"), other, rate=0.0)
+    (other / "train-000007.tar").unlink()
+    manifest = json.loads((other / "train.json").read_text())
+    manifest["shards"] = manifest["shards"][:7]
+    (other / "train.json").write_text(json.dumps(manifest))
+    proc = run([sys.executable, "train.py", *resume_args(tmp_path / "x", other, **extra)], check=False)
+    assert proc.returncode != 0 and "data.select: selection" in proc.stderr and "7 shards" in proc.stderr
+
+
+def test_balance_matches_whole_words_and_caps_head_entries():
+    from vlp.curate.rules import balance_keep, match_entries
+
+    got = match_entries(["A black Cat on a mat", "concatenate", "New York city", "york", "new  york!"],
+                        ["cat", "new york", "mat"])
+    assert got == [[0, 2], [], [1], [], [1]]
+    captions = ["a photo of a dog"] * 1000 + ["an axolotl"] * 30 + ["nothing known"] * 5
+    uids = np.arange(len(captions))
+    keep, info = balance_keep(captions, uids, ["dog", "axolotl"], per_entry=100, seed=1)
+    assert keep[1000:1030].all() and not keep[1030:].any()  # tail kept whole, unmatched dropped
+    assert 70 <= keep[:1000].sum() <= 130  # head: each kept with p = 100 / 1000
+    assert info["head"][0] == {"entry": "dog", "matched": 1000, "kept": int(keep[:1000].sum())}
+    again, _ = balance_keep(captions, uids, ["dog", "axolotl"], per_entry=100, seed=1)
+    assert (again == keep).all()  # draws seeded per uid
+
+
+def test_semdedup_removes_planted_near_duplicates_and_keeps_one_of_each():
+    from vlp.curate.rules import semdedup_keep
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(60, 32)).astype(np.float32)
+    copies = np.repeat(base[:10], 3, axis=0) + 1e-3 * rng.normal(size=(30, 32)).astype(np.float32)
+    emb = np.concatenate([base, copies])
+    keep, info = semdedup_keep(emb, eps=0.01, clusters=4)
+    assert info["removed"] == 30 and keep[10:60].all()
+    for g in range(10):  # of base[g] and its three copies exactly one stays
+        assert keep[[g, 60 + 3 * g, 61 + 3 * g, 62 + 3 * g]].sum() == 1
+
+
+def test_reshard_writes_exactly_the_selected_samples_byte_for_byte(tmp_path, digits_shards_dir, checkpoint):
+    import pyarrow.parquet as pq
+
+    from vlp.data.manifest import num_samples_from_manifest
+
+    sel = _selection(tmp_path, digits_shards_dir, checkpoint, "sel", fraction=0.25)
+    proc = run([sys.executable, "-m", "vlp.data.build", "reshard", str(digits_shards_dir / "train.json"), str(sel),
+                str(tmp_path / "out"), "--shard-size", "100"])
+    kept = pq.read_table(sel / "selection.parquet")["key"].to_pylist()
+    assert f"{len(kept)} samples in" in proc.stdout
+    clean, new = _members(digits_shards_dir), _members(tmp_path / "out")
+    assert list(new) == kept  # the source's order, nothing else
+    assert all(new[k] == clean[k] for k in kept)
+    assert num_samples_from_manifest(str(tmp_path / "out" / "train.json")) == len(kept)
+
+
+@pytest.fixture(scope="module")
+def coca_checkpoint(tmp_path_factory) -> Path:
+    return _random_checkpoint(tmp_path_factory, "coca-nano")
+
+
+def test_multi_text_draws_between_alt_text_and_synthetic_members():
+    from vlp.data.mixture import MultiText
+
+    sample = {"__key__": "k", "txt": b"alt text", "syn.txt": b"synthetic caption"}
+    drawn = {MultiText(["txt+syn.txt"], 0, 0, epoch)(sample, {}) for epoch in range(20)}
+    assert drawn == {"alt text", "synthetic caption"}
+    events: dict = {}
+    assert MultiText(["txt+syn.txt"], 0, 0, 0)({"__key__": "k", "syn.txt": b"only"}, events) == "only"
+    assert MultiText(["txt+syn.txt"], 0, 0, 0)({"__key__": "k"}, events) is None and events == {"skipped:no_caption": 1}
+
+
+@pytest.mark.slow
+def test_recaptioned_shards_train_as_tips_streams_and_as_caption_mixing(tmp_path, digits_shards_dir, coca_checkpoint):
+    out = tmp_path / "recap"
+    run([sys.executable, "-m", "vlp.curate", "caption", str(digits_shards_dir / "train.json"), str(out),
+         "--checkpoint", str(coca_checkpoint), "--max-len", "8", "--batch-size", "200"])
+    clean, recap = _members(digits_shards_dir), _members(out)
+    assert list(recap) == list(clean)
+    assert all({k: v for k, v in recap[key].items() if k != "syn.txt"} == clean[key] for key in clean)
+    assert all(recap[key]["syn.txt"].strip() for key in clean)  # every sample got a synthetic caption
+    again = run([sys.executable, "-m", "vlp.curate", "caption", str(digits_shards_dir / "train.json"), str(out),
+                 "--checkpoint", str(coca_checkpoint), "--max-len", "8"]).stdout
+    assert "0 shards recaptioned (8 already done)" in again
+    base = [sys.executable, "train.py", "--config", "tests/configs/digits_nano.yaml", "evals={}", "train.steps=3",
+            "data.workers=1"]
+    run([*base, f"run_dir={tmp_path / 'tips'}", "model.name=tips-nano", "loss.name=tips",
+         f"data.train_shards={out}/train.json", "data.text_streams=[txt,syn.txt]"])
+    run([*base, f"run_dir={tmp_path / 'mix'}", f"data.sources=[{{name: recap, shards: '{out}/train.json', "
+         "kind: multi_text, text_key: 'txt+syn.txt'}]"])
+    for name in ("tips", "mix"):
+        assert (tmp_path / name / "model.safetensors").is_file()

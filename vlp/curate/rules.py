@@ -1,0 +1,99 @@
+"""Selection rules beyond a score cut: MetaCLIP's balancing over concept entries and SemDeDup's
+semantic deduplication. Each takes columns of a scoring table and returns a bool keep mask.
+
+Balance (MetaCLIP, Xu et al. 2023): a caption matches an entry of the list when the entry occurs
+in it as a run of whole words (case-folded; MetaCLIP matches raw substrings, so "cat" there also
+matches "concatenate"). An entry matched by c samples keeps each with probability min(1, t / c),
+so head concepts are cut to about t and tail concepts are kept whole; a sample is kept if any of
+its entries keeps it, and one that matches no entry is dropped. Matching looks up every word
+n-gram (n up to the longest entry) in a hash set: O(words x n) per caption, one pass; the counts
+are one integer per entry (500k entries for MetaCLIP's list). Draws are seeded per sample uid.
+
+SemDeDup (Abbas et al. 2023): k-means (faiss, spherical) on the unit image embeddings; inside
+each cluster, samples sorted by similarity to the centroid, farthest first; a sample is removed
+when an earlier one of its cluster has cosine similarity above 1 - eps with it, so one of every
+group of near duplicates stays. Memory and time are those of the largest cluster squared:
+choose k so clusters stay around 10^4 (SemDeDup used 50,000 clusters for LAION-440M); the
+k-means itself trains on a sample (faiss' max_points_per_centroid).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vlp.data.manifest import DataError, stable_seed
+
+_WORD = re.compile(r"[\w][\w'\-]*", re.UNICODE)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+def match_entries(captions: Sequence[str], entries: Sequence[str]) -> list[list[int]]:
+    """For each caption, the ids of the entries it contains as whole-word runs."""
+    index: dict[tuple[str, ...], int] = {}
+    for i, e in enumerate(entries):
+        w = tuple(_words(e))
+        if w:
+            index.setdefault(w, i)
+    longest = max((len(w) for w in index), default=0)
+    out = []
+    for text in captions:
+        w = _words(text)
+        found = {index[g] for n in range(1, longest + 1) for k in range(len(w) - n + 1)
+                 if (g := tuple(w[k:k + n])) in index}
+        out.append(sorted(found))
+    return out
+
+
+def balance_keep(captions: Sequence[str], uids: np.ndarray, entries: Sequence[str], per_entry: int,
+                 seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """MetaCLIP balancing: keep mask and per-entry counts (matched, kept)."""
+    if per_entry <= 0:
+        raise DataError(f"--per-entry must be positive, got {per_entry}")
+    matches = match_entries(captions, entries)
+    counts = np.bincount([e for m in matches for e in m], minlength=len(entries))
+    keep = np.zeros(len(captions), dtype=bool)
+    for i, m in enumerate(matches):
+        if m:
+            rng = np.random.default_rng(stable_seed("balance", seed, int(uids[i])))
+            draws = rng.random(len(m))
+            keep[i] = bool(np.any(draws < per_entry / counts[m]))
+    kept_counts = np.bincount([e for i, m in enumerate(matches) if keep[i] for e in m], minlength=len(entries))
+    top = np.argsort(-counts)[:20]
+    return keep, {"per_entry": per_entry, "entries": len(entries), "matched_samples": int(sum(bool(m) for m in matches)),
+                  "entries_matched": int((counts > 0).sum()),
+                  "head": [{"entry": entries[i], "matched": int(counts[i]), "kept": int(kept_counts[i])} for i in top
+                           if counts[i]]}
+
+
+def semdedup_keep(emb: np.ndarray, eps: float, clusters: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """SemDeDup keep mask over unit embeddings `emb` [n, d]."""
+    import faiss
+
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n, d = x.shape
+    k = max(1, min(int(clusters), n))
+    km = faiss.Kmeans(d, k, niter=20, seed=seed, spherical=True, verbose=False)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    assign = assign.ravel()
+    keep = np.ones(n, dtype=bool)
+    largest = 0
+    for c in range(k):
+        members = np.flatnonzero(assign == c)
+        largest = max(largest, len(members))
+        if len(members) < 2:
+            continue
+        to_centroid = x[members] @ km.centroids[c]
+        members = members[np.argsort(to_centroid, kind="stable")]  # farthest from the centroid first
+        sims = x[members] @ x[members].T
+        earlier = np.triu(sims, k=1)  # [a, b]: a before b
+        keep[members] = ~(earlier.max(axis=0) > 1.0 - eps)
+    return keep, {"eps": eps, "clusters": k, "largest_cluster": int(largest), "removed": int((~keep).sum())}

@@ -1,0 +1,144 @@
+"""Training on a selection of a source's samples without rewriting its shards.
+
+A selection (written by `python -m vlp.curate select`) is a directory holding `selection.json` (the
+shards it was made for, their sizes, how many samples it keeps, a fingerprint) and `mask.npy`, one
+bit per sample of the source in shard order (uid order). `data.select: DIR` (or
+`data.sources[].select`) makes the loader pass over every sample whose bit is clear: at the tar
+level (a seek, no decode) and in read order, as it passes consumed samples, so the data position,
+exact and elastic resume stay as they are, and an epoch is the kept samples.
+
+Cost: the mask is memory-mapped, so every rank and loader worker of a node shares one copy in the
+page cache: 1 bit per sample of the source (175 MB for 1.4B samples) per node, not per process;
+each reader touches only the bits of the shards it reads. The shards are still read in full
+where samples are kept sparsely; when a small fraction is kept, `python -m vlp.data.build
+reshard` (rewriting only the kept samples) reads less.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlp.data.manifest import DataError
+from vlp.data.position import ShardTable
+
+MASK, META = "mask.npy", "selection.json"
+
+
+def write_selection(out_dir: str | Path, keep: np.ndarray, shards: list[str], sizes: list[int],
+                    info: dict[str, Any]) -> dict[str, Any]:
+    """Write a selection of `keep` (bool per sample, uid order) over `shards`; returns its meta."""
+    keep = np.asarray(keep, dtype=bool)
+    if len(keep) != int(sum(sizes)):
+        raise DataError(f"selection of {len(keep)} samples for shards holding {sum(sizes)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bits = np.packbits(keep)
+    tmp = out / ".mask.tmp.npy"
+    np.save(tmp, bits)
+    tmp.replace(out / MASK)
+    meta = {"num_samples": int(len(keep)), "kept": int(keep.sum()), "shards": list(shards),
+            "sizes": [int(n) for n in sizes], "fingerprint": hashlib.sha256(bits.tobytes()).hexdigest()[:16], **info}
+    mtmp = out / f".{META}.tmp"
+    mtmp.write_text(json.dumps(meta, indent=1))
+    mtmp.replace(out / META)
+    return meta
+
+
+def read_meta(path: str | Path, where: str = "select") -> dict[str, Any]:
+    p = Path(path) / META
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{where}: '{path}' is not a selection (no {META}); make one with "
+                        "`python -m vlp.curate select`") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{where}: cannot read '{p}': {e}") from None
+
+
+class Selection:
+    """The kept bits of one source, memory-mapped (re-opened after pickling: spawned workers)."""
+
+    def __init__(self, path: str | Path, where: str = "select") -> None:
+        self.path, self.where = Path(path), where
+        self.meta = read_meta(path, where)
+        self._bits: np.ndarray | None = None
+        self.offsets = np.concatenate([[0], np.cumsum(self.meta["sizes"])]).astype(np.int64)
+
+    @property
+    def bits(self) -> np.ndarray:
+        if self._bits is None:
+            try:
+                self._bits = np.load(self.path / MASK, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"{self.where}: cannot read '{self.path / MASK}': {e}") from None
+            if len(self._bits) != -(-int(self.meta["num_samples"]) // 8):
+                raise DataError(f"{self.where}: '{self.path / MASK}' holds {len(self._bits) * 8} bits for "
+                                f"{self.meta['num_samples']} samples: the file is damaged or from another selection")
+        return self._bits
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_bits": None}
+
+    @property
+    def kept(self) -> int:
+        return int(self.meta["kept"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    def check(self, table: ShardTable) -> None:
+        """Refuse a selection made for other shards (names compared, so a moved shard set still
+        matches; sizes must be equal)."""
+        names = [Path(u).name for u in self.meta["shards"]]
+        mine = [Path(u).name for u in table.urls]
+        if names != mine or [int(n) for n in self.meta["sizes"]] != [int(n) for n in table.sizes]:
+            bad = next((i for i, (a, b) in enumerate(zip(names, mine)) if a != b), min(len(names), len(mine)))
+            raise DataError(
+                f"{self.where}: selection '{self.path}' was made for {len(names)} shards of "
+                f"{self.meta['num_samples']} samples, the source has {len(mine)} shards of {int(sum(table.sizes))} "
+                f"(first difference at shard {bad}): select again on this source's shards")
+        self.bits  # noqa: B018  (open and size-check now, before any work starts)
+
+    def kept_in(self, shard: int) -> np.ndarray:
+        """bool per sample of shard number `shard`."""
+        lo, hi = int(self.offsets[shard]), int(self.offsets[shard + 1])
+        raw = np.unpackbits(self.bits[lo // 8:(hi + 7) // 8])
+        return raw[lo % 8: lo % 8 + (hi - lo)].astype(bool)
+
+
+def open_selection(src: Any, index: int) -> Selection | None:
+    """The selection of source spec `src` (data.select / data.sources[index].select), or None."""
+    path = str(getattr(src, "select", "") or "")
+    if not path:
+        return None
+    return Selection(path, f"data.sources[{index}].select ({src.name})" if src.name != "train" else "data.select")
+
+
+def selection_fingerprints(specs: list[Any]) -> dict[str, str]:
+    """source name -> fingerprint of its selection, for the sources that have one (saved in checkpoints)."""
+    out = {}
+    for i, src in enumerate(specs):
+        sel = open_selection(src, i)
+        if sel is not None:
+            out[str(src.name)] = sel.fingerprint
+    return out
+
+
+def selected_total(specs: list[Any], counts: list[int | None]) -> int | None:
+    """Samples of an epoch given each source's count (None: unknown), with selections applied."""
+    total = 0
+    for i, (src, n) in enumerate(zip(specs, counts)):
+        sel = open_selection(src, i)
+        if sel is not None:
+            total += sel.kept
+        elif n is None:
+            return None
+        else:
+            total += n
+    return total
