@@ -13,12 +13,14 @@ zeroshot` on the 10,000 held-out test images, with prompts disjoint from the tra
 Runs per r:
   clean     the demo on the clean shards (once, the ceiling)
   noisy     the demo on the noisy shards (the floor)
+  soft_clip the demo on the noisy shards with loss.name=soft_clip (intra-modal soft targets)
   select    score -> select -> continue: train on the noisy shards for half the budget, score every
             training pair with that checkpoint (`vlp.curate score`), keep the pairs of the clean
             component of a two-Gaussian fit to the scores (`vlp.curate select --rule gmm`), and spend
             the other half of the budget on the selection, starting from the half-budget weights
             (`model.init_from`, `data.select`). Scoring is inference only and is not counted in the
             budget (as in DataComp, where filtering compute is not training compute).
+  select + soft_clip   the same, the second half with loss.name=soft_clip
 
 Reported: top-1 per run, the share of the clean-noisy gap a route recovers ((route - noisy) /
 (clean - noisy)), and for the scorer its ROC AUC at telling corrupted pairs (by the kept key list)
@@ -105,6 +107,9 @@ def main() -> int:
     ap.add_argument("--first-half", type=float, default=0.5, help="select: share of the budget before scoring")
     ap.add_argument("--seed", type=int, default=0, help="noise seed")
     ap.add_argument("--test-samples", type=int, default=0, help="test images scored (0: all 10,000)")
+    ap.add_argument("--methods", nargs="+", default=["select", "soft_clip", "select+soft_clip"],
+                    choices=["select", "soft_clip", "select+soft_clip"], help="routes run beside clean and noisy")
+    ap.add_argument("--alpha", type=float, default=0.2, help="soft_clip.alpha")
     ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 2,000 test images")
     a = ap.parse_args()
     if a.quick:
@@ -130,6 +135,15 @@ def main() -> int:
         top_noisy = zeroshot(base, a.test_samples, work / f"{base.name}.eval.log")
         rows.append({"r": r, "method": "noisy", "top1": top_noisy})
         print(f"r={r} noisy: top-1 {top_noisy:.2%}", flush=True)
+        if "soft_clip" in a.methods:
+            soft = work / f"soft-r{r}-{tag}"
+            train(soft, noisy / "train.json", a.steps, ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"],
+                  work / f"{soft.name}.log")
+            top = zeroshot(soft, a.test_samples, work / f"{soft.name}.eval.log")
+            rows.append({"r": r, "method": f"soft_clip (alpha {a.alpha})", "top1": top})
+            print(f"r={r} soft_clip: top-1 {top:.2%}", flush=True)
+        if not {"select", "select+soft_clip"} & set(a.methods):
+            continue
         # score -> select -> continue, at the same total budget
         s1 = int(round(a.steps * a.first_half))
         half = work / f"select-r{r}-{tag}-phase1"
@@ -138,14 +152,19 @@ def main() -> int:
         _run([PY, "-m", "vlp.curate", "score", str(noisy / "train.json"), str(scores), "--checkpoint", str(half),
               "--workers", "1"], work / f"score-r{r}.log")
         _run([PY, "-m", "vlp.curate", "select", str(scores), str(sel), "--rule", "gmm"], work / f"select-r{r}.log")
-        route = work / f"select-r{r}-{tag}"
-        train(route, noisy / "train.json", a.steps - s1,
-              [f"data.select={sel}", f"model.init_from.path={half}"], work / f"{route.name}.log")
-        top = zeroshot(route, a.test_samples, work / f"{route.name}.eval.log")
         det = detection(scores, sel, corrupted)
-        rows.append({"r": r, "method": "score-select-continue", "top1": top, **det})
-        print(f"r={r} score->select->continue: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, "
-              f"kept {det['kept']} (precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
+        for method, extra, name in (("score-select-continue", [], f"select-r{r}-{tag}"),
+                                    ("score-select-continue + soft_clip",
+                                     ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], f"select-soft-r{r}-{tag}")):
+            if method.replace("score-select-continue", "select").replace(" + ", "+") not in a.methods:
+                continue
+            route = work / name
+            train(route, noisy / "train.json", a.steps - s1,
+                  [f"data.select={sel}", f"model.init_from.path={half}", *extra], work / f"{route.name}.log")
+            top = zeroshot(route, a.test_samples, work / f"{route.name}.eval.log")
+            rows.append({"r": r, "method": method, "top1": top, **det})
+            print(f"r={r} {method}: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, kept {det['kept']} "
+                  f"(precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
     print("\n| r | method | zero-shot top-1 | gap recovered | scorer ROC AUC | kept | precision | recall |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     noisy_of = {row["r"]: row["top1"] for row in rows if row["method"] == "noisy"}
