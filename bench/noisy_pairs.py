@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["select", "soft_clip", "select+soft_clip"],
                     choices=["select", "soft_clip", "select+soft_clip"], help="routes run beside clean and noisy")
     ap.add_argument("--alpha", type=float, default=0.2, help="soft_clip.alpha")
+    ap.add_argument("--select", default="--rule gmm", help="select: the arguments of `vlp.curate select`")
     ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 2,000 test images")
     a = ap.parse_args()
     if a.quick:
@@ -146,17 +147,22 @@ def main() -> int:
             continue
         # score -> select -> continue, at the same total budget
         s1 = int(round(a.steps * a.first_half))
-        half = work / f"select-r{r}-{tag}-phase1"
+        ph = f"r{r}-{tag}" + ("" if a.first_half == 0.5 else f"-h{a.first_half}")
+        half = work / f"select-{ph}-phase1"
         train(half, noisy / "train.json", s1, [], work / f"{half.name}.log")
-        scores, sel = work / f"scores-r{r}-{tag}", work / f"selection-r{r}-{tag}"
+        scores = work / f"scores-{ph}"
         _run([PY, "-m", "vlp.curate", "score", str(noisy / "train.json"), str(scores), "--checkpoint", str(half),
-              "--workers", "1"], work / f"score-r{r}.log")
-        _run([PY, "-m", "vlp.curate", "select", str(scores), str(sel), "--rule", "gmm"], work / f"select-r{r}.log")
+              "--workers", "1"], work / f"score-{ph}.log")
+        rule = a.select.split()
+        st = ph + ("" if rule == ["--rule", "gmm"] else "-" + "".join(x.strip("-") for x in rule))
+        sel = work / f"selection-{st}"
+        _run([PY, "-m", "vlp.curate", "select", str(scores), str(sel), *rule], work / f"select-{st}.log")
         det = detection(scores, sel, corrupted)
-        for method, extra, name in (("score-select-continue", [], f"select-r{r}-{tag}"),
-                                    ("score-select-continue + soft_clip",
-                                     ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], f"select-soft-r{r}-{tag}")):
-            if method.replace("score-select-continue", "select").replace(" + ", "+") not in a.methods:
+        for method, extra, name in ((f"score-select-continue ({' '.join(rule)}, first {a.first_half:.0%})", [],
+                                     f"select-{st}"),
+                                    (f"score-select-continue + soft_clip ({' '.join(rule)}, first {a.first_half:.0%})",
+                                     ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], f"select-soft-{st}")):
+            if method.split(" (")[0].replace("score-select-continue", "select").replace(" + ", "+") not in a.methods:
                 continue
             route = work / name
             train(route, noisy / "train.json", a.steps - s1,

@@ -7,6 +7,8 @@ imported only when that feature runs, and a missing one is an error naming the e
     clipart  scikit-image   the clipart scenes' photographic backgrounds (vlp.data.build clipart)
     parquet  pyarrow        Parquet caption tables (vlp.data.build / convert), curation scores and selections (vlp.curate)
 
+    curate   faiss-cpu      SemDeDup's k-means (python -m vlp.curate select --dedup-eps); with pyarrow
+
 `pip install 'vlp[all]'` installs every extra.
 """
 
@@ -23,6 +25,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("report", "matplotlib"),
     "skimage": ("clipart", "scikit-image"),
     "pyarrow": ("parquet", "pyarrow"),
+    "faiss": ("curate", "faiss-cpu"),
 }
 
 

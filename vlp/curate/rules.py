@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from vlp.data.manifest import DataError, stable_seed
+from vlp.extras import require
 
 _WORD = re.compile(r"[\w][\w'\-]*", re.UNICODE)
 
@@ -74,8 +75,7 @@ def balance_keep(captions: Sequence[str], uids: np.ndarray, entries: Sequence[st
 
 def semdedup_keep(emb: np.ndarray, eps: float, clusters: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """SemDeDup keep mask over unit embeddings `emb` [n, d]."""
-    import faiss
-
+    faiss = require("faiss", "SemDeDup (vlp.curate select --dedup-eps)")
     x = np.ascontiguousarray(emb, dtype=np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     n, d = x.shape
