@@ -6,7 +6,6 @@ imported only when that feature runs, and a missing one is an error naming the e
     report   matplotlib     the figures of the eval HTML report (`python -m vlp.eval` without --no-report)
     clipart  scikit-image   the clipart scenes' photographic backgrounds (vlp.data.build clipart)
     parquet  pyarrow        Parquet caption tables (vlp.data.build / convert), curation scores and selections (vlp.curate)
-
     curate   faiss-cpu      SemDeDup's k-means (python -m vlp.curate select --dedup-eps); with pyarrow
 
 `pip install 'vlp[all]'` installs every extra.

@@ -30,6 +30,7 @@ import torch
 import webdataset as wds
 
 from vlp.curate.score import _world, eval_image, shard_entries
+from vlp.data.build import write_manifest
 from vlp.data.manifest import DataError
 from vlp.data.position import iter_shard
 from vlp.data.transforms import eval_transform
@@ -93,9 +94,7 @@ def caption_shards(spec: str, checkpoint: str, out_dir: str | Path, *, rank: int
         manifest = {"source": f"recaption:{spec}", "split": "train", "num_samples": sum(n for _, n in entries),
                     "shards": [{"url": str((out / nm).resolve()), "num_samples": n}
                                for nm, (_, n) in zip(names, entries)], "params": {**setting, "checkpoint": checkpoint}}
-        tmp = out / ".train.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out / "train.json")
+        write_manifest(out, "train", manifest)
     return {"written": done, "skipped_done": skipped}
 
 

@@ -17,21 +17,12 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from vlp.data.manifest import DataError, expand_shards_with_sizes
+from vlp.curate.score import shard_entries
+from vlp.data.build import write_manifest
+from vlp.data.manifest import DataError
 from vlp.data.position import iter_shard
 
 CORRUPTED = "corrupted.json"
-
-
-def _entries(spec: str) -> list[tuple[str, int]]:
-    out = []
-    for url, n in expand_shards_with_sizes(spec):
-        if n is None:
-            from vlp.data.position import count_samples
-
-            n = count_samples(url)
-        out.append((url, int(n)))
-    return out
 
 
 def make_noisy(spec: str, out_dir: str | Path, rate: float, seed: int = 0, text_key: str = "txt") -> dict[str, Any]:
@@ -41,7 +32,7 @@ def make_noisy(spec: str, out_dir: str | Path, rate: float, seed: int = 0, text_
     whose permuted caption is its own (or byte-equal to it) is not listed as corrupted."""
     if not 0.0 <= rate <= 1.0:
         raise DataError(f"noise rate must be in [0, 1], got {rate}")
-    entries = _entries(spec)
+    entries = shard_entries(spec)
     total = sum(n for _, n in entries)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, size=int(round(rate * total)), replace=False))
@@ -80,9 +71,7 @@ def make_noisy(spec: str, out_dir: str | Path, rate: float, seed: int = 0, text_
                                              "keys": corrupted}))
     manifest = {"source": f"noisy:{spec}", "split": "train", "num_samples": sum(s["num_samples"] for s in shards),
                 "shards": shards, "params": {"rate": rate, "seed": seed, "text_key": text_key}}
-    tmp = out / ".train.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "train.json")
+    write_manifest(out, "train", manifest)
     return manifest
 
 

@@ -35,8 +35,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.decode import decode_text, to_rgb_counted
-from vlp.data.manifest import DataError, expand_shards_with_sizes
-from vlp.data.position import count_samples, iter_shard
+from vlp.data.manifest import DataError
+from vlp.data.position import iter_shard
 from vlp.data.transforms import eval_transform
 from vlp.extras import MissingExtraError, require
 
@@ -44,8 +44,11 @@ SCHEMA_VERSION = 1
 
 
 def shard_entries(spec: str) -> list[tuple[str, int]]:
-    """(url, samples) of each shard of `spec`, counted where no manifest says."""
-    return [(u, int(n) if n is not None else count_samples(u)) for u, n in expand_shards_with_sizes(spec)]
+    """(url, samples) of each shard of `spec`, as the trainer's loader sees them (vlp.data.pipeline.shard_table)."""
+    from vlp.data.pipeline import shard_table
+
+    table = shard_table(spec)
+    return [(u, int(n)) for u, n in zip(table.urls, table.sizes)]
 
 
 def _keys(spec: str) -> list[str]:
@@ -177,7 +180,7 @@ def score_shards(spec: str, checkpoint: str, out_dir: str | Path, *, rank: int =
                "text_key": text_key, "image_key": image_key, "max_caption_chars": max_caption_chars}
     if rank == 0:
         meta = {**setting, "spec": spec, "checkpoint": str(checkpoint), "num_shards": len(entries),
-                "shards": [u for u, _ in entries], "num_samples": int(offsets[-1])}
+                "shards": [u for u, _ in entries], "sizes": [n for _, n in entries], "num_samples": int(offsets[-1])}
         (Path(out_dir) / "scoring.json").write_text(json.dumps(meta, indent=1))
     mine = [(i, u) for i, (u, n) in enumerate(entries) if i % world_size == rank]
     todo = [(i, u) for i, u in mine if not _done(out / f"{i:06d}.parquet", {**setting, "url": u})]

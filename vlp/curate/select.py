@@ -134,11 +134,9 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
         keep &= ok
     mask = np.zeros(int(meta["num_samples"]), dtype=bool)
     mask[uid[keep]] = True
-    sizes = [int(json.loads((Path(scores_dir) / "shards" / f"{i:06d}.json").read_text())["num_samples"])
-             for i in range(meta["num_shards"])]
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
             "scores": str(scores_dir), "model": meta["model"], "spec": meta["spec"]}
-    sel = write_selection(out_dir, mask, meta["shards"], sizes, info)
+    sel = write_selection(out_dir, mask, meta["shards"], meta["sizes"], info)
     out = Path(out_dir)
     pq.write_table(pa.table({"uid": uid[keep], "key": table["key"].filter(pa.array(keep))}), out / "selection.parquet")
     report = {**info, "histogram": _histogram(scores, keep)}

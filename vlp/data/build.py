@@ -111,7 +111,8 @@ def _write_shards(
     return shards
 
 
-def _write_manifest(out_dir: Path, split: str, manifest: dict[str, Any]) -> None:
+def write_manifest(out_dir: Path, split: str, manifest: dict[str, Any]) -> None:
+    """`{out_dir}/{split}.json`, written atomically (vlp.curate writes its shard copies' manifests with it)."""
     tmp = out_dir / f".{split}.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out_dir / f"{split}.json")
@@ -127,7 +128,7 @@ def _finish(out_dir: Path, split: str, source: str, params: dict, shards: list, 
         "params": params,
         **extra,
     }
-    _write_manifest(out_dir, split, manifest)
+    write_manifest(out_dir, split, manifest)
     return manifest
 
 
@@ -261,16 +262,17 @@ def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: i
     Reading a selection in place (`data.select`) reads every shard each epoch; resharding reads them
     once and writes the kept fraction f, after which an epoch reads f of the bytes: it pays when f
     is small and the run has several epochs. In place the corpus is stored once (datacomp#11)."""
-    from vlp.data.manifest import DataError, expand_shards_with_sizes
-    from vlp.data.position import ShardTable, count_samples, iter_shard
+    from vlp.data.manifest import DataError
+    from vlp.data.pipeline import shard_table
+    from vlp.data.position import iter_shard
     from vlp.data.selection import Selection
 
-    entries = [(u, n if n is not None else count_samples(u)) for u, n in expand_shards_with_sizes(spec)]
+    table = shard_table(spec)
     sel = Selection(selection, "selection")
-    sel.check(ShardTable([u for u, _ in entries], [n for _, n in entries]))
+    sel.check(table)
 
     def kept() -> Iterator[dict[str, Any]]:
-        for s, (url, _) in enumerate(entries):
+        for s, url in enumerate(table.urls):
             for _, raw in iter_shard(url, {int(i) for i in sel.kept_in(s).nonzero()[0]}):
                 yield raw
 

@@ -385,7 +385,7 @@ def _epoch_total(specs: list, mixture: str, num_units: int) -> int | None:
     """Samples of an epoch when known without counting (manifests; a resampled epoch's draws)."""
     if mixture == "resample":
         return num_units
-    return selected_total(specs, [num_samples_from_manifest(src.shards) for src in specs])
+    return selected_total(specs)
 
 
 def _split_position(position: DataPosition, layout: Layout, slots: int) -> DataPosition:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vlp.data.manifest import DataError
+from vlp.data.manifest import DataError, num_samples_from_manifest
 from vlp.data.position import ShardTable
 
 MASK, META = "mask.npy", "selection.json"
@@ -130,11 +130,13 @@ def selection_fingerprints(specs: list[Any]) -> dict[str, str]:
     return out
 
 
-def selected_total(specs: list[Any], counts: list[int | None]) -> int | None:
-    """Samples of an epoch given each source's count (None: unknown), with selections applied."""
+def selected_total(specs: list[Any]) -> int | None:
+    """Samples of an epoch of the sources `specs`, from their manifests (None: a count is unknown),
+    with selections applied (a selection knows its kept count)."""
     total = 0
-    for i, (src, n) in enumerate(zip(specs, counts)):
+    for i, src in enumerate(specs):
         sel = open_selection(src, i)
+        n = num_samples_from_manifest(src.shards) if sel is None else None
         if sel is not None:
             total += sel.kept
         elif n is None:

@@ -63,6 +63,21 @@ def all_gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = 
     return _AllGather.apply(x, group, sizes)
 
 
+def global_batch(image_features: torch.Tensor, text_features: torch.Tensor,
+                 group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(every rank's image features, every rank's text features, this rank's rows' indices into them,
+    the weight of this rank's mean loss). Gathered with gradients; the weight (local / mean local
+    batch) makes the data-parallel average of per-rank means the exact global mean when ranks hold
+    unequal batches."""
+    n_local = image_features.shape[0]
+    sizes = local_sizes(n_local, image_features.device, group)
+    all_img = all_gather_with_grad(image_features, group, sizes)
+    all_txt = all_gather_with_grad(text_features, group, sizes)
+    rank = dist.get_rank(group) if len(sizes) > 1 else 0
+    labels = torch.arange(n_local, device=image_features.device) + sum(sizes[:rank])
+    return all_img, all_txt, labels, n_local * len(sizes) / sum(sizes)
+
+
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE over the global batch.
 
@@ -82,13 +97,7 @@ class ClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         n_local = image_features.shape[0]
-        sizes = local_sizes(n_local, image_features.device, self.group)
-        all_img = all_gather_with_grad(image_features, self.group, sizes)
-        all_txt = all_gather_with_grad(text_features, self.group, sizes)
-        rank = dist.get_rank(self.group) if len(sizes) > 1 else 0
-        offset = sum(sizes[:rank])
-        # equal-weighting of ranks by the gradient average must still give the global mean
-        weight = n_local * len(sizes) / sum(sizes)
+        all_img, all_txt, labels, weight = global_batch(image_features, text_features, self.group)
         # logit_bias is accepted for a uniform loss signature; a softmax is invariant to it
         # fp32 logits: the softmax over a large batch is where low precision hurts
         img = image_features.float()
@@ -102,7 +111,6 @@ class ClipLoss(nn.Module):
             return loss * weight
         logits_per_image = scale * img @ all_txt.float().t()
         logits_per_text = scale * txt @ all_img.float().t()
-        labels = torch.arange(n_local, device=img.device) + offset
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return loss * weight
 

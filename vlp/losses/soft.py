@@ -21,10 +21,9 @@ and compute are about twice ClipLoss's (one more local x global matrix per direc
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .contrastive import all_gather_with_grad, local_sizes
+from .contrastive import global_batch
 
 
 def _soft_ce(logits: torch.Tensor, intra: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -50,14 +49,9 @@ class SoftClipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None = None) -> torch.Tensor:
-        n_local = image_features.shape[0]
-        sizes = local_sizes(n_local, image_features.device, self.group)
-        all_img = all_gather_with_grad(image_features, self.group, sizes).float()
-        all_txt = all_gather_with_grad(text_features, self.group, sizes).float()
-        rank = dist.get_rank(self.group) if len(sizes) > 1 else 0
-        weight = n_local * len(sizes) / sum(sizes)  # ranks weighted so the average is the global mean
+        all_img, all_txt, labels, weight = global_batch(image_features, text_features, self.group)
+        all_img, all_txt = all_img.float(), all_txt.float()
         img, txt, scale = image_features.float(), text_features.float(), logit_scale.float()
-        labels = torch.arange(n_local, device=img.device) + sum(sizes[:rank])
         s = scale.detach()
         i2t = _soft_ce(scale * img @ all_txt.t(), s * img @ all_img.t(), labels, self.alpha)
         t2i = _soft_ce(scale * txt @ all_img.t(), s * txt @ all_txt.t(), labels, self.alpha)

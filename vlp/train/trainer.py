@@ -28,7 +28,6 @@ from vlp.data.pipeline import (
     build_train_loader,
     expand_shards,
     is_report_only,
-    num_samples_from_manifest,
 )
 from vlp.data.selection import selected_total, selection_fingerprints
 from vlp.data.tokenizer import get_tokenizer
@@ -71,8 +70,7 @@ def seed_everything(seed: int) -> None:
 def resolve_total_steps(cfg: DictConfig, world_size: int, shards: str) -> int:
     if cfg.train.steps > 0:
         return int(cfg.train.steps)
-    specs = source_specs(cfg.data)
-    n = cfg.data.train_num_samples or selected_total(specs, [num_samples_from_manifest(s.shards) for s in specs])
+    n = cfg.data.train_num_samples or selected_total(source_specs(cfg.data))
     if not n:
         raise TrainError(
             f"cannot turn train.epochs={cfg.train.epochs} into steps: the number of samples in "
