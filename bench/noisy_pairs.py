@@ -99,16 +99,51 @@ def detection(scores_dir: Path, select_dir: Path, corrupted: set[str]) -> dict:
             "recall": float((keep & clean).sum() / max(clean.sum(), 1))}
 
 
+def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str], corrupted: set[str]):
+    """score -> select -> continue at the same total budget: train on the noisy shards up to the first share
+    of `a.rounds`, score the whole pool with that checkpoint, select, continue on the selection (weights
+    from `model.init_from`) up to the next share, score the whole pool again, ...; `extra` goes to the
+    last phase. Returns the final top-1 and the detection figures of the last scorer and selection."""
+    rule = a.select.split()
+    rs = "" if rule == ["--rule", "gmm"] else "-" + "".join(x.strip("-") for x in rule)
+
+    def name(k: int) -> str:  # the first k rounds' part of the names (one round at 50%: the bare names)
+        return f"r{r}-{tag}" + ("" if a.rounds[:k] == [0.5] else "-h" + "-".join(map(str, a.rounds[:k])))
+
+    done, init, sel = 0, [], None
+    for k, share in enumerate(a.rounds, 1):
+        upto = int(round(a.steps * share))
+        phase = work / (f"select-{name(1)}-phase1" if k == 1 else f"select-{name(k)}{rs}-phase{k}")
+        train(phase, noisy / "train.json", upto - done, ([f"data.select={sel}"] if sel else []) + init,
+              work / f"{phase.name}.log")
+        scores = work / f"scores-{name(k)}{'' if k == 1 else rs}"
+        _run([PY, "-m", "vlp.curate", "score", str(noisy / "train.json"), str(scores), "--checkpoint", str(phase),
+              "--workers", "1"], work / f"score-{scores.name}.log")
+        sel = work / f"selection-{name(k)}{rs}"
+        _run([PY, "-m", "vlp.curate", "select", str(scores), str(sel), *rule], work / f"select-{sel.name}.log")
+        det = detection(scores, sel, corrupted)
+        print(f"r={r} round {k} (scored at step {upto}): AUC {det['auc_clean_vs_corrupted']:.3f}, "
+              f"kept {det['kept']}, precision {det['precision']:.3f}", flush=True)
+        done, init = upto, [f"model.init_from.path={phase}"]
+    route = work / f"select-{'soft-' if extra else ''}{name(len(a.rounds))}{rs}"
+    train(route, noisy / "train.json", a.steps - done, [f"data.select={sel}", *init, *extra], work / f"{route.name}.log")
+    return zeroshot(route, a.test_samples, work / f"{route.name}.eval.log"), det
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", nargs="+", type=float, default=[0.5])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-noisy")
     ap.add_argument("--steps", type=int, default=937, help="total optimizer steps of every run (the demo's 937)")
-    ap.add_argument("--first-half", type=float, default=0.5, help="select: share of the budget before scoring")
+    ap.add_argument("--rounds", nargs="+", type=float, default=[0.25, 0.5],
+                    help="select: the shares of the budget at which the pool is (re)scored and selected")
     ap.add_argument("--seed", type=int, default=0, help="noise seed")
     ap.add_argument("--test-samples", type=int, default=0, help="test images scored (0: all 10,000)")
-    ap.add_argument("--methods", nargs="+", default=["select", "soft_clip", "select+soft_clip"],
-                    choices=["select", "soft_clip", "select+soft_clip"], help="routes run beside clean and noisy")
+    ap.add_argument("--methods", nargs="+", default=["small_loss", "select"],
+                    choices=["small_loss", "select", "soft_clip", "select+soft_clip"],
+                    help="routes run beside clean and noisy")
+    ap.add_argument("--drop", type=float, default=None,
+                    help="small_loss.drop (default: the noise rate r, as Co-teaching assumes it known)")
     ap.add_argument("--alpha", type=float, default=0.2, help="soft_clip.alpha")
     ap.add_argument("--select", default="--rule gmm", help="select: the arguments of `vlp.curate select`")
     ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 2,000 test images")
@@ -143,34 +178,22 @@ def main() -> int:
             top = zeroshot(soft, a.test_samples, work / f"{soft.name}.eval.log")
             rows.append({"r": r, "method": f"soft_clip (alpha {a.alpha})", "top1": top})
             print(f"r={r} soft_clip: top-1 {top:.2%}", flush=True)
-        if not {"select", "select+soft_clip"} & set(a.methods):
-            continue
-        # score -> select -> continue, at the same total budget
-        s1 = int(round(a.steps * a.first_half))
-        ph = f"r{r}-{tag}" + ("" if a.first_half == 0.5 else f"-h{a.first_half}")
-        half = work / f"select-{ph}-phase1"
-        train(half, noisy / "train.json", s1, [], work / f"{half.name}.log")
-        scores = work / f"scores-{ph}"
-        _run([PY, "-m", "vlp.curate", "score", str(noisy / "train.json"), str(scores), "--checkpoint", str(half),
-              "--workers", "1"], work / f"score-{ph}.log")
-        rule = a.select.split()
-        st = ph + ("" if rule == ["--rule", "gmm"] else "-" + "".join(x.strip("-") for x in rule))
-        sel = work / f"selection-{st}"
-        _run([PY, "-m", "vlp.curate", "select", str(scores), str(sel), *rule], work / f"select-{st}.log")
-        det = detection(scores, sel, corrupted)
-        for method, extra, name in ((f"score-select-continue ({' '.join(rule)}, first {a.first_half:.0%})", [],
-                                     f"select-{st}"),
-                                    (f"score-select-continue + soft_clip ({' '.join(rule)}, first {a.first_half:.0%})",
-                                     ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], f"select-soft-{st}")):
-            if method.split(" (")[0].replace("score-select-continue", "select").replace(" + ", "+") not in a.methods:
-                continue
-            route = work / name
-            train(route, noisy / "train.json", a.steps - s1,
-                  [f"data.select={sel}", f"model.init_from.path={half}", *extra], work / f"{route.name}.log")
-            top = zeroshot(route, a.test_samples, work / f"{route.name}.eval.log")
-            rows.append({"r": r, "method": method, "top1": top, **det})
-            print(f"r={r} {method}: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, kept {det['kept']} "
-                  f"(precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
+        if "small_loss" in a.methods:
+            drop = r if a.drop is None else a.drop
+            small = work / (f"small-r{r}-{tag}" + ("" if a.drop is None else f"-d{drop}"))
+            train(small, noisy / "train.json", a.steps, ["loss.name=small_loss", f"small_loss.drop={drop}"],
+                  work / f"{small.name}.log")
+            top = zeroshot(small, a.test_samples, work / f"{small.name}.eval.log")
+            rows.append({"r": r, "method": f"small_loss (drop {drop})", "top1": top})
+            print(f"r={r} small_loss: top-1 {top:.2%}", flush=True)
+        for method, extra in (("select", []), ("select+soft_clip", ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"])):
+            if method in a.methods:
+                top, det = select_route(work, tag, r, noisy, a, extra, corrupted)
+                label = (f"score-select-continue{' + soft_clip' if extra else ''} ({a.select}, scored at "
+                         f"{', '.join(f'{x:.0%}' for x in a.rounds)})")
+                rows.append({"r": r, "method": label, "top1": top, **det})
+                print(f"r={r} {label}: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, kept {det['kept']} "
+                      f"(precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
     print("\n| r | method | zero-shot top-1 | gap recovered | scorer ROC AUC | kept | precision | recall |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     noisy_of = {row["r"]: row["top1"] for row in rows if row["method"] == "noisy"}

@@ -64,8 +64,33 @@ def test_soft_clip_loss_is_clip_at_alpha_zero_and_matches_hand_computation():
         SoftClipLoss(alpha=1.0)
 
 
+def test_small_loss_drops_the_largest_loss_pairs_as_anchors_and_ramps():
+    from vlp.losses import SmallLossClipLoss
+
+    g = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    torch.testing.assert_close(SmallLossClipLoss(drop=0.0)(img, txt, scale), ClipLoss()(img, txt, scale))
+    # by hand: every pair's symmetric term over the full matrices, the 3 largest (floor(0.4 * 8)) left out
+    logits = scale * img @ txt.t()
+    terms = -(logits.diag() - logits.logsumexp(1)) / 2 - (logits.diag() - logits.logsumexp(0)) / 2
+    kept = terms.argsort()[:5]
+    loss = SmallLossClipLoss(drop=0.4)
+    torch.testing.assert_close(loss(img, txt, scale), terms[kept].mean().float(), rtol=1e-5, atol=1e-6)
+    assert loss.last_cut == pytest.approx(float(terms.sort().values[5]), rel=1e-5)
+    ramped = SmallLossClipLoss(drop=0.4, ramp_steps=4)
+    shares = []
+    for step in range(6):
+        ramped.steps_done.fill_(step)
+        shares.append(ramped.drop_share())
+    assert shares == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+    with pytest.raises(ValueError, match="drop"):
+        SmallLossClipLoss(drop=1.0)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip", "siglip_tiled", "soft_clip"])
+@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip", "siglip_tiled", "soft_clip", "small_loss"])
 @pytest.mark.parametrize("sizes", ["4,4", "5,3"])
 def test_two_process_gradients_equal_full_batch(tmp_path, sizes, loss):
     out = tmp_path / "grads.pt"

@@ -199,3 +199,23 @@ def test_an_objective_registered_outside_vlp_trains_and_resumes(tmp_path: Path, 
     assert [r["step"] for r in steps] == [1, 2, 3, 4], steps
     assert all(r["loss/smoothing"] == pytest.approx(0.2) for r in steps), steps
     assert np.isfinite([r["loss"] for r in steps]).all()
+
+
+@pytest.mark.slow
+def test_small_loss_resumes_its_ramp_and_its_trajectory(tmp_path: Path, digits_shards_dir: Path) -> None:
+    """The dropped share follows its ramp step by step (drop 0.5 over the first 2 of 4 steps), and a run
+    stopped after step 2 and resumed takes steps 3-4 as the uninterrupted one: the step counter is
+    restored from the checkpoint, not restarted (a restart would drop 0.25 again at step 3)."""
+    from tests.test_train import assert_same_weights, train, weights
+
+    opts = {"loss.name": "small_loss", "small_loss.drop": 0.5, "small_loss.ramp": 0.5, "train.steps": 4,
+            "evals": "{}"}
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(full, digits_shards_dir, **opts)
+    train(split, digits_shards_dir, **opts, **{"train.stop_after_steps": 2})
+    train(split, digits_shards_dir, resume=True, **opts)
+    for run_dir in (full, split):
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        shares = {r["step"]: r["loss/dropped_share"] for r in rows if "loss" in r}
+        assert shares == {1: 0.25, 2: 0.5, 3: 0.5, 4: 0.5}, shares
+    assert_same_weights(weights(full), weights(split))

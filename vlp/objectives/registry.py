@@ -13,6 +13,7 @@ _BUILTIN: tuple[str, ...] = (
     "vlp.objectives.coca",
     "vlp.objectives.tips",
     "vlp.objectives.soft_clip",
+    "vlp.objectives.small_loss",
 )
 _REGISTRY: dict[str, Objective] = {}
 _loaded = False
