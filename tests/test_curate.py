@@ -193,6 +193,23 @@ def test_balance_matches_whole_words_and_caps_head_entries():
     assert (again == keep).all()  # draws seeded per uid
 
 
+def test_per_entry_rule_cuts_inside_each_entry_group():
+    from vlp.curate.rules import group_of
+    from vlp.curate.select import grouped_rule_keep
+
+    # dogs score high, cats low (an easy and a hard concept); "dog and cat" goes to the rarer cat;
+    # "emu" has too few samples and is pooled; "nothing" matches no entry
+    captions = ["a dog"] * 6 + ["a cat"] * 3 + ["a dog and a cat"] + ["an emu"] * 2 + ["nothing"] * 4
+    group, names = group_of(captions, ["dog", "cat", "emu"], min_group=3)
+    assert [names[g] for g in group] == (["dog"] * 6 + ["cat"] * 4 + ["<small entries>"] * 2 + ["<no entry>"] * 4)
+    s = np.array([.9, .8, .7, .6, .5, .4, .3, .2, .1, .0, .5, .4, .3, .2, .1, .0], np.float32)
+    keep, found = grouped_rule_keep(s, group, names, "top", fraction=0.5)
+    assert np.flatnonzero(keep).tolist() == [0, 1, 2, 6, 7, 10, 12, 13]  # the top half of every group
+    assert found["groups"] == 4 and found["largest"]["cat"] == {"samples": 4, "kept": 2, "fraction": 0.5,
+                                                                "cut": pytest.approx(0.2)}
+    assert rule_keep(s, "top", fraction=0.5)[0][6:10].sum() == 0  # one pool-wide cut keeps no cat
+
+
 def test_semdedup_removes_planted_near_duplicates_and_keeps_one_of_each():
     from vlp.curate.rules import semdedup_keep
 

@@ -9,6 +9,14 @@ its entries keeps it, and one that matches no entry is dropped. Matching looks u
 n-gram (n up to the longest entry) in a hash set: O(words x n) per caption, one pass; the counts
 are one integer per entry (500k entries for MetaCLIP's list). Draws are seeded per sample uid.
 
+Score rule per entry (`group_of`): each sample belongs to its rarest matched entry (ties: the
+first in the list), unmatched samples to one group of their own, and entries with fewer than
+`min_group` samples to one pooled group; the score rule then runs inside each group, so a top
+fraction keeps that fraction of every concept and a gmm cut is fit per concept. This calibrates
+the cut per concept: on the noise bench, captions of the confusable classes score lower for clean
+and wrong pairs alike, and one pool-wide cut keeps the easy concepts' wrong pairs while dropping
+the hard concepts' clean ones. Cost: the matching pass of balancing, then one rule per group.
+
 SemDeDup (Abbas et al. 2023): k-means (faiss, spherical) on the unit image embeddings; inside
 each cluster, samples sorted by similarity to the centroid, farthest first; a sample is removed
 when an earlier one of its cluster has cosine similarity above 1 - eps with it, so one of every
@@ -71,6 +79,19 @@ def balance_keep(captions: Sequence[str], uids: np.ndarray, entries: Sequence[st
                   "entries_matched": int((counts > 0).sum()),
                   "head": [{"entry": entries[i], "matched": int(counts[i]), "kept": int(kept_counts[i])} for i in top
                            if counts[i]]}
+
+
+def group_of(captions: Sequence[str], entries: Sequence[str], min_group: int = 100) -> tuple[np.ndarray, list[str]]:
+    """Group id per caption (its rarest matched entry) and the groups' names; groups smaller than
+    `min_group` are pooled into one ("<small entries>"), unmatched captions form "<no entry>"."""
+    matches = match_entries(captions, entries)
+    counts = np.bincount([e for m in matches for e in m], minlength=len(entries))
+    group = np.array([min(m, key=lambda e: (counts[e], e)) if m else -1 for m in matches], dtype=np.int64)
+    sizes = np.bincount(group[group >= 0], minlength=len(entries))
+    small = (group >= 0) & (sizes[np.maximum(group, 0)] < min_group)
+    group[small] = len(entries)
+    group[group < 0] = len(entries) + 1
+    return group, [*entries, "<small entries>", "<no entry>"]
 
 
 def semdedup_keep(emb: np.ndarray, eps: float, clusters: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:

@@ -13,6 +13,8 @@ Rules:
   the higher component than the lower one (posterior >= min-posterior): the clean / noisy split
   of noisy-correspondence training (DivideMix, NCR fit it to per-sample losses), which needs no
   guess of the noise rate. The fit uses at most 1M scores drawn at random.
+- `--per-entry-rule ENTRIES`: the score rule runs inside each entry's group of captions (each
+  sample in its rarest matched entry; vlp/curate/rules.py), so the cut is calibrated per concept.
 - `--balance`, `--dedup-eps`: MetaCLIP's balancing and SemDeDup (vlp/curate/rules.py), combined
   with the score rule (`--rule none` for none): a sample is kept when every rule keeps it.
 A sample without a score (the trainer would have dropped it) is never kept.
@@ -72,6 +74,20 @@ def rule_keep(scores: np.ndarray, rule: str, *, fraction: float = 0.3, min_score
     raise DataError(f"unknown selection rule '{rule}' (known: {', '.join(RULES)})")
 
 
+def grouped_rule_keep(scores: np.ndarray, group: np.ndarray, names: list[str], rule: str,
+                      **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """`rule_keep` inside each group; what each rule found, for the 20 largest groups."""
+    keep = np.zeros(len(scores), dtype=bool)
+    found = {}
+    ids, sizes = np.unique(group, return_counts=True)
+    for g, n in sorted(zip(ids.tolist(), sizes.tolist()), key=lambda x: -x[1]):
+        members = np.flatnonzero(group == g)
+        keep[members], info = rule_keep(scores[members], rule, **kw)
+        if len(found) < 20:
+            found[names[g]] = {"samples": n, "kept": int(keep[members].sum()), **info}
+    return keep, {"groups": len(ids), "largest": found}
+
+
 def _histogram(scores: np.ndarray, keep: np.ndarray, bins: int = 40) -> dict[str, Any]:
     if not len(scores):
         return {"edges": [], "kept": [], "dropped": []}
@@ -89,16 +105,17 @@ def _entries(path: str | Path) -> list[str]:
     try:
         return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     except OSError as e:
-        raise DataError(f"--balance: cannot read the entry list '{path}': {e}") from None
+        raise DataError(f"cannot read the entry list '{path}': {e}") from None
 
 
 def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: float = 0.3,
            min_score: float = 0.0, min_posterior: float = 0.5, min_caption_words: int = 0,
            balance: str | Path | None = None, per_entry: int = 20_000, dedup_eps: float = 0.0,
-           dedup_clusters: int = 100, seed: int = 0) -> dict[str, Any]:
+           dedup_clusters: int = 100, per_entry_rule: str | Path | None = None, min_group: int = 100,
+           seed: int = 0) -> dict[str, Any]:
     """Apply `rule` ("none": no score cut), then optionally caption length, MetaCLIP balancing and
     SemDeDup (vlp.curate.rules), to a finished scoring run; a sample is kept if every rule keeps it."""
-    from vlp.curate.rules import balance_keep, semdedup_keep
+    from vlp.curate.rules import balance_keep, group_of, semdedup_keep
     from vlp.curate.score import read_scores
 
     require("pyarrow.parquet", "vlp.curate select")
@@ -116,6 +133,10 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     found: dict[str, Any] = {}
     if rule == "none":
         keep = np.ones(len(uid), dtype=bool)
+    elif per_entry_rule:
+        group, names = group_of(table["caption"].to_pylist(), _entries(per_entry_rule), min_group)
+        keep, found[rule] = grouped_rule_keep(scores, group, names, rule, fraction=fraction, min_score=min_score,
+                                              min_posterior=min_posterior, seed=seed)
     else:
         keep, found[rule] = rule_keep(scores, rule, fraction=fraction, min_score=min_score,
                                       min_posterior=min_posterior, seed=seed)
@@ -158,13 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dedup-eps", type=float, default=0.0, help="SemDeDup: remove near duplicates above "
                     "cosine 1 - eps (scores made with --embeddings); 0: off")
     ap.add_argument("--dedup-clusters", type=int, default=100, help="SemDeDup: k-means clusters")
+    ap.add_argument("--per-entry-rule", metavar="ENTRIES", help="apply the score rule inside each entry's group "
+                    "of captions (one entry per line; each sample in its rarest matched entry)")
+    ap.add_argument("--min-group", type=int, default=100,
+                    help="per-entry-rule: entries with fewer samples are judged as one pooled group")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
         sel = select(args.scores, args.out_dir, args.rule, fraction=args.fraction, min_score=args.min_score,
                      min_posterior=args.min_posterior, min_caption_words=args.min_caption_words,
                      balance=args.balance, per_entry=args.per_entry, dedup_eps=args.dedup_eps,
-                     dedup_clusters=args.dedup_clusters, seed=args.seed)
+                     dedup_clusters=args.dedup_clusters, per_entry_rule=args.per_entry_rule,
+                     min_group=args.min_group, seed=args.seed)
     except (DataError, FileNotFoundError, ValueError, MissingExtraError) as e:
         print(f"vlp.curate select: error: {e}", file=sys.stderr)
         return 2
