@@ -14,13 +14,19 @@ Runs per r:
   clean     the demo on the clean shards (once, the ceiling)
   noisy     the demo on the noisy shards (the floor)
   soft_clip the demo on the noisy shards with loss.name=soft_clip (intra-modal soft targets)
-  select    score -> select -> continue: train on the noisy shards for half the budget, score every
-            training pair with that checkpoint (`vlp.curate score`), keep the pairs of the clean
-            component of a two-Gaussian fit to the scores (`vlp.curate select --rule gmm`), and spend
-            the other half of the budget on the selection, starting from the half-budget weights
-            (`model.init_from`, `data.select`). Scoring is inference only and is not counted in the
-            budget (as in DataComp, where filtering compute is not training compute).
-  select + soft_clip   the same, the second half with loss.name=soft_clip
+  small_loss the demo on the noisy shards with loss.name=small_loss (drop: the noise rate r)
+  select    score -> select -> continue: train on the noisy shards up to the first share of
+            `--rounds` (default 25%), score every training pair with that checkpoint (`vlp.curate
+            score`), keep the pairs of the clean component of a two-Gaussian fit to the scores
+            (`vlp.curate select --rule gmm`, or the arguments of `--select`, e.g. `--per-entry-rule
+            {entries}` to fit the cut per class name), continue on the selection from those weights
+            (`model.init_from`, `data.select`) up to the next share (default 50%), score the whole
+            pool again with the better model, select again, and spend the rest of the budget on the
+            last selection. Scoring is inference only and is not counted in the budget (as in
+            DataComp, where filtering compute is not training compute).
+  select + soft_clip   the same, the last phase with loss.name=soft_clip
+  select + small_loss  the same, the last phase with loss.name=small_loss (drop `--select-drop`,
+            the selection's residual noise)
 
 Reported: top-1 per run, the share of the clean-noisy gap a route recovers ((route - noisy) /
 (clean - noisy)), and for the scorer its ROC AUC at telling corrupted pairs (by the kept key list)
@@ -99,13 +105,25 @@ def detection(scores_dir: Path, select_dir: Path, corrupted: set[str]) -> dict:
             "recall": float((keep & clean).sum() / max(clean.sum(), 1))}
 
 
-def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str], corrupted: set[str]):
+def class_entries() -> list[str]:
+    """The entry list for `--per-entry-rule`: every class name and synonym the training captions use
+    (vlp/data/captions.py), as a user would list the concepts of their domain."""
+    from vlp.data.captions import FASHION_CLASSNAMES, FASHION_SYNONYMS
+
+    out: list[str] = []
+    for names, cls in zip(FASHION_SYNONYMS, FASHION_CLASSNAMES):
+        out += [e for e in (*names, cls) if e.casefold() not in {o.casefold() for o in out}]
+    return out
+
+
+def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str], corrupted: set[str],
+                 prefix: str = ""):
     """score -> select -> continue at the same total budget: train on the noisy shards up to the first share
     of `a.rounds`, score the whole pool with that checkpoint, select, continue on the selection (weights
     from `model.init_from`) up to the next share, score the whole pool again, ...; `extra` goes to the
     last phase. Returns the final top-1 and the detection figures of the last scorer and selection."""
-    rule = a.select.split()
-    rs = "" if rule == ["--rule", "gmm"] else "-" + "".join(x.strip("-") for x in rule)
+    rule = a.select.format(entries=work / "entries.txt").split()
+    rs = "" if rule == ["--rule", "gmm"] else "-" + "".join(x.strip("-") for x in a.select.split()).replace("{entries}", "E")
 
     def name(k: int) -> str:  # the first k rounds' part of the names (one round at 50%: the bare names)
         return f"r{r}-{tag}" + ("" if a.rounds[:k] == [0.5] else "-h" + "-".join(map(str, a.rounds[:k])))
@@ -125,7 +143,7 @@ def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str
         print(f"r={r} round {k} (scored at step {upto}): AUC {det['auc_clean_vs_corrupted']:.3f}, "
               f"kept {det['kept']}, precision {det['precision']:.3f}", flush=True)
         done, init = upto, [f"model.init_from.path={phase}"]
-    route = work / f"select-{'soft-' if extra else ''}{name(len(a.rounds))}{rs}"
+    route = work / f"select-{prefix}{name(len(a.rounds))}{rs}"
     train(route, noisy / "train.json", a.steps - done, [f"data.select={sel}", *init, *extra], work / f"{route.name}.log")
     return zeroshot(route, a.test_samples, work / f"{route.name}.eval.log"), det
 
@@ -140,12 +158,15 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="noise seed")
     ap.add_argument("--test-samples", type=int, default=0, help="test images scored (0: all 10,000)")
     ap.add_argument("--methods", nargs="+", default=["small_loss", "select"],
-                    choices=["small_loss", "select", "soft_clip", "select+soft_clip"],
+                    choices=["small_loss", "select", "soft_clip", "select+soft_clip", "select+small_loss"],
                     help="routes run beside clean and noisy")
     ap.add_argument("--drop", type=float, default=None,
                     help="small_loss.drop (default: the noise rate r, as Co-teaching assumes it known)")
     ap.add_argument("--alpha", type=float, default=0.2, help="soft_clip.alpha")
-    ap.add_argument("--select", default="--rule gmm", help="select: the arguments of `vlp.curate select`")
+    ap.add_argument("--select", default="--rule gmm", help="select: the arguments of `vlp.curate select`; "
+                    "{entries} stands for the class-name entry list the bench writes (e.g. --per-entry-rule {entries})")
+    ap.add_argument("--select-drop", type=float, default=0.15,
+                    help="select+small_loss: small_loss.drop in the last phase (the selection's residual noise)")
     ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 2,000 test images")
     a = ap.parse_args()
     if a.quick:
@@ -155,6 +176,7 @@ def main() -> int:
     clean = work / "fashion-mnist"
     _run([PY, "-m", "vlp.data.build", "fashion-mnist", str(clean), "--split", "train", "--no-progress"],
          work / "build.log")
+    (work / "entries.txt").write_text("".join(f"{e}\n" for e in class_entries()))
     tag = f"s{a.steps}"
     train(work / f"clean-{tag}", clean / "train.json", a.steps, [], work / f"clean-{tag}.log")
     top_clean = zeroshot(work / f"clean-{tag}", a.test_samples, work / f"clean-{tag}.eval.log")
@@ -186,10 +208,13 @@ def main() -> int:
             top = zeroshot(small, a.test_samples, work / f"{small.name}.eval.log")
             rows.append({"r": r, "method": f"small_loss (drop {drop})", "top1": top})
             print(f"r={r} small_loss: top-1 {top:.2%}", flush=True)
-        for method, extra in (("select", []), ("select+soft_clip", ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"])):
+        routes = (("select", [], ""), ("select+soft_clip", ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], "soft-"),
+                  ("select+small_loss", ["loss.name=small_loss", f"small_loss.drop={a.select_drop}"],
+                   f"small{a.select_drop}-"))
+        for method, extra, prefix in routes:
             if method in a.methods:
-                top, det = select_route(work, tag, r, noisy, a, extra, corrupted)
-                label = (f"score-select-continue{' + soft_clip' if extra else ''} ({a.select}, scored at "
+                top, det = select_route(work, tag, r, noisy, a, extra, corrupted, prefix)
+                label = (f"score-select-continue{method[6:].replace('+', ' + ')} ({a.select}, scored at "
                          f"{', '.join(f'{x:.0%}' for x in a.rounds)})")
                 rows.append({"r": r, "method": label, "top1": top, **det})
                 print(f"r={r} {label}: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, kept {det['kept']} "
