@@ -79,9 +79,10 @@ def grouped_rule_keep(scores: np.ndarray, group: np.ndarray, names: list[str], r
     """`rule_keep` inside each group; what each rule found, for the 20 largest groups."""
     keep = np.zeros(len(scores), dtype=bool)
     found = {}
-    ids, sizes = np.unique(group, return_counts=True)
-    for g, n in sorted(zip(ids.tolist(), sizes.tolist()), key=lambda x: -x[1]):
-        members = np.flatnonzero(group == g)
+    order = np.argsort(group, kind="stable")  # one sort, then each group's members are one slice
+    ids, starts, sizes = np.unique(group[order], return_index=True, return_counts=True)
+    for g, start, n in sorted(zip(ids.tolist(), starts.tolist(), sizes.tolist()), key=lambda x: -x[2]):
+        members = order[start:start + n]
         keep[members], info = rule_keep(scores[members], rule, **kw)
         if len(found) < 20:
             found[names[g]] = {"samples": n, "kept": int(keep[members].sum()), **info}
@@ -131,15 +132,14 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     uid = table["uid"].to_numpy()
     scores = table["score"].to_numpy().astype(np.float32)
     found: dict[str, Any] = {}
+    rule_kw = dict(fraction=fraction, min_score=min_score, min_posterior=min_posterior, seed=seed)
     if rule == "none":
         keep = np.ones(len(uid), dtype=bool)
     elif per_entry_rule:
         group, names = group_of(table["caption"].to_pylist(), _entries(per_entry_rule), min_group)
-        keep, found[rule] = grouped_rule_keep(scores, group, names, rule, fraction=fraction, min_score=min_score,
-                                              min_posterior=min_posterior, seed=seed)
+        keep, found[rule] = grouped_rule_keep(scores, group, names, rule, **rule_kw)
     else:
-        keep, found[rule] = rule_keep(scores, rule, fraction=fraction, min_score=min_score,
-                                      min_posterior=min_posterior, seed=seed)
+        keep, found[rule] = rule_keep(scores, rule, **rule_kw)
     counts = {"pool": int(meta["num_samples"]), "scored": int(len(uid)), f"kept_by_{rule}": int(keep.sum())}
     if min_caption_words > 0:
         ok = table["caption_words"].to_numpy() >= min_caption_words
