@@ -121,6 +121,17 @@ def test_selection_rules_against_hand_computed_cuts():
         rule_keep(s, "median")
 
 
+def test_a_per_entry_rule_without_a_score_rule_is_refused_before_work_starts(tmp_path, capsys):
+    from vlp.curate.select import main as select_main
+
+    # the scores directory does not exist: the refusal must come first, and nothing is written
+    assert select_main([str(tmp_path / "no-scores"), str(tmp_path / "out"), "--rule", "none",
+                        "--per-entry-rule", "entries.txt"]) == 2
+    err = capsys.readouterr().err
+    assert "--per-entry-rule entries.txt" in err and "--rule none" in err and "no-scores" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def _selection(tmp_path: Path, shards: Path, checkpoint: Path, name: str, fraction: float) -> Path:
     scores = tmp_path / "scores"
     if not (scores / "scoring.json").is_file():

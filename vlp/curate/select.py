@@ -116,6 +116,9 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
            seed: int = 0) -> dict[str, Any]:
     """Apply `rule` ("none": no score cut), then optionally caption length, MetaCLIP balancing and
     SemDeDup (vlp.curate.rules), to a finished scoring run; a sample is kept if every rule keeps it."""
+    if per_entry_rule and rule == "none":
+        raise ValueError(f"--per-entry-rule {per_entry_rule}: there is no score rule to apply per entry "
+                         "(--rule none); name one (gmm, top, threshold) or drop --per-entry-rule")
     from vlp.curate.rules import balance_keep, group_of, semdedup_keep
     from vlp.curate.score import read_scores
 
