@@ -68,7 +68,8 @@ def test_resume_continues_the_same_trajectory(tmp_path, digits_shards_dir, nproc
     assert losses(full) == pytest.approx(losses(split), rel=1e-6)
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
+# stage 2 sits between 1 (optimizer state sharded) and 3 (parameters too): an extended re-check
+@pytest.mark.parametrize("zero", [1, pytest.param(2, marks=pytest.mark.extended), 3])
 def test_two_process_zero_stages_loss_falls(tmp_path, digits_shards_dir, zero):
     run_dir = tmp_path / f"zero{zero}"
     train(run_dir, digits_shards_dir, 2, **{"train.steps": 48, "train.zero_stage": zero})
