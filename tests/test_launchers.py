@@ -57,7 +57,7 @@ def test_accelerate_launch_equals_torchrun(tmp_path, digits_shards_dir, torchrun
 
 
 @pytest.mark.slow
-def test_deepspeed_settings_reach_the_engine_and_offload_trains_like_zero2(tmp_path, digits_shards_dir):
+def test_deepspeed_settings_reach_the_engine(tmp_path, digits_shards_dir):
     ds = "train.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}, reduce_bucket_size: 12345, " \
          "overlap_comm: true}}"
     run([sys.executable, "tests/workers/engine_config.py", str(tmp_path / "engine.json"), str(digits_shards_dir),
@@ -68,7 +68,13 @@ def test_deepspeed_settings_reach_the_engine_and_offload_trains_like_zero2(tmp_p
     written = json.loads((tmp_path / "engine.json.run" / "deepspeed_config.json").read_text())
     assert written["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"},
                                             "reduce_bucket_size": 12345, "overlap_comm": True}
-    # ZeRO-Offload steps DeepSpeed's CPU AdamW: the same trajectory as torch's AdamW on the device
+
+
+# two more trainings (60 s); the engine test above builds the offloaded optimizer, test_train.py trains ZeRO stages
+@pytest.mark.extended
+def test_zero_offload_trains_like_zero2(tmp_path, digits_shards_dir):
+    """ZeRO-Offload steps DeepSpeed's CPU AdamW: the same trajectory as torch's AdamW on the device."""
+    ds = "train.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}}}"
     run([sys.executable, "train.py", *_args(tmp_path / "offload", digits_shards_dir, "train.zero_stage=2", ds)])
     run([sys.executable, "train.py", *_args(tmp_path / "plain", digits_shards_dir, "train.zero_stage=2")])
     _assert_same(_weights(tmp_path / "offload"), _weights(tmp_path / "plain"), tol=1e-5)
