@@ -24,6 +24,8 @@ Runs per r:
             pool again with the better model, select again, and spend the rest of the budget on the
             last selection. Scoring is inference only and is not counted in the budget (as in
             DataComp, where filtering compute is not training compute).
+  oracle    the demo on the pairs the noise left intact (`data.select` of every key not in the
+            corrupted list): what a perfect scorer's selection reaches, the bound of selection
   select + soft_clip   the same, the last phase with loss.name=soft_clip
   select + small_loss  the same, the last phase with loss.name=small_loss (drop `--select-drop`,
             the selection's residual noise)
@@ -48,6 +50,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(ROOT))  # the bench reads vlp's own tables from a clone that was never pip-installed
 
 
 def _run(cmd: list[str], log: Path) -> str:
@@ -91,7 +94,6 @@ def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
 def detection(scores_dir: Path, select_dir: Path, corrupted: set[str]) -> dict:
     import pyarrow.parquet as pq
 
-    sys.path.insert(0, str(ROOT))
     from vlp.curate.score import read_scores
 
     table, _ = read_scores(scores_dir, ["key", "score"])
@@ -103,6 +105,27 @@ def detection(scores_dir: Path, select_dir: Path, corrupted: set[str]) -> dict:
     return {"auc_clean_vs_corrupted": roc_auc(score, clean), "kept": int(keep.sum()),
             "precision": float((keep & clean).sum() / max(keep.sum(), 1)),
             "recall": float((keep & clean).sum() / max(clean.sum(), 1))}
+
+
+def oracle_selection(noisy: Path, corrupted: set[str], out: Path) -> Path:
+    """The selection a perfect scorer would make: every pair whose caption the noise left in place (the
+    kept list of corrupted keys removed), in the loader's uid order (shard order, then order in the tar)."""
+    import tarfile
+
+    from vlp.data.manifest import expand_shards
+    from vlp.data.selection import write_selection
+
+    if (out / "selection.json").is_file():
+        return out
+    shards = expand_shards(str(noisy / "train.json"))
+    keep, sizes = [], []
+    for url in shards:
+        with tarfile.open(url) as tar:
+            keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar if m.isfile()))
+        keep += [k not in corrupted for k in keys]
+        sizes.append(len(keys))
+    write_selection(out, np.array(keep), shards, sizes, {"rule": "oracle: the corrupted keys removed"})
+    return out
 
 
 def class_entries() -> list[str]:
@@ -158,7 +181,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="noise seed")
     ap.add_argument("--test-samples", type=int, default=0, help="test images scored (0: all 10,000)")
     ap.add_argument("--methods", nargs="+", default=["small_loss", "select"],
-                    choices=["small_loss", "select", "soft_clip", "select+soft_clip", "select+small_loss"],
+                    choices=["small_loss", "select", "soft_clip", "select+soft_clip", "select+small_loss", "oracle"],
                     help="routes run beside clean and noisy")
     ap.add_argument("--drop", type=float, default=None,
                     help="small_loss.drop (default: the noise rate r, as Co-teaching assumes it known)")
@@ -208,6 +231,13 @@ def main() -> int:
             top = zeroshot(small, a.test_samples, work / f"{small.name}.eval.log")
             rows.append({"r": r, "method": f"small_loss (drop {drop})", "top1": top})
             print(f"r={r} small_loss: top-1 {top:.2%}", flush=True)
+        if "oracle" in a.methods:  # the bound of selection: the intact pairs only, the whole budget on them
+            sel = oracle_selection(noisy, corrupted, work / f"selection-r{r}-oracle")
+            run = work / f"oracle-r{r}-{tag}"
+            train(run, noisy / "train.json", a.steps, [f"data.select={sel}"], work / f"{run.name}.log")
+            top = zeroshot(run, a.test_samples, work / f"{run.name}.eval.log")
+            rows.append({"r": r, "method": "oracle selection (the intact pairs, from scratch)", "top1": top})
+            print(f"r={r} oracle selection: top-1 {top:.2%}", flush=True)
         routes = (("select", [], ""), ("select+soft_clip", ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], "soft-"),
                   ("select+small_loss", ["loss.name=small_loss", f"small_loss.drop={a.select_drop}"],
                    f"small{a.select_drop}-"))

@@ -48,6 +48,21 @@ def test_noise_permutes_the_captions_of_exactly_the_chosen_fraction(tmp_path, di
     assert sorted(v["txt"] for v in clean.values()) == sorted(v["txt"] for v in noisy.values())  # permuted
 
 
+def test_the_bench_oracle_keeps_exactly_the_intact_pairs_in_uid_order(tmp_path, digits_shards_dir):
+    """bench/noisy_pairs.py's oracle row (the bound of selection) trains on every pair the noise left in place."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from noisy_pairs import oracle_selection
+
+    make_noisy(str(digits_shards_dir / "train.json"), tmp_path / "noisy", rate=0.5, seed=1)
+    bad = corrupted_keys(tmp_path / "noisy")
+    sel = Selection(oracle_selection(tmp_path / "noisy", bad, tmp_path / "oracle"))
+    manifest = json.loads((tmp_path / "noisy" / "train.json").read_text())
+    for i, shard in enumerate(manifest["shards"]):
+        keys = [raw["__key__"] for _, raw in iter_shard(shard["url"])]
+        assert sel.kept_in(i).tolist() == [k not in bad for k in keys]
+    assert sel.kept == manifest["num_samples"] - len(bad) and 0 < len(bad)
+
+
 def _random_checkpoint(tmp_path_factory, name: str) -> Path:
     """A random-init preset exported as vlp weights (scoring and recaptioning need no trained model)."""
     from vlp.models import build_model, get_model_config
