@@ -22,8 +22,9 @@ Runs per r:
             {entries}` to fit the cut per class name), continue on the selection from those weights
             (`model.init_from`, `data.select`) up to the next share (default 50%), score the whole
             pool again with the better model, select again, and spend the rest of the budget on the
-            last selection. Scoring is inference only and is not counted in the budget (as in
-            DataComp, where filtering compute is not training compute).
+            last selection (`--fresh`: the first phase only scores, the second phase starts from
+            fresh weights on the first selection). Scoring is inference only and is not counted in
+            the budget (as in DataComp, where filtering compute is not training compute).
   oracle    the demo on the pairs the noise left intact (`data.select` of every key not in the
             corrupted list): what a perfect scorer's selection reaches, the bound of selection
   select + soft_clip   the same, the last phase with loss.name=soft_clip
@@ -147,6 +148,7 @@ def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str
     last phase. Returns the final top-1 and the detection figures of the last scorer and selection."""
     rule = a.select.format(entries=work / "entries.txt").split()
     rs = "" if rule == ["--rule", "gmm"] else "-" + "".join(x.strip("-") for x in a.select.split()).replace("{entries}", "E")
+    rs += "-fresh" if a.fresh else ""
 
     def name(k: int) -> str:  # the first k rounds' part of the names (one round at 50%: the bare names)
         return f"r{r}-{tag}" + ("" if a.rounds[:k] == [0.5] else "-h" + "-".join(map(str, a.rounds[:k])))
@@ -165,7 +167,7 @@ def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str
         det = detection(scores, sel, corrupted)
         print(f"r={r} round {k} (scored at step {upto}): AUC {det['auc_clean_vs_corrupted']:.3f}, "
               f"kept {det['kept']}, precision {det['precision']:.3f}", flush=True)
-        done, init = upto, [f"model.init_from.path={phase}"]
+        done, init = upto, ([] if a.fresh and k == 1 else [f"model.init_from.path={phase}"])
     route = work / f"select-{prefix}{name(len(a.rounds))}{rs}"
     train(route, noisy / "train.json", a.steps - done, [f"data.select={sel}", *init, *extra], work / f"{route.name}.log")
     return zeroshot(route, a.test_samples, work / f"{route.name}.eval.log"), det
@@ -190,6 +192,8 @@ def main() -> int:
                     "{entries} stands for the class-name entry list the bench writes (e.g. --per-entry-rule {entries})")
     ap.add_argument("--select-drop", type=float, default=0.15,
                     help="select+small_loss: small_loss.drop in the last phase (the selection's residual noise)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="select: the first phase only trains the scorer; the second starts from fresh weights")
     ap.add_argument("--quick", action="store_true", help="a fifth of the budget, 2,000 test images")
     a = ap.parse_args()
     if a.quick:
@@ -245,7 +249,7 @@ def main() -> int:
             if method in a.methods:
                 top, det = select_route(work, tag, r, noisy, a, extra, corrupted, prefix)
                 label = (f"score-select-continue{method[6:].replace('+', ' + ')} ({a.select}, scored at "
-                         f"{', '.join(f'{x:.0%}' for x in a.rounds)})")
+                         f"{', '.join(f'{x:.0%}' for x in a.rounds)}{', fresh weights after the first' if a.fresh else ''})")
                 rows.append({"r": r, "method": label, "top1": top, **det})
                 print(f"r={r} {label}: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, kept {det['kept']} "
                       f"(precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
