@@ -114,6 +114,7 @@ def oracle_selection(noisy: Path, corrupted: set[str], out: Path) -> Path:
     import tarfile
 
     from vlp.data.manifest import expand_shards
+    from vlp.data.position import member_key
     from vlp.data.selection import write_selection
 
     if (out / "selection.json").is_file():
@@ -122,7 +123,7 @@ def oracle_selection(noisy: Path, corrupted: set[str], out: Path) -> Path:
     keep, sizes = [], []
     for url in shards:
         with tarfile.open(url) as tar:
-            keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar if m.isfile()))
+            keys = list(dict.fromkeys(mk[0] for m in tar if m.isfile() and (mk := member_key(m.name))))
         keep += [k not in corrupted for k in keys]
         sizes.append(len(keys))
     write_selection(out, np.array(keep), shards, sizes, {"rule": "oracle: the corrupted keys removed"})
