@@ -135,8 +135,9 @@ def test_time_based_checkpoints(tmp_path, digits_shards_dir):
 
 @pytest.mark.slow
 def test_watchdog_names_the_stalled_rank_and_the_group_restarts(tmp_path, digits_shards_dir, reference):
-    """Rank 1 sleeps in step 5 before its step's first collective (VLP_FAULTS): both watchdogs fire
-    (rank 0 waits in that collective), the group restarts from step 3 and ends with the reference."""
+    """Rank 1 sleeps in the data wait of step 5 (VLP_FAULTS) while rank 0 waits in the step's first
+    collective: rank 1's watchdog fires first (rank 0's waits out its grace), names rank 1, its stage
+    and shard; the group restarts from step 3 and ends with the reference."""
     run_dir = tmp_path / "stalled"
     agent = _start(_args(run_dir, digits_shards_dir, **{"train.watchdog_minutes": 0.25}), restarts=1,
                    env={"VLP_FAULTS": json.dumps({"sleep": {"rank": 1, "step": 5, "seconds": 600}})})
@@ -144,11 +145,27 @@ def test_watchdog_names_the_stalled_rank_and_the_group_restarts(tmp_path, digits
     assert agent.returncode == 0, out[-6000:]
     report = (run_dir / "watchdog" / "rank1.txt").read_text()
     assert report.startswith("watchdog: rank 1 made no progress for ")
-    assert "in stage 'collective (the step's flags all-reduce)' of step 5" in report
+    assert "in stage 'data wait' of step 5" in report
     assert f"its data workers last opened: {digits_shards_dir}/train-0000" in report
     assert report.strip() in out and "failed (exitcode: 76)" in out
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'}" in out
     assert_same_weights(weights(run_dir), weights(reference))
+
+
+def test_a_rank_waiting_on_its_peers_gives_the_stalled_one_time_to_report(tmp_path):
+    """Without a grace every rank fires within one poll of the others, and torchrun may stop the
+    stalled rank before its report is written (a CI failure of the test above)."""
+    from vlp.train.watchdog import Watchdog
+
+    for minutes, waiting in ((10, 900.0), (60, 3900.0)):  # + half the timeout, at most 300 s
+        dog = Watchdog(minutes, rank=0, run_dir=tmp_path)
+        dog.close()  # the thread stops at its next poll: only the limits are under test
+        dog.beat("data wait", 1)
+        assert dog.limit() == 60.0 * minutes
+        dog.beat("collective (the step's flags all-reduce)", 1, waits_on_peers=True)
+        assert dog.limit() == waiting
+        dog.beat("forward/backward and optimizer step (with their collectives)", 1)
+        assert dog.limit() == 60.0 * minutes
 
 
 def _lines(path: Path) -> int:

@@ -5,8 +5,9 @@
 - `{"nan_keys": ["digits_train_000012", ...]}`: a micro-batch holding a sample with one of these
   keys gets NaN images, as a corrupt sample or an overflowing layer would give: its loss and
   gradients are non-finite on every rank.
-- `{"sleep": {"rank": 1, "step": 5, "seconds": 600}}`: that rank sleeps before the forward of
-  that optimizer step (counted from 1), so its peers wait in the step's first collective.
+- `{"sleep": {"rank": 1, "step": 5, "seconds": 600}}`: that rank sleeps in the data wait of that
+  optimizer step (counted from 1), as on a dead mount, so its peers wait in the step's first
+  collective.
 
 Faults fire in the first attempt of a torchrun group only (`TORCHELASTIC_RESTART_COUNT` unset
 or 0), so the restart they provoke runs clean, as after a transient fault on a real cluster.

@@ -283,9 +283,9 @@ class Trainer:
             self.watchdog.close()
             self.watchdog = None
 
-    def _beat(self, stage: str) -> None:
+    def _beat(self, stage: str, waits_on_peers: bool = False) -> None:
         if self.watchdog is not None:
-            self.watchdog.beat(stage, self.step + 1)
+            self.watchdog.beat(stage, self.step + 1, waits_on_peers)
 
     def _paused(self):
         return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
@@ -337,9 +337,9 @@ class Trainer:
             while batch is not None and is_report_only(batch):
                 self._absorb(batch)
                 batch = next(it, None)
-            self._beat("collective (the step's flags all-reduce)")
             if self.faults.sleep and state.micro % self.cfg.train.gradient_accumulation_steps == 0:
-                self.faults.maybe_sleep(self.dist.rank, self.step + 1)
+                self.faults.maybe_sleep(self.dist.rank, self.step + 1)  # a stalled data read, as on a dead mount
+            self._beat("collective (the step's flags all-reduce)", waits_on_peers=self.dist.world_size > 1)
             more, preempt, due = self.signals.sync(batch is not None)
             state.preempt |= preempt
             state.save_due |= due

@@ -9,6 +9,12 @@ shards this rank's data workers were reading. It writes this to stderr and to
 `run_dir/watchdog/rank{R}.txt`, then ends the process with `EXIT_CODE`. torchrun
 (`--max-restarts`) then stops the group's other ranks and restarts it from the last checkpoint.
 
+A rank that waits in a collective is, most often, the victim of a peer stalled elsewhere; the
+report that helps is the stalled peer's. So a rank whose stage is a collective (`beat(...,
+waits_on_peers=True)`) waits `COLLECTIVE_GRACE` of the timeout longer (at most 5 minutes more).
+Without that, every rank fires within one poll of the others and torchrun may stop the stalled
+rank before it has written its report.
+
 Evaluation and checkpoint writes pause the watchdog (`paused()`): they are long by nature and
 have no step to finish. The data workers report the shard they open by writing one small file
 per worker under `run_dir/watchdog/` (vlp.data.position.note_shard). That is one write per
@@ -27,6 +33,7 @@ from pathlib import Path
 from vlp.data.position import SHARD_NOTES_ENV
 
 EXIT_CODE = 76
+COLLECTIVE_GRACE = 0.5  # a rank waiting on its peers fires after timeout * (1 + this), at most 300 s later
 
 
 class Watchdog:
@@ -35,6 +42,7 @@ class Watchdog:
         self.rank = rank
         self.dir = Path(run_dir) / "watchdog"
         self.stage, self.step, self.since = "start", 0, time.monotonic()
+        self.waits_on_peers = False
         self._paused = 0
         self._started = time.time()
         self._stop = threading.Event()
@@ -45,9 +53,16 @@ class Watchdog:
             self._thread = threading.Thread(target=self._watch, name="vlp-watchdog", daemon=True)
             self._thread.start()
 
-    def beat(self, stage: str, step: int) -> None:
-        """The loop entered `stage` of optimizer step `step` (counted from 1)."""
+    def beat(self, stage: str, step: int, waits_on_peers: bool = False) -> None:
+        """The loop entered `stage` of optimizer step `step` (counted from 1); `waits_on_peers`: a collective."""
         self.stage, self.step, self.since = stage, step, time.monotonic()
+        self.waits_on_peers = waits_on_peers
+
+    def limit(self) -> float:
+        """Seconds without progress after which this rank fires, in its current stage."""
+        if not self.waits_on_peers:
+            return self.timeout
+        return self.timeout + min(COLLECTIVE_GRACE * self.timeout, 300.0)
 
     @contextmanager
     def paused(self):
@@ -66,7 +81,7 @@ class Watchdog:
         every = min(max(self.timeout / 10, 0.2), 10.0)
         while not self._stop.wait(every):
             stalled = time.monotonic() - self.since
-            if not self._paused and stalled > self.timeout:
+            if not self._paused and stalled > self.limit():
                 self._fire(stalled)
 
     def shards(self) -> list[str]:
