@@ -305,10 +305,14 @@ def load_sprites(max_per_class: int = 64, root: Path | None = None, cache_dir: P
         shapes = np.array([arrays[f].shape for f in ok], dtype=np.int64).reshape(-1, 3)
         offsets = np.concatenate([[0], np.cumsum([arrays[f].size for f in ok])]).astype(np.int64)
         flat = np.concatenate([arrays[f].ravel() for f in ok]) if ok else np.zeros(0, np.uint8)
-        tmp = npz_path.with_suffix(".tmp.npz")
+        # each file is published by a rename of a name only this process writes: two processes
+        # filling the cache at once (parallel tests, two jobs on one node) never read half a file
+        tmp = npz_path.with_name(f"{npz_path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, flat=flat, shapes=shapes, offsets=offsets)
         os.replace(tmp, npz_path)
-        meta_path.write_text(json.dumps(meta))
+        tmp_meta = meta_path.with_name(f"{meta_path.stem}.{os.getpid()}.tmp.json")
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_path)
     bank = SpriteBank({}, list(meta["failed"]))
     for split, items in splits.items():
         bank.sprites[split] = [
