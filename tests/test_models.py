@@ -258,6 +258,18 @@ def test_tokenizer_matches_open_clip() -> None:
     assert ours(TEXTS[-1])[0, -1].item() == ours.eot_token_id
 
 
+def test_a_training_process_starts_without_open_clips_package_or_transformers() -> None:
+    """What train.py imports loads open_clip's tokenizer file alone: the package's __init__ builds all
+    of open_clip's models and imports transformers (about 1.8 s of every rank's start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlp.train.cli, vlp.data.tokenizer as t; t.Tokenizer(77); "
+            "print(sorted(m for m in ('open_clip', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def test_tokenizer_short_context_and_decode(nano_tok: Tokenizer) -> None:
     out = nano_tok(["a photo of a cat", "word " * 50])
     assert out.shape == (2, 16) and out.dtype == torch.long

@@ -2,14 +2,43 @@
 
 Wrapping rather than reimplementing guarantees ids identical to `open_clip.get_tokenizer('ViT-B-32')`,
 which is what makes open_clip checkpoints usable with vlp.
+
+`open_clip/tokenizer.py` imports only ftfy, regex, numpy and torch, but `import open_clip.tokenizer`
+runs the package's `__init__` first, which builds all of open_clip's models and imports transformers:
+about 1.8 s of every process start (each rank, each `python -m vlp...` command). So the module is
+loaded from open_clip's own file, under a private name, without the package. If the installed
+open_clip lays its files out otherwise, the plain import is used.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Protocol
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+
+
+def _open_clip_tokenizer_module():
+    name = "vlp._open_clip_tokenizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("open_clip")  # finds the package without running its __init__
+    paths = list(spec.submodule_search_locations or []) if spec is not None else []
+    file = next((Path(p) / "tokenizer.py" for p in paths if (Path(p) / "tokenizer.py").is_file()), None)
+    if file is None:
+        import open_clip.tokenizer as module
+
+        return module
+    module_spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+SimpleTokenizer = _open_clip_tokenizer_module().SimpleTokenizer
 
 
 class TextSettings(Protocol):
