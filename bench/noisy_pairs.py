@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -66,8 +67,11 @@ def _run(cmd: list[str], log: Path) -> str:
 
 
 def train(run_dir: Path, shards: Path, steps: int, extra: list[str], log: Path) -> None:
-    if (run_dir / "model.safetensors").is_file():
-        return  # finished before (the bench reuses what it made)
+    if (run_dir / "model.safetensors").is_file():  # finished before: the bench reuses what it made
+        made_on = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_shards"]
+        if made_on != str(shards):
+            raise SystemExit(f"{run_dir} was trained on {made_on}, not {shards}: remove it or use another --work")
+        return
     _run([PY, "train.py", "--config", "configs/demo.yaml", f"run_dir={run_dir}", f"data.train_shards={shards}",
           f"train.steps={steps}", "evals={}", "train.progress_bar=false", "train.checkpoint_every_n_steps=0",
           *extra], log)
@@ -205,16 +209,17 @@ def main() -> int:
     _run([PY, "-m", "vlp.data.build", "fashion-mnist", str(clean), "--split", "train", "--no-progress"],
          work / "build.log")
     (work / "entries.txt").write_text("".join(f"{e}\n" for e in class_entries()))
-    tag = f"s{a.steps}"
-    train(work / f"clean-{tag}", clean / "train.json", a.steps, [], work / f"clean-{tag}.log")
-    top_clean = zeroshot(work / f"clean-{tag}", a.test_samples, work / f"clean-{tag}.eval.log")
+    clean_tag = f"s{a.steps}"  # the clean run does not depend on the noise seed
+    tag = clean_tag + (f"-seed{a.seed}" if a.seed else "")  # every run on noisy shards does
+    train(work / f"clean-{clean_tag}", clean / "train.json", a.steps, [], work / f"clean-{clean_tag}.log")
+    top_clean = zeroshot(work / f"clean-{clean_tag}", a.test_samples, work / f"clean-{clean_tag}.eval.log")
     rows = [{"r": 0.0, "method": "clean", "top1": top_clean}]
     print(f"clean: top-1 {top_clean:.2%}", flush=True)
     for r in a.rates:
         noisy = work / f"noisy-r{r}-seed{a.seed}"
         if not (noisy / "train.json").is_file():
             _run([PY, "-m", "vlp.curate", "noise", str(clean / "train.json"), str(noisy), "--rate", str(r),
-                  "--seed", str(a.seed)], work / f"noise-r{r}.log")
+                  "--seed", str(a.seed)], work / f"noise-r{r}-seed{a.seed}.log")
         corrupted = set(json.loads((noisy / "corrupted.json").read_text())["keys"])
         base = work / f"noisy-r{r}-{tag}"
         train(base, noisy / "train.json", a.steps, [], work / f"{base.name}.log")
@@ -237,7 +242,7 @@ def main() -> int:
             rows.append({"r": r, "method": f"small_loss (drop {drop})", "top1": top})
             print(f"r={r} small_loss: top-1 {top:.2%}", flush=True)
         if "oracle" in a.methods:  # the bound of selection: the intact pairs only, the whole budget on them
-            sel = oracle_selection(noisy, corrupted, work / f"selection-r{r}-oracle")
+            sel = oracle_selection(noisy, corrupted, work / f"selection-r{r}-{tag}-oracle")
             run = work / f"oracle-r{r}-{tag}"
             train(run, noisy / "train.json", a.steps, [f"data.select={sel}"], work / f"{run.name}.log")
             top = zeroshot(run, a.test_samples, work / f"{run.name}.eval.log")
