@@ -261,6 +261,7 @@ def test_tokenizer_matches_open_clip() -> None:
 def test_a_training_process_starts_without_open_clips_package_or_transformers() -> None:
     """What train.py imports loads open_clip's tokenizer file alone: the package's __init__ builds all
     of open_clip's models and imports transformers (about 1.8 s of every rank's start)."""
+    import pickle
     import subprocess
     import sys
 
@@ -268,6 +269,12 @@ def test_a_training_process_starts_without_open_clips_package_or_transformers() 
             "print(sorted(m for m in ('open_clip', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+    # a pickled tokenizer, alone or in its wrapper, loads in a fresh process (a spawned loader worker)
+    want = Tokenizer(77)(["a photo of a cat"]).tolist()
+    for tok in (Tokenizer(77), Tokenizer(77)._tok):
+        code = "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read())(['a photo of a cat']).tolist())"
+        out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(tok), capture_output=True)
+        assert out.stdout.decode().strip() == str(want), out.stderr.decode()[-2000:]
 
 
 def test_tokenizer_short_context_and_decode(nano_tok: Tokenizer) -> None:

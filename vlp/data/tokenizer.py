@@ -39,6 +39,10 @@ def _open_clip_tokenizer_module():
 
 
 SimpleTokenizer = _open_clip_tokenizer_module().SimpleTokenizer
+if SimpleTokenizer.__module__ != "open_clip.tokenizer":
+    # pickle names a class by its module: name this one, which any process can import, so that a pickled
+    # tokenizer loads in a spawned worker (the private module exists only once this one has run)
+    SimpleTokenizer.__module__ = __name__
 
 
 class TextSettings(Protocol):
