@@ -249,6 +249,80 @@ def test_semdedup_removes_planted_near_duplicates_and_keeps_one_of_each():
         assert keep[[g, 60 + 3 * g, 61 + 3 * g, 62 + 3 * g]].sum() == 1
 
 
+def test_decontamination_removes_exactly_what_a_brute_force_search_finds():
+    from vlp.curate.rules import decontaminate_keep
+
+    rng = np.random.default_rng(1)
+    ev = rng.normal(size=(40, 16)).astype(np.float32)
+    pool = rng.normal(size=(300, 16)).astype(np.float32)
+    planted = [7, 50, 123, 299]
+    pool[planted] = ev[[3, 3, 20, 39]] * 2.5 + 1e-3 * rng.normal(size=(4, 16)).astype(np.float32)
+    keys = [f"k{i}" for i in range(300)]
+    chunks = [(pool[a:b], keys[a:b]) for a, b in ((0, 100), (100, 101), (101, 300))]  # uneven scoring shards
+    keep, info = decontaminate_keep(chunks, ev, [f"e{j}" for j in range(40)], min_sim=0.9)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    nearest = (unit(pool) @ unit(ev).T).max(1)
+    assert keep.tolist() == (nearest < 0.9).tolist() and not keep[planted].any()
+    assert info["removed"] == int((nearest >= 0.9).sum()) and info["eval_images"] == 40
+    assert {c["key"]: c["eval_key"] for c in info["closest"]}["k123"] == "e20"
+    assert [c["cosine"] for c in info["closest"]] == sorted((c["cosine"] for c in info["closest"]), reverse=True)
+    with pytest.raises(DataError, match="min-sim"):
+        decontaminate_keep(chunks, ev, [], min_sim=1.5)
+
+
+def _contaminated_pool(tmp_path: Path, train: Path, test: Path, planted: int) -> tuple[Path, list[str]]:
+    """The train shards plus one shard of `planted` evaluation images under new keys (a scraped copy)."""
+    import webdataset as wds
+
+    manifest = json.loads((train / "train.json").read_text())
+    copies = [raw for _, (_, raw) in zip(range(planted), iter_shard(json.loads(
+        (test / "test.json").read_text())["shards"][0]["url"]))]
+    keys = [f"scraped_{i:03d}" for i in range(planted)]
+    with wds.TarWriter(str(tmp_path / "scraped.tar")) as w:
+        for key, raw in zip(keys, copies):
+            w.write({"__key__": key, "png": raw["png"], "txt": b"a photo found on the web"})
+    manifest["shards"].append({"url": str(tmp_path / "scraped.tar"), "num_samples": planted})
+    manifest["num_samples"] += planted
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "train.json").write_text(json.dumps(manifest))
+    return tmp_path / "pool", keys
+
+
+def test_select_decontaminates_against_a_scored_evaluation_set(tmp_path, digits_shards_dir, checkpoint,
+                                                              coca_checkpoint):
+    """Real held-out images (digits' test split) planted in the pool are dropped, and exactly the samples a
+    brute-force search over the stored embeddings finds; mismatched inputs are refused before any work."""
+    import pyarrow.parquet as pq
+
+    from vlp.data.build import build_shards
+
+    build_shards("digits", tmp_path / "test", split="test", shard_size=200, seed=0)
+    pool, planted = _contaminated_pool(tmp_path, digits_shards_dir, tmp_path / "test", planted=6)
+    score_shards(str(pool / "train.json"), str(checkpoint), tmp_path / "pool_scores", batch_size=128, embeddings=True)
+    score_shards(str(tmp_path / "test" / "test.json"), str(checkpoint), tmp_path / "eval_scores", batch_size=128,
+                 embeddings=True)
+    sel = select(tmp_path / "pool_scores", tmp_path / "sel", "none", decontaminate=[tmp_path / "eval_scores"],
+                 decontaminate_min_sim=0.999)
+    pool_t, eval_t = _table(tmp_path / "pool_scores"), _table(tmp_path / "eval_scores")
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    nearest = (unit(np.array(pool_t["image_emb"], np.float32)) @ unit(np.array(eval_t["image_emb"], np.float32)).T)
+    removed = {k for k, m in zip(pool_t["key"], nearest.max(1)) if m >= 0.999}
+    kept = set(pq.read_table(tmp_path / "sel" / "selection.parquet")["key"].to_pylist())
+    assert removed == set(planted) and kept == set(pool_t["key"]) - removed  # the copies, and nothing else
+    assert sel["kept"] == len(pool_t["key"]) - len(removed) == sel["counts"]["kept_by_decontamination"]
+    found = json.loads((tmp_path / "sel" / "report.json").read_text())["found"]["decontamination"]
+    assert found["removed"] == len(removed) and found["eval_images"] == len(eval_t["key"])
+
+    score_shards(str(pool / "train.json"), str(checkpoint), tmp_path / "bare", batch_size=256)
+    score_shards(str(tmp_path / "test" / "test.json"), str(coca_checkpoint), tmp_path / "other", batch_size=128,
+                 embeddings=True)
+    for pool_dir, eval_dir, says in (("bare", "eval_scores", "without --embeddings"),
+                                     ("pool_scores", "other", "only comparable in one model")):
+        with pytest.raises(DataError, match=says):
+            select(tmp_path / pool_dir, tmp_path / "never", "gmm", decontaminate=[tmp_path / eval_dir])
+    assert not (tmp_path / "never").exists()
+
+
 def test_reshard_writes_exactly_the_selected_samples_byte_for_byte(tmp_path, digits_shards_dir, checkpoint):
     import pyarrow.parquet as pq
 

@@ -215,11 +215,8 @@ def score_shards(spec: str, checkpoint: str, out_dir: str | Path, *, rank: int =
     return {"shards": len(mine), "skipped_done": len(mine) - len(todo), "scored": scored}
 
 
-def read_scores(scores_dir: str | Path, columns: list[str] | None = None):
-    """All shards' rows as one Arrow table, in uid order; refuses a scoring run that is not finished."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def scoring_meta(scores_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
+    """A finished scoring run's scoring.json and its shard files in uid order; refuses an unfinished one."""
     root = Path(scores_dir)
     meta_path = root / "scoring.json"
     if not meta_path.is_file():
@@ -230,8 +227,24 @@ def read_scores(scores_dir: str | Path, columns: list[str] | None = None):
     if missing:
         raise DataError(f"'{root}': scoring is not finished, {len(missing)} of {len(files)} shards missing "
                         f"(first: {missing[0]}); run the score command again to complete it")
-    table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
-    return table, meta
+    return meta, files
+
+
+def iter_scores(scores_dir: str | Path, columns: list[str] | None = None) -> Iterator[Any]:
+    """One Arrow table per scored shard, in uid order: a pass over a column too large to hold whole."""
+    import pyarrow.parquet as pq
+
+    _, files = scoring_meta(scores_dir)
+    for f in files:
+        yield pq.read_table(f, columns=columns)
+
+
+def read_scores(scores_dir: str | Path, columns: list[str] | None = None):
+    """All shards' rows as one Arrow table, in uid order; refuses a scoring run that is not finished."""
+    import pyarrow as pa
+
+    meta, _ = scoring_meta(scores_dir)
+    return pa.concat_tables(list(iter_scores(scores_dir, columns))), meta
 
 
 def _world() -> tuple[int, int]:

@@ -5,6 +5,7 @@ in place (vlp/data/selection.py).
     python -m vlp.curate select SCORES OUT --rule top --fraction 0.3  (DataComp's CLIP-score top 30 %)
     python -m vlp.curate select SCORES OUT --rule threshold --min-score 0.28   (LAION's cut)
       [--min-caption-words 2] [--balance entries.txt --per-entry 20000] [--dedup-eps 0.05 --dedup-clusters 1000]
+      [--decontaminate EVAL_SCORES --decontaminate-min-sim 0.95]
 
 Rules:
 - `threshold`: keep score >= min-score (LAION-5B kept ViT-B/32 cosine >= 0.28).
@@ -15,8 +16,9 @@ Rules:
   guess of the noise rate. The fit uses at most 1M scores drawn at random.
 - `--per-entry-rule ENTRIES`: the score rule runs inside each entry's group of captions (each
   sample in its rarest matched entry; vlp/curate/rules.py), so the cut is calibrated per concept.
-- `--balance`, `--dedup-eps`: MetaCLIP's balancing and SemDeDup (vlp/curate/rules.py), combined
-  with the score rule (`--rule none` for none): a sample is kept when every rule keeps it.
+- `--balance`, `--dedup-eps`, `--decontaminate`: MetaCLIP's balancing, SemDeDup and removal of near
+  duplicates of evaluation images (vlp/curate/rules.py), combined with the score rule (`--rule none`
+  for none): a sample is kept when every rule keeps it.
 A sample without a score (the trainer would have dropped it) is never kept.
 
 Writes OUT/mask.npy and OUT/selection.json (read by training), OUT/selection.parquet (uid, key of
@@ -97,8 +99,8 @@ def _histogram(scores: np.ndarray, keep: np.ndarray, bins: int = 40) -> dict[str
             "dropped": np.histogram(scores[~keep], edges)[0].tolist()}
 
 
-def _embeddings(table: Any) -> np.ndarray:
-    col = table["image_emb"].combine_chunks()
+def _matrix(column: Any) -> np.ndarray:
+    col = column.combine_chunks()
     return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
 
 
@@ -109,18 +111,85 @@ def _entries(path: str | Path) -> list[str]:
         raise DataError(f"cannot read the entry list '{path}': {e}") from None
 
 
+def _check_embeddings(scores_dir: str | Path, role: str, model: str | None = None) -> str:
+    """The scoring model of a finished run made with --embeddings (and by `model`, if named)."""
+    from vlp.curate.score import scoring_meta
+
+    meta, _ = scoring_meta(scores_dir)
+    if not meta.get("embeddings"):
+        raise DataError(f"{role} '{scores_dir}' was scored without --embeddings; score it again with them")
+    if model is not None and meta["model"] != model:
+        raise DataError(f"{role} '{scores_dir}' was scored by model {meta['model']}, the pool by {model}: "
+                        "near duplicates are only comparable in one model's embedding space")
+    return meta["model"]
+
+
+def _image_embeddings(scores_dir: str | Path):
+    """(image embeddings, keys) per scoring shard, in uid order."""
+    from vlp.curate.score import iter_scores
+
+    return ((_matrix(t["image_emb"]), t["key"].to_pylist()) for t in iter_scores(scores_dir, ["key", "image_emb"]))
+
+
+def _decontaminate(scores_dir: str | Path, model: str, eval_dirs: list[str | Path], min_sim: float):
+    from vlp.curate.rules import decontaminate_keep
+
+    emb, keys = [], []
+    for d in eval_dirs:
+        for e, k in _image_embeddings(d):
+            emb.append(e)
+            keys += [f"{Path(d).name}:{x}" for x in k]
+    ev = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
+    keep, info = decontaminate_keep(_image_embeddings(scores_dir), ev, keys, min_sim)
+    return keep, {**info, "eval_scores": [str(d) for d in eval_dirs]}
+
+
+def _filters(table: Any, scores_dir: str | Path, meta: dict[str, Any], uid: np.ndarray, counts: dict[str, int],
+             found: dict[str, Any], o: dict[str, Any]) -> np.ndarray:
+    """The rules beside the score cut (caption length, balance, SemDeDup, decontamination): one keep mask."""
+    from vlp.curate.rules import balance_keep, semdedup_keep
+
+    keep = np.ones(len(uid), dtype=bool)
+    rules = []
+    if o["min_caption_words"] > 0:
+        rules.append(("caption_words", lambda: (table["caption_words"].to_numpy() >= o["min_caption_words"], None)))
+    if o["balance"]:
+        rules.append(("balance", lambda: balance_keep(table["caption"].to_pylist(), uid, _entries(o["balance"]),
+                                                      o["per_entry"], o["seed"])))
+    if o["dedup_eps"] > 0:
+        rules.append(("semdedup", lambda: semdedup_keep(_matrix(table["image_emb"]), o["dedup_eps"],
+                                                        o["dedup_clusters"], o["seed"])))
+    if o["decontaminate"]:
+        rules.append(("decontamination", lambda: _decontaminate(scores_dir, meta["model"], o["decontaminate"],
+                                                                o["decontaminate_min_sim"])))
+    for name, run in rules:
+        ok, info = run()
+        if info is not None:
+            found[name] = info
+        counts[f"kept_by_{name}"] = int(ok.sum())
+        keep &= ok
+    return keep
+
+
 def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: float = 0.3,
            min_score: float = 0.0, min_posterior: float = 0.5, min_caption_words: int = 0,
            balance: str | Path | None = None, per_entry: int = 20_000, dedup_eps: float = 0.0,
            dedup_clusters: int = 100, per_entry_rule: str | Path | None = None, min_group: int = 100,
+           decontaminate: list[str | Path] | None = None, decontaminate_min_sim: float = 0.95,
            seed: int = 0) -> dict[str, Any]:
-    """Apply `rule` ("none": no score cut), then optionally caption length, MetaCLIP balancing and
-    SemDeDup (vlp.curate.rules), to a finished scoring run; a sample is kept if every rule keeps it."""
+    """Apply `rule` ("none": no score cut), then optionally caption length, MetaCLIP balancing, SemDeDup
+    and decontamination against evaluation sets (vlp.curate.rules) to a finished scoring run; a sample
+    is kept if every rule keeps it."""
     if per_entry_rule and rule == "none":
         raise ValueError(f"--per-entry-rule {per_entry_rule}: there is no score rule to apply per entry "
                          "(--rule none); name one (gmm, top, threshold) or drop --per-entry-rule")
-    from vlp.curate.rules import balance_keep, group_of, semdedup_keep
+    from vlp.curate.rules import group_of
     from vlp.curate.score import read_scores
+
+    if decontaminate:  # refused before any work: both sides need embeddings from one model
+        pool_model = _check_embeddings(scores_dir, "the pool")
+        for d in decontaminate:
+            _check_embeddings(d, "--decontaminate", pool_model)
 
     require("pyarrow.parquet", "vlp.curate select")
     import pyarrow as pa
@@ -144,18 +213,10 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     else:
         keep, found[rule] = rule_keep(scores, rule, **rule_kw)
     counts = {"pool": int(meta["num_samples"]), "scored": int(len(uid)), f"kept_by_{rule}": int(keep.sum())}
-    if min_caption_words > 0:
-        ok = table["caption_words"].to_numpy() >= min_caption_words
-        counts["kept_by_caption_words"] = int(ok.sum())
-        keep &= ok
-    if balance:
-        ok, found["balance"] = balance_keep(table["caption"].to_pylist(), uid, _entries(balance), per_entry, seed)
-        counts["kept_by_balance"] = int(ok.sum())
-        keep &= ok
-    if dedup_eps > 0:
-        ok, found["semdedup"] = semdedup_keep(_embeddings(table), dedup_eps, dedup_clusters, seed)
-        counts["kept_by_semdedup"] = int(ok.sum())
-        keep &= ok
+    keep &= _filters(table, scores_dir, meta, uid, counts, found, dict(
+        min_caption_words=min_caption_words, balance=balance, per_entry=per_entry, dedup_eps=dedup_eps,
+        dedup_clusters=dedup_clusters, decontaminate=list(decontaminate or []),
+        decontaminate_min_sim=decontaminate_min_sim, seed=seed))
     mask = np.zeros(int(meta["num_samples"]), dtype=bool)
     mask[uid[keep]] = True
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
@@ -186,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                     "of captions (one entry per line; each sample in its rarest matched entry)")
     ap.add_argument("--min-group", type=int, default=100,
                     help="per-entry-rule: entries with fewer samples are judged as one pooled group")
+    ap.add_argument("--decontaminate", action="append", metavar="EVAL_SCORES",
+                    help="drop near duplicates of this evaluation set's images: the output of `vlp.curate score "
+                    "EVAL_SPEC EVAL_SCORES --embeddings` with the pool's checkpoint (needs the pool scored "
+                    "with --embeddings too); repeat for several sets")
+    ap.add_argument("--decontaminate-min-sim", type=float, default=0.95,
+                    help="decontaminate: image cosine at and above which a sample is a near duplicate")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -193,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                      min_posterior=args.min_posterior, min_caption_words=args.min_caption_words,
                      balance=args.balance, per_entry=args.per_entry, dedup_eps=args.dedup_eps,
                      dedup_clusters=args.dedup_clusters, per_entry_rule=args.per_entry_rule,
-                     min_group=args.min_group, seed=args.seed)
+                     min_group=args.min_group, decontaminate=args.decontaminate,
+                    decontaminate_min_sim=args.decontaminate_min_sim, seed=args.seed)
     except (DataError, FileNotFoundError, ValueError, MissingExtraError) as e:
         print(f"vlp.curate select: error: {e}", file=sys.stderr)
         return 2
