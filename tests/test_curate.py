@@ -268,6 +268,9 @@ def test_decontamination_removes_exactly_what_a_brute_force_search_finds():
     assert [c["cosine"] for c in info["closest"]] == sorted((c["cosine"] for c in info["closest"]), reverse=True)
     with pytest.raises(DataError, match="min-sim"):
         decontaminate_keep(chunks, ev, [], min_sim=1.5)
+    with pytest.raises(DataError, match=r"would remove 100.0% of the pool"):  # a cut that tells nothing apart
+        decontaminate_keep(chunks, ev, [f"e{j}" for j in range(40)], min_sim=-1.0)
+    assert decontaminate_keep(chunks, ev, [f"e{j}" for j in range(40)], min_sim=-1.0, max_removed=1.0)[0].sum() == 0
 
 
 def _contaminated_pool(tmp_path: Path, train: Path, test: Path, planted: int) -> tuple[Path, list[str]]:

@@ -136,11 +136,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def decontaminate_keep(chunks: Iterable[tuple[np.ndarray, Sequence[str]]], eval_emb: np.ndarray,
-                       eval_keys: Sequence[str], min_sim: float,
+                       eval_keys: Sequence[str], min_sim: float, max_removed: float = 0.05,
                        examples: int = 20) -> tuple[np.ndarray, dict[str, Any]]:
     """Keep mask over the training samples of `chunks` ((image embeddings, keys) per scoring shard, in
     uid order): False where the nearest of `eval_emb` has cosine >= min_sim. The report lists the
-    closest pairs found (training key, evaluation key, cosine)."""
+    closest pairs found (training key, evaluation key, cosine). Refused when more than `max_removed`
+    of the pool would go: then the embeddings do not tell copies from look-alikes at this cut."""
     faiss = require("faiss", "decontamination (vlp.curate select --decontaminate)")
     if not -1.0 <= min_sim <= 1.0:
         raise DataError(f"--decontaminate-min-sim must be a cosine in [-1, 1], got {min_sim}")
@@ -160,6 +161,11 @@ def decontaminate_keep(chunks: Iterable[tuple[np.ndarray, Sequence[str]]], eval_
         keeps.append(~hit)
         found += [(float(sim[i]), keys[i], eval_keys[nearest[i]]) for i in np.flatnonzero(hit)]
     keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
+    if (~keep).sum() > max_removed * len(keep):
+        raise DataError(f"decontamination at cosine >= {min_sim} would remove {(~keep).mean():.1%} of the pool "
+                        f"(more than --decontaminate-max-removed {max_removed:.0%}): these image embeddings do "
+                        "not separate copies of evaluation images from look-alikes; raise the cut, score with a "
+                        "model of more diverse data, or raise the limit if the pool really is contaminated")
     found.sort(key=lambda f: -f[0])
     return keep, {"min_sim": min_sim, "eval_images": int(len(ev)), "removed": int((~keep).sum()),
                   "closest": [{"key": k, "eval_key": e, "cosine": round(c, 5)} for c, k, e in found[:examples]]}

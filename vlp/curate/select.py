@@ -131,7 +131,8 @@ def _image_embeddings(scores_dir: str | Path):
     return ((_matrix(t["image_emb"]), t["key"].to_pylist()) for t in iter_scores(scores_dir, ["key", "image_emb"]))
 
 
-def _decontaminate(scores_dir: str | Path, model: str, eval_dirs: list[str | Path], min_sim: float):
+def _decontaminate(scores_dir: str | Path, model: str, eval_dirs: list[str | Path], min_sim: float,
+                   max_removed: float):
     from vlp.curate.rules import decontaminate_keep
 
     emb, keys = [], []
@@ -140,7 +141,7 @@ def _decontaminate(scores_dir: str | Path, model: str, eval_dirs: list[str | Pat
             emb.append(e)
             keys += [f"{Path(d).name}:{x}" for x in k]
     ev = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
-    keep, info = decontaminate_keep(_image_embeddings(scores_dir), ev, keys, min_sim)
+    keep, info = decontaminate_keep(_image_embeddings(scores_dir), ev, keys, min_sim, max_removed)
     return keep, {**info, "eval_scores": [str(d) for d in eval_dirs]}
 
 
@@ -161,7 +162,8 @@ def _filters(table: Any, scores_dir: str | Path, meta: dict[str, Any], uid: np.n
                                                         o["dedup_clusters"], o["seed"])))
     if o["decontaminate"]:
         rules.append(("decontamination", lambda: _decontaminate(scores_dir, meta["model"], o["decontaminate"],
-                                                                o["decontaminate_min_sim"])))
+                                                                o["decontaminate_min_sim"],
+                                                                o["decontaminate_max_removed"])))
     for name, run in rules:
         ok, info = run()
         if info is not None:
@@ -176,7 +178,7 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
            balance: str | Path | None = None, per_entry: int = 20_000, dedup_eps: float = 0.0,
            dedup_clusters: int = 100, per_entry_rule: str | Path | None = None, min_group: int = 100,
            decontaminate: list[str | Path] | None = None, decontaminate_min_sim: float = 0.95,
-           seed: int = 0) -> dict[str, Any]:
+           decontaminate_max_removed: float = 0.05, seed: int = 0) -> dict[str, Any]:
     """Apply `rule` ("none": no score cut), then optionally caption length, MetaCLIP balancing, SemDeDup
     and decontamination against evaluation sets (vlp.curate.rules) to a finished scoring run; a sample
     is kept if every rule keeps it."""
@@ -216,7 +218,8 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     keep &= _filters(table, scores_dir, meta, uid, counts, found, dict(
         min_caption_words=min_caption_words, balance=balance, per_entry=per_entry, dedup_eps=dedup_eps,
         dedup_clusters=dedup_clusters, decontaminate=list(decontaminate or []),
-        decontaminate_min_sim=decontaminate_min_sim, seed=seed))
+        decontaminate_min_sim=decontaminate_min_sim, decontaminate_max_removed=decontaminate_max_removed,
+        seed=seed))
     mask = np.zeros(int(meta["num_samples"]), dtype=bool)
     mask[uid[keep]] = True
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                     "with --embeddings too); repeat for several sets")
     ap.add_argument("--decontaminate-min-sim", type=float, default=0.95,
                     help="decontaminate: image cosine at and above which a sample is a near duplicate")
+    ap.add_argument("--decontaminate-max-removed", type=float, default=0.05,
+                    help="decontaminate: refuse (write nothing) when more than this share of the pool would go")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                      balance=args.balance, per_entry=args.per_entry, dedup_eps=args.dedup_eps,
                      dedup_clusters=args.dedup_clusters, per_entry_rule=args.per_entry_rule,
                      min_group=args.min_group, decontaminate=args.decontaminate,
-                    decontaminate_min_sim=args.decontaminate_min_sim, seed=args.seed)
+                    decontaminate_min_sim=args.decontaminate_min_sim,
+                    decontaminate_max_removed=args.decontaminate_max_removed, seed=args.seed)
     except (DataError, FileNotFoundError, ValueError, MissingExtraError) as e:
         print(f"vlp.curate select: error: {e}", file=sys.stderr)
         return 2
