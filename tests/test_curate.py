@@ -323,6 +323,9 @@ def test_select_decontaminates_against_a_scored_evaluation_set(tmp_path, digits_
                                      ("pool_scores", "other", "only comparable in one model")):
         with pytest.raises(DataError, match=says):
             select(tmp_path / pool_dir, tmp_path / "never", "gmm", decontaminate=[tmp_path / eval_dir])
+    with pytest.raises(DataError, match="must be a cosine"):
+        select(tmp_path / "pool_scores", tmp_path / "never", "gmm", decontaminate=[tmp_path / "eval_scores"],
+               decontaminate_min_sim=95)
     assert not (tmp_path / "never").exists()
 
 

@@ -189,6 +189,9 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     from vlp.curate.score import read_scores
 
     if decontaminate:  # refused before any work: both sides need embeddings from one model
+        if not (-1.0 <= decontaminate_min_sim <= 1.0 and 0.0 <= decontaminate_max_removed <= 1.0):
+            raise DataError(f"--decontaminate-min-sim {decontaminate_min_sim} must be a cosine in [-1, 1] and "
+                            f"--decontaminate-max-removed {decontaminate_max_removed} a share in [0, 1]")
         pool_model = _check_embeddings(scores_dir, "the pool")
         for d in decontaminate:
             _check_embeddings(d, "--decontaminate", pool_model)
@@ -266,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                      balance=args.balance, per_entry=args.per_entry, dedup_eps=args.dedup_eps,
                      dedup_clusters=args.dedup_clusters, per_entry_rule=args.per_entry_rule,
                      min_group=args.min_group, decontaminate=args.decontaminate,
-                    decontaminate_min_sim=args.decontaminate_min_sim,
-                    decontaminate_max_removed=args.decontaminate_max_removed, seed=args.seed)
+                     decontaminate_min_sim=args.decontaminate_min_sim,
+                     decontaminate_max_removed=args.decontaminate_max_removed, seed=args.seed)
     except (DataError, FileNotFoundError, ValueError, MissingExtraError) as e:
         print(f"vlp.curate select: error: {e}", file=sys.stderr)
         return 2
