@@ -249,6 +249,21 @@ def test_semdedup_removes_planted_near_duplicates_and_keeps_one_of_each():
         assert keep[[g, 60 + 3 * g, 61 + 3 * g, 62 + 3 * g]].sum() == 1
 
 
+def test_semdedup_streamed_in_several_passes_equals_the_in_memory_run():
+    from vlp.curate.rules import semdedup_keep, semdedup_stream
+
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(400, 24)).astype(np.float32)
+    copies = np.repeat(base[:40], 2, axis=0) + 1e-3 * rng.normal(size=(80, 24)).astype(np.float32)
+    emb = rng.permutation(np.concatenate([base, copies]))
+    whole, info = semdedup_keep(emb, eps=0.01, clusters=6, seed=3)
+    cuts = [0, 7, 130, 131, 300, 480]  # uneven scoring shards
+    streamed, sinfo = semdedup_stream(lambda: (emb[a:b] for a, b in zip(cuts, cuts[1:])), len(emb), eps=0.01,
+                                      clusters=6, seed=3, max_rows=90)
+    assert streamed.tolist() == whole.tolist() and info["removed"] == sinfo["removed"] == 80  # 2 of each 3
+    assert sinfo["buckets"] > 3 and info["buckets"] == 1  # spilled to several buckets, against one in memory
+
+
 def test_decontamination_removes_exactly_what_a_brute_force_search_finds():
     from vlp.curate.rules import decontaminate_keep
 
@@ -315,6 +330,13 @@ def test_select_decontaminates_against_a_scored_evaluation_set(tmp_path, digits_
     assert sel["kept"] == len(pool_t["key"]) - len(removed) == sel["counts"]["kept_by_decontamination"]
     found = json.loads((tmp_path / "sel" / "report.json").read_text())["found"]["decontamination"]
     assert found["removed"] == len(removed) and found["eval_images"] == len(eval_t["key"])
+    # SemDeDup streams the same embeddings per scoring shard: equal to the in-memory rule, row for row
+    from vlp.curate.rules import semdedup_keep
+
+    select(tmp_path / "pool_scores", tmp_path / "dedup", "none", dedup_eps=0.05, dedup_clusters=8)
+    whole, _ = semdedup_keep(np.array(pool_t["image_emb"], np.float32), 0.05, 8)
+    kept = set(pq.read_table(tmp_path / "dedup" / "selection.parquet")["key"].to_pylist())
+    assert 0 < len(kept) < len(pool_t["key"]) and kept == {k for k, w in zip(pool_t["key"], whole) if w}
 
     score_shards(str(pool / "train.json"), str(checkpoint), tmp_path / "bare", batch_size=256)
     score_shards(str(tmp_path / "test" / "test.json"), str(coca_checkpoint), tmp_path / "other", batch_size=128,

@@ -22,7 +22,9 @@ each cluster, samples sorted by similarity to the centroid, farthest first; a sa
 when an earlier one of its cluster has cosine similarity above 1 - eps with it, so one of every
 group of near duplicates stays. Memory and time are those of the largest cluster squared:
 choose k so clusters stay around 10^4 (SemDeDup used 50,000 clusters for LAION-440M); the
-k-means itself trains on a sample (faiss' max_points_per_centroid).
+k-means itself trains on a sample (faiss' max_points_per_centroid). The embeddings are streamed
+(`semdedup_stream`): a sampling pass, an assignment pass, then one pass spilling each row to the
+file of its bucket of clusters (at most max_rows rows in all), each bucket read back once.
 
 Decontamination (as DataComp and the CLIP paper's overlap analysis): a training sample is removed
 when its image is a near duplicate of an evaluation image, i.e. its unit image embedding has
@@ -38,7 +40,7 @@ or use an IVF index for evaluation sets of millions.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,29 +107,90 @@ def group_of(captions: Sequence[str], entries: Sequence[str], min_group: int = 1
 
 
 def semdedup_keep(emb: np.ndarray, eps: float, clusters: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """SemDeDup keep mask over unit embeddings `emb` [n, d]."""
-    faiss = require("faiss", "SemDeDup (vlp.curate select --dedup-eps)")
-    x = np.ascontiguousarray(emb, dtype=np.float32)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    n, d = x.shape
+    """SemDeDup keep mask over unit embeddings `emb` [n, d] held in memory."""
+    return semdedup_stream(lambda: iter([emb]), len(emb), eps, clusters, seed)
+
+
+def semdedup_stream(chunks: Callable[[], Iterable[np.ndarray]], n: int, eps: float, clusters: int, seed: int = 0,
+                    max_rows: int = 4_000_000) -> tuple[np.ndarray, dict[str, Any]]:
+    """SemDeDup over embeddings too large to hold: `chunks()` yields the n rows again (one scoring shard
+    at a time) on every call. Pass 1 draws the k-means training sample (every row up to 256 per
+    centroid, faiss' own cap), pass 2 assigns each row to its centroid (8 bytes per row kept); clusters
+    are then grouped into buckets of at most `max_rows` rows in all, pass 3 writes each row to its
+    bucket's spill file (in the rows' own dtype, in a temporary directory) and each bucket is read back once and
+    deduplicated. Memory: max_rows embeddings (or the largest cluster); I/O: three reads of the
+    column and one write of it."""
+    if n == 0:
+        return np.zeros(0, dtype=bool), {"eps": eps, "clusters": 0, "largest_cluster": 0, "removed": 0, "buckets": 0}
     k = max(1, min(int(clusters), n))
-    km = faiss.Kmeans(d, k, niter=20, seed=seed, spherical=True, verbose=False)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    assign = assign.ravel()
+    assign, to_centroid = _kmeans_assign(chunks, n, k, seed)
+    sizes = np.bincount(assign, minlength=k)
+    bucket = np.cumsum(sizes) // max(int(max_rows), 1)  # clusters grouped by cumulative size
     keep = np.ones(n, dtype=bool)
-    largest = 0
-    for c in range(k):
-        members = np.flatnonzero(assign == c)
-        largest = max(largest, len(members))
-        if len(members) < 2:
-            continue
-        to_centroid = x[members] @ km.centroids[c]
-        members = members[np.argsort(to_centroid, kind="stable")]  # farthest from the centroid first
-        sims = x[members] @ x[members].T
-        earlier = np.triu(sims, k=1)  # [a, b]: a before b
-        keep[members] = ~(earlier.max(axis=0) > 1.0 - eps)
-    return keep, {"eps": eps, "clusters": k, "largest_cluster": int(largest), "removed": int((~keep).sum())}
+    buckets = 0
+    for rows, emb in _buckets(chunks, bucket[assign], sizes[assign] > 1):
+        buckets += 1
+        for c in np.unique(assign[rows]):
+            at = np.flatnonzero(assign[rows] == c)
+            at = at[np.argsort(to_centroid[rows[at]], kind="stable")]  # farthest from the centroid first
+            earlier = np.triu(emb[at] @ emb[at].T, k=1)  # [a, b]: a before b
+            keep[rows[at]] = ~(earlier.max(axis=0) > 1.0 - eps)
+    return keep, {"eps": eps, "clusters": k, "largest_cluster": int(sizes.max(initial=0)),
+                  "removed": int((~keep).sum()), "buckets": buckets}
+
+
+def _kmeans_assign(chunks: Callable[[], Iterable[np.ndarray]], n: int, k: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means on a sample of the rows, then each row's centroid and cosine to it."""
+    faiss = require("faiss", "SemDeDup (vlp.curate select --dedup-eps)")
+    rate = min(1.0, 256 * k / max(n, 1))
+    rng = np.random.default_rng(seed)
+    sample = [c[rng.random(len(c)) < rate] if rate < 1 else c for c in map(_unit, chunks())]
+    km = faiss.Kmeans(sample[0].shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
+    km.train(np.concatenate(sample))
+    del sample
+    assign, to_centroid = np.empty(n, np.int32), np.empty(n, np.float32)
+    lo = 0
+    for c in map(_unit, chunks()):
+        sim, a = km.index.search(c, 1)
+        assign[lo:lo + len(c)], to_centroid[lo:lo + len(c)] = a.ravel(), sim.ravel()
+        lo += len(c)
+    return assign, to_centroid
+
+
+def _buckets(chunks: Callable[[], Iterable[np.ndarray]], bucket: np.ndarray,
+             wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row numbers, unit embeddings) of each bucket's wanted rows: gathered in memory when there is
+    one bucket, else spilled per bucket in one pass and read back one bucket at a time."""
+    import tempfile
+
+    ids = np.unique(bucket[wanted])
+    if len(ids) <= 1:
+        rows = np.flatnonzero(wanted)
+        if len(rows):
+            yield rows, np.concatenate([_unit(c)[wanted[lo:lo + len(c)]] for lo, c in _offsets(chunks())])
+        return
+    with tempfile.TemporaryDirectory(prefix="vlp-semdedup-") as tmp:
+        d, dtype = 0, np.float16
+        for lo, c in _offsets(chunks()):
+            d, dtype = c.shape[1], c.dtype  # spilled as given: the scores' fp16 columns stay fp16
+            part = np.flatnonzero(wanted[lo:lo + len(c)])
+            for b in np.unique(bucket[lo + part]):
+                mine = part[bucket[lo + part] == b]
+                with open(f"{tmp}/{b}.emb", "ab") as f:
+                    f.write(np.ascontiguousarray(c[mine]).tobytes())
+                with open(f"{tmp}/{b}.rows", "ab") as f:
+                    f.write((lo + mine).astype(np.int64).tobytes())
+        for b in ids:
+            yield (np.fromfile(f"{tmp}/{b}.rows", np.int64),
+                   _unit(np.fromfile(f"{tmp}/{b}.emb", dtype).reshape(-1, d)))
+
+
+def _offsets(chunks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    lo = 0
+    for c in chunks:
+        yield lo, c
+        lo += len(c)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -99,9 +99,9 @@ def _histogram(scores: np.ndarray, keep: np.ndarray, bins: int = 40) -> dict[str
             "dropped": np.histogram(scores[~keep], edges)[0].tolist()}
 
 
-def _matrix(column: Any) -> np.ndarray:
+def _matrix(column: Any, dtype: Any = np.float32) -> np.ndarray:
     col = column.combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(dtype, copy=False)
 
 
 def _entries(path: str | Path) -> list[str]:
@@ -124,11 +124,12 @@ def _check_embeddings(scores_dir: str | Path, role: str, model: str | None = Non
     return meta["model"]
 
 
-def _image_embeddings(scores_dir: str | Path):
+def _image_embeddings(scores_dir: str | Path, dtype: Any = np.float32):
     """(image embeddings, keys) per scoring shard, in uid order."""
     from vlp.curate.score import iter_scores
 
-    return ((_matrix(t["image_emb"]), t["key"].to_pylist()) for t in iter_scores(scores_dir, ["key", "image_emb"]))
+    return ((_matrix(t["image_emb"], dtype), t["key"].to_pylist())
+            for t in iter_scores(scores_dir, ["key", "image_emb"]))
 
 
 def _decontaminate(scores_dir: str | Path, model: str, eval_dirs: list[str | Path], min_sim: float,
@@ -148,7 +149,7 @@ def _decontaminate(scores_dir: str | Path, model: str, eval_dirs: list[str | Pat
 def _filters(table: Any, scores_dir: str | Path, meta: dict[str, Any], uid: np.ndarray, counts: dict[str, int],
              found: dict[str, Any], o: dict[str, Any]) -> np.ndarray:
     """The rules beside the score cut (caption length, balance, SemDeDup, decontamination): one keep mask."""
-    from vlp.curate.rules import balance_keep, semdedup_keep
+    from vlp.curate.rules import balance_keep, semdedup_stream
 
     keep = np.ones(len(uid), dtype=bool)
     rules = []
@@ -158,8 +159,8 @@ def _filters(table: Any, scores_dir: str | Path, meta: dict[str, Any], uid: np.n
         rules.append(("balance", lambda: balance_keep(table["caption"].to_pylist(), uid, _entries(o["balance"]),
                                                       o["per_entry"], o["seed"])))
     if o["dedup_eps"] > 0:
-        rules.append(("semdedup", lambda: semdedup_keep(_matrix(table["image_emb"]), o["dedup_eps"],
-                                                        o["dedup_clusters"], o["seed"])))
+        rules.append(("semdedup", lambda: semdedup_stream(lambda: (m for m, _ in _image_embeddings(scores_dir, np.float16)),
+                                                          len(uid), o["dedup_eps"], o["dedup_clusters"], o["seed"])))
     if o["decontaminate"]:
         rules.append(("decontamination", lambda: _decontaminate(scores_dir, meta["model"], o["decontaminate"],
                                                                 o["decontaminate_min_sim"],
@@ -188,6 +189,8 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     from vlp.curate.rules import group_of
     from vlp.curate.score import read_scores
 
+    if dedup_eps > 0:
+        _check_embeddings(scores_dir, "the pool (--dedup-eps)")
     if decontaminate:  # refused before any work: both sides need embeddings from one model
         if not (-1.0 <= decontaminate_min_sim <= 1.0 and 0.0 <= decontaminate_max_removed <= 1.0):
             raise DataError(f"--decontaminate-min-sim {decontaminate_min_sim} must be a cosine in [-1, 1] and "
@@ -200,12 +203,10 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = ["uid", "key", "score", "caption", "caption_words"] + (["image_emb"] if dedup_eps > 0 else [])
-    try:
-        table, meta = read_scores(scores_dir, columns)
+    try:  # the embeddings are never read whole: SemDeDup and decontamination stream them per shard
+        table, meta = read_scores(scores_dir, ["uid", "key", "score", "caption", "caption_words"])
     except (KeyError, pa.ArrowInvalid) as e:
-        raise DataError(f"'{scores_dir}' lacks a column these rules need ({e}); dedup needs scores made with "
-                        "--embeddings") from None
+        raise DataError(f"'{scores_dir}' lacks a column these rules need ({e})") from None
     uid = table["uid"].to_numpy()
     scores = table["score"].to_numpy().astype(np.float32)
     found: dict[str, Any] = {}
