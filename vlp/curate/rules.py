@@ -198,6 +198,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def check_decontaminate(min_sim: float, max_removed: float) -> None:
+    """Refuse a decontamination cut or removal limit out of range (called before any work)."""
+    if not (-1.0 <= min_sim <= 1.0 and 0.0 <= max_removed <= 1.0):
+        raise DataError(f"--decontaminate-min-sim {min_sim} must be a cosine in [-1, 1] and "
+                        f"--decontaminate-max-removed {max_removed} a share in [0, 1]")
+
+
 def decontaminate_keep(chunks: Iterable[tuple[np.ndarray, Sequence[str]]], eval_emb: np.ndarray,
                        eval_keys: Sequence[str], min_sim: float, max_removed: float = 0.05,
                        examples: int = 20) -> tuple[np.ndarray, dict[str, Any]]:
@@ -206,8 +213,7 @@ def decontaminate_keep(chunks: Iterable[tuple[np.ndarray, Sequence[str]]], eval_
     closest pairs found (training key, evaluation key, cosine). Refused when more than `max_removed`
     of the pool would go: then the embeddings do not tell copies from look-alikes at this cut."""
     faiss = require("faiss", "decontamination (vlp.curate select --decontaminate)")
-    if not -1.0 <= min_sim <= 1.0:
-        raise DataError(f"--decontaminate-min-sim must be a cosine in [-1, 1], got {min_sim}")
+    check_decontaminate(min_sim, max_removed)
     if not len(eval_emb):
         raise DataError("decontamination: the evaluation scores hold no image embeddings")
     ev = _unit(eval_emb)

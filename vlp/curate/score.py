@@ -235,16 +235,16 @@ def iter_scores(scores_dir: str | Path, columns: list[str] | None = None) -> Ite
     import pyarrow.parquet as pq
 
     _, files = scoring_meta(scores_dir)
-    for f in files:
-        yield pq.read_table(f, columns=columns)
+    return (pq.read_table(f, columns=columns) for f in files)
 
 
 def read_scores(scores_dir: str | Path, columns: list[str] | None = None):
     """All shards' rows as one Arrow table, in uid order; refuses a scoring run that is not finished."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    meta, _ = scoring_meta(scores_dir)
-    return pa.concat_tables(list(iter_scores(scores_dir, columns))), meta
+    meta, files = scoring_meta(scores_dir)
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]), meta
 
 
 def _world() -> tuple[int, int]:

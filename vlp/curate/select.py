@@ -186,15 +186,13 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     if per_entry_rule and rule == "none":
         raise ValueError(f"--per-entry-rule {per_entry_rule}: there is no score rule to apply per entry "
                          "(--rule none); name one (gmm, top, threshold) or drop --per-entry-rule")
-    from vlp.curate.rules import group_of
+    from vlp.curate.rules import check_decontaminate, group_of
     from vlp.curate.score import read_scores
 
     if dedup_eps > 0:
         _check_embeddings(scores_dir, "the pool (--dedup-eps)")
     if decontaminate:  # refused before any work: both sides need embeddings from one model
-        if not (-1.0 <= decontaminate_min_sim <= 1.0 and 0.0 <= decontaminate_max_removed <= 1.0):
-            raise DataError(f"--decontaminate-min-sim {decontaminate_min_sim} must be a cosine in [-1, 1] and "
-                            f"--decontaminate-max-removed {decontaminate_max_removed} a share in [0, 1]")
+        check_decontaminate(decontaminate_min_sim, decontaminate_max_removed)
         pool_model = _check_embeddings(scores_dir, "the pool")
         for d in decontaminate:
             _check_embeddings(d, "--decontaminate", pool_model)
