@@ -25,10 +25,10 @@ from tests.test_resume import train as train_run
 from tests.test_train import assert_same_weights, weights
 from vlp.curate.noise import corrupted_keys, make_noisy
 from vlp.curate.score import read_scores, score_shards
-from vlp.curate.select import rule_keep, select
+from vlp.curate.select import gmm_posterior, rule_keep, select
 from vlp.data.manifest import DataError
 from vlp.data.position import iter_shard
-from vlp.data.selection import Selection
+from vlp.data.selection import Selection, write_selection
 
 
 def _members(spec_dir: Path) -> dict[str, dict]:
@@ -365,6 +365,97 @@ def test_reshard_writes_exactly_the_selected_samples_byte_for_byte(tmp_path, dig
     assert list(new) == kept  # the source's order, nothing else
     assert all(new[k] == clean[k] for k in kept)
     assert num_samples_from_manifest(str(tmp_path / "out" / "train.json")) == len(kept)
+
+
+def test_a_weighted_selection_draws_each_sample_into_an_epoch_with_its_weight(tmp_path):
+    import pickle
+
+    sizes = [700, 300]  # weights: 0, 1, 0.25 and 0.6, and the last 100 of weight 0.6 not kept
+    w = np.repeat([0.0, 1.0, 0.25, 0.6], [100, 100, 400, 400])
+    keep = np.arange(1000) < 900
+    meta = write_selection(tmp_path / "w", keep, ["a.tar", "b.tar"], sizes, {}, weights=w)
+    sel = Selection(tmp_path / "w")
+    assert sel.weighted and sel.kept == 800  # weight 0 and the unkept are not kept
+    assert meta["expected_per_epoch"] == pytest.approx(100 + 400 * 64 / 255 + 300 * 153 / 255, abs=1e-3)
+    epochs = 300
+    seen = np.array([np.concatenate([sel.kept_in(0, e), sel.kept_in(1, e)]) for e in range(epochs)])
+    assert not seen[:, :100].any() and seen[:, 100:200].all() and not seen[:, 900:].any()
+    for lo, hi, p in ((200, 600, 64 / 255), (600, 900, 153 / 255)):
+        freq = seen[:, lo:hi].mean(axis=0)  # per sample: binomial over 300 epochs, sd <= 0.029
+        assert abs(freq.mean() - p) < 0.01 and np.abs(freq - p).max() < 0.15
+    assert abs(seen.sum(axis=1).mean() - sel.per_epoch) < 5
+    assert (seen[0] != seen[1]).any()  # drawn anew each epoch, the same in every process
+    again = pickle.loads(pickle.dumps(sel))
+    assert all((again.kept_in(s, 7) == sel.kept_in(s, 7)).all() for s in (0, 1))
+    # two selections with other weights draw independently (the fingerprint seeds the draw)
+    other = Selection(tmp_path / "w2") if write_selection(tmp_path / "w2", keep, ["a.tar", "b.tar"], sizes, {},
+                                                          weights=np.where(w > 0, 0.5, 0)) else None
+    both = np.mean([(np.concatenate([other.kept_in(0, e), other.kept_in(1, e)])[200:600] & seen[e, 200:600]).mean()
+                    for e in range(epochs)])
+    assert abs(both - 0.5 * 64 / 255) < 0.01
+    with pytest.raises(DataError, match="in \\[0, 1\\]"):
+        write_selection(tmp_path / "bad", keep, ["a.tar", "b.tar"], sizes, {}, weights=np.full(1000, 1.5))
+    write_selection(tmp_path / "w", keep, ["a.tar", "b.tar"], sizes, {})  # rewritten in place, unweighted
+    assert not Selection(tmp_path / "w").weighted and not (tmp_path / "w" / "weights.npy").exists()
+    (tmp_path / "w2" / "weights.npy").write_bytes(b"not an array")
+    with pytest.raises(DataError, match="weights.npy"):
+        Selection(tmp_path / "w2").kept_in(0, 0)
+
+
+def test_gmm_posterior_recovers_a_known_mixture():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0.10, 0.03, 4000), rng.normal(0.30, 0.04, 6000)]).astype(np.float32)
+    post, info = gmm_posterior(x)
+
+    def pdf(v, m, sd):
+        return np.exp(-0.5 * ((v - m) / sd) ** 2) / sd
+
+    true = 0.6 * pdf(x, 0.30, 0.04) / (0.6 * pdf(x, 0.30, 0.04) + 0.4 * pdf(x, 0.10, 0.03))
+    assert np.abs(post - true).max() < 0.05 and sorted(info["means"]) == pytest.approx([0.10, 0.30], abs=0.005)
+    with pytest.raises(ValueError, match="--weights: .*--rule top has none"):  # refused before reading anything
+        select("/nonexistent", "/nonexistent-out", "top", weights=True)
+
+
+@pytest.mark.slow
+def test_training_on_a_weighted_selection_follows_each_epochs_draw_and_resumes_exactly(
+        tmp_path, digits_shards_dir, checkpoint):
+    scores = tmp_path / "scores"
+    score_shards(str(digits_shards_dir / "train.json"), str(checkpoint), scores, batch_size=128)
+    select(scores, tmp_path / "sel", "gmm", min_posterior=0.05, weights=True)
+    sel = Selection(tmp_path / "sel")
+    # the weights are the fitted mixture's posteriors, checked against its closed form
+    table, _ = read_scores(scores, ["uid", "score"])
+    fit = json.loads((tmp_path / "sel" / "report.json").read_text())["found"]["gmm"]
+    m, sd, pi = (np.array(fit[k]) for k in ("means", "stds", "weights"))
+    x = table["score"].to_numpy().astype(np.float64)[:, None]
+    dens = pi * np.exp(-0.5 * ((x - m) / sd) ** 2) / sd
+    post = dens[:, fit["clean_component"]] / dens.sum(axis=1)
+    levels = np.asarray(sel.levels)[table["uid"].to_numpy()]
+    kept = post >= 0.05
+    assert np.abs(levels[kept] - post[kept] * 255).max() <= 1 and not levels[~kept].any()
+    with pytest.raises(DataError, match="weighted selection"):
+        from vlp.data.build import reshard
+        reshard(str(digits_shards_dir / "train.json"), tmp_path / "sel", tmp_path / "out")
+    # the test draws on a light weight, so that 20 steps of 50 cross epochs
+    uids = {k: i for i, k in enumerate(_members(digits_shards_dir))}
+    sizes = sel.meta["sizes"]
+    write_selection(tmp_path / "light", np.ones(1500, bool), sel.meta["shards"], sizes, {},
+                    weights=np.clip(np.asarray(sel.levels) / 255, 0, 0.3))
+    light = Selection(tmp_path / "light")
+    drawn = {e: set(np.flatnonzero(np.concatenate([light.kept_in(s, e) for s in range(len(sizes))])).tolist())
+             for e in range(6)}
+    extra = {"data.select": tmp_path / "light", "train.steps": 20}
+    train_run(2, tmp_path / "full", digits_shards_dir, **extra)
+    by_epoch: dict[int, list[int]] = {}
+    for f in (tmp_path / "full" / "consumed").glob("rank*.jsonl"):
+        for rec in map(json.loads, f.read_text().splitlines()):
+            by_epoch.setdefault(rec["epoch"], []).extend(uids[k] for k in rec["keys"])
+    assert len(by_epoch) >= 2  # every batch of epoch e is inside e's draw, no sample twice in an epoch
+    assert all(set(u) <= drawn[e] and len(u) == len(set(u)) for e, u in by_epoch.items())
+    train_run(2, tmp_path / "cut", digits_shards_dir, **extra, **{"train.stop_after_steps": 13})
+    train_run(2, tmp_path / "cut", digits_shards_dir, resume=True, **extra)
+    assert all_keys(tmp_path / "cut") == all_keys(tmp_path / "full")
+    assert_same_weights(weights(tmp_path / "cut"), weights(tmp_path / "full"))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ Rules:
   duplicates of evaluation images (vlp/curate/rules.py), combined with the score rule (`--rule none`
   for none): a sample is kept when every rule keeps it.
 A sample without a score (the trainer would have dropped it) is never kept.
+- `--weights` (gmm): instead of a hard cut, each kept sample gets its clean posterior as weight,
+  the probability that it is in an epoch (NCR and DivideMix weigh pairs by this posterior); with
+  `--min-posterior 0.05` the doubtful pairs stay, seen less often.
 
 Writes OUT/mask.npy and OUT/selection.json (read by training), OUT/selection.parquet (uid, key of
 every kept sample) and OUT/report.json (counts per rule, score histograms of kept and dropped).
@@ -48,6 +51,12 @@ GMM_FIT_MAX = 1_000_000
 
 def gmm_keep(scores: np.ndarray, min_posterior: float = 0.5, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """Samples whose posterior under the higher-mean of two Gaussians is >= min_posterior."""
+    post, info = gmm_posterior(scores, seed)
+    return post >= min_posterior, info
+
+
+def gmm_posterior(scores: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """Each score's posterior under the higher-mean of two Gaussians fitted to (at most 1M of) them."""
     from sklearn.mixture import GaussianMixture
 
     rng = np.random.default_rng(seed)
@@ -57,7 +66,7 @@ def gmm_keep(scores: np.ndarray, min_posterior: float = 0.5, seed: int = 0) -> t
     post = gm.predict_proba(scores.reshape(-1, 1).astype(np.float64))[:, hi]
     info = {"means": gm.means_.ravel().tolist(), "stds": np.sqrt(gm.covariances_.ravel()).tolist(),
             "weights": gm.weights_.tolist(), "clean_component": hi}
-    return post >= min_posterior, info
+    return post, info
 
 
 def rule_keep(scores: np.ndarray, rule: str, *, fraction: float = 0.3, min_score: float = 0.0,
@@ -174,19 +183,41 @@ def _filters(table: Any, scores_dir: str | Path, meta: dict[str, Any], uid: np.n
     return keep
 
 
+def _score_rule(table: Any, scores: np.ndarray, rule: str, found: dict[str, Any], per_entry_rule: Any,
+                min_group: int, weights: bool, rule_kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The score rule's keep mask (what it found goes to `found`), and the clean posteriors with `weights`."""
+    from vlp.curate.rules import group_of
+
+    if rule == "none":
+        return np.ones(len(scores), dtype=bool), None
+    if per_entry_rule:
+        group, names = group_of(table["caption"].to_pylist(), _entries(per_entry_rule), min_group)
+        keep, found[rule] = grouped_rule_keep(scores, group, names, rule, **rule_kw)
+        return keep, None
+    if weights:  # the weight of a kept sample is its clean posterior
+        post, found[rule] = gmm_posterior(scores, rule_kw["seed"])
+        return post >= rule_kw["min_posterior"], post
+    keep, found[rule] = rule_keep(scores, rule, **rule_kw)
+    return keep, None
+
+
 def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: float = 0.3,
            min_score: float = 0.0, min_posterior: float = 0.5, min_caption_words: int = 0,
            balance: str | Path | None = None, per_entry: int = 20_000, dedup_eps: float = 0.0,
            dedup_clusters: int = 100, per_entry_rule: str | Path | None = None, min_group: int = 100,
            decontaminate: list[str | Path] | None = None, decontaminate_min_sim: float = 0.95,
-           decontaminate_max_removed: float = 0.05, seed: int = 0) -> dict[str, Any]:
+           decontaminate_max_removed: float = 0.05, weights: bool = False, seed: int = 0) -> dict[str, Any]:
     """Apply `rule` ("none": no score cut), then optionally caption length, MetaCLIP balancing, SemDeDup
     and decontamination against evaluation sets (vlp.curate.rules) to a finished scoring run; a sample
-    is kept if every rule keeps it."""
+    is kept if every rule keeps it. `weights` (gmm): each kept sample is in an epoch with probability
+    its clean posterior (a weighted selection, vlp.data.selection)."""
     if per_entry_rule and rule == "none":
         raise ValueError(f"--per-entry-rule {per_entry_rule}: there is no score rule to apply per entry "
                          "(--rule none); name one (gmm, top, threshold) or drop --per-entry-rule")
-    from vlp.curate.rules import check_decontaminate, group_of
+    if weights and (rule != "gmm" or per_entry_rule):
+        raise ValueError(f"--weights: the weights are the gmm rule's clean posteriors over the whole pool; "
+                         f"{'--per-entry-rule' if per_entry_rule else f'--rule {rule}'} has none")
+    from vlp.curate.rules import check_decontaminate
     from vlp.curate.score import read_scores
 
     if dedup_eps > 0:
@@ -209,13 +240,7 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     scores = table["score"].to_numpy().astype(np.float32)
     found: dict[str, Any] = {}
     rule_kw = dict(fraction=fraction, min_score=min_score, min_posterior=min_posterior, seed=seed)
-    if rule == "none":
-        keep = np.ones(len(uid), dtype=bool)
-    elif per_entry_rule:
-        group, names = group_of(table["caption"].to_pylist(), _entries(per_entry_rule), min_group)
-        keep, found[rule] = grouped_rule_keep(scores, group, names, rule, **rule_kw)
-    else:
-        keep, found[rule] = rule_keep(scores, rule, **rule_kw)
+    keep, post = _score_rule(table, scores, rule, found, per_entry_rule, min_group, weights, rule_kw)
     counts = {"pool": int(meta["num_samples"]), "scored": int(len(uid)), f"kept_by_{rule}": int(keep.sum())}
     keep &= _filters(table, scores_dir, meta, uid, counts, found, dict(
         min_caption_words=min_caption_words, balance=balance, per_entry=per_entry, dedup_eps=dedup_eps,
@@ -224,9 +249,13 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
         seed=seed))
     mask = np.zeros(int(meta["num_samples"]), dtype=bool)
     mask[uid[keep]] = True
+    w = None
+    if post is not None:
+        w = np.zeros(len(mask))
+        w[uid[keep]] = post[keep]
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
             "scores": str(scores_dir), "model": meta["model"], "spec": meta["spec"]}
-    sel = write_selection(out_dir, mask, meta["shards"], meta["sizes"], info)
+    sel = write_selection(out_dir, mask, meta["shards"], meta["sizes"], info, weights=w)
     out = Path(out_dir)
     pq.write_table(pa.table({"uid": uid[keep], "key": table["key"].filter(pa.array(keep))}), out / "selection.parquet")
     report = {**info, "histogram": _histogram(scores, keep)}
@@ -260,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="decontaminate: image cosine at and above which a sample is a near duplicate")
     ap.add_argument("--decontaminate-max-removed", type=float, default=0.05,
                     help="decontaminate: refuse (write nothing) when more than this share of the pool would go")
+    ap.add_argument("--weights", action="store_true",
+                    help="gmm: write per-sample weights, each kept sample's clean posterior; training draws each "
+                    "sample into an epoch with that probability (lower --min-posterior to keep the doubtful)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
@@ -269,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                      dedup_clusters=args.dedup_clusters, per_entry_rule=args.per_entry_rule,
                      min_group=args.min_group, decontaminate=args.decontaminate,
                      decontaminate_min_sim=args.decontaminate_min_sim,
-                     decontaminate_max_removed=args.decontaminate_max_removed, seed=args.seed)
+                     decontaminate_max_removed=args.decontaminate_max_removed, weights=args.weights,
+                     seed=args.seed)
     except (DataError, FileNotFoundError, ValueError, MissingExtraError) as e:
         print(f"vlp.curate select: error: {e}", file=sys.stderr)
         return 2
-    print(f"kept {sel['kept']} of {sel['num_samples']} samples ({sel['kept'] / max(sel['num_samples'], 1):.1%}): "
-          f"{args.out_dir} (train with data.select={args.out_dir})")
+    per_epoch = f", about {sel['expected_per_epoch']:.0f} per epoch" if sel["weighted"] else ""
+    print(f"kept {sel['kept']} of {sel['num_samples']} samples ({sel['kept'] / max(sel['num_samples'], 1):.1%}"
+          f"{per_epoch}): {args.out_dir} (train with data.select={args.out_dir})")
     return 0

@@ -267,8 +267,11 @@ def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: i
     from vlp.data.position import iter_shard
     from vlp.data.selection import Selection
 
-    table = shard_table(spec)
     sel = Selection(selection, "selection")
+    if sel.weighted:
+        raise DataError(f"reshard: '{selection}' is a weighted selection, drawn anew each epoch; rewriting "
+                        "fixes one set of samples: train on it in place (data.select) or select without --weights")
+    table = shard_table(spec)
     sel.check(table)
 
     def kept() -> Iterator[dict[str, Any]]:

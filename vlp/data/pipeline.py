@@ -161,7 +161,7 @@ class _SlotStream(IterableDataset):
             off = int(src.table.offsets[shard])
             at = {int(u): j0 + k for k, u in enumerate(idx) if need[j0 + k]}
             if src.selection is not None:  # passed like a missing sample: never read, cursor moves past
-                at = _selected(at, src.selection.kept_in(shard), events)
+                at = _selected(at, src.selection.kept_in(shard, self.pos.epoch), events)
             j0 += len(idx)
             if at:
                 for index, raw in iter_shard(src.table.urls[shard], set(at), self.shard_retries, events):
@@ -249,7 +249,7 @@ class _SlotStream(IterableDataset):
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(draw)]])):
             at = {int(index[p]): p for p in range(lo, hi) if keep[p]}
             if selection is not None:
-                at = _selected(at, selection.kept_in(int(shard[lo])), events)
+                at = _selected(at, selection.kept_in(int(shard[lo]), self.pos.epoch), events)
             if at:
                 for idx, raw in iter_shard(urls[int(shard[lo])], set(at), self.shard_retries, events):
                     raw["__draw__"] = int(g[at[idx]])  # crop and caption choice vary per draw
