@@ -338,6 +338,36 @@ def test_select_decontaminates_against_a_scored_evaluation_set(tmp_path, digits_
     kept = set(pq.read_table(tmp_path / "dedup" / "selection.parquet")["key"].to_pylist())
     assert 0 < len(kept) < len(pool_t["key"]) and kept == {k for k, w in zip(pool_t["key"], whole) if w}
 
+    # a filter registered from user code is one more `select` keyword (and flag), ANDed with the others
+    from vlp.curate.filters import Filter, Option, register_filter
+    from vlp.curate.filters.registry import _REGISTRY
+    from vlp.curate.select import _parser
+
+    class EvenUids(Filter):
+        name, options = "even_uids", (Option("even_uids", False, "keep even uids only", action="store_true"),)
+
+        def active(self, o):
+            return o["even_uids"]
+
+        def keep(self, ctx, o):
+            return ctx.uid % 2 == 0, {"odd": int((ctx.uid % 2).sum())}
+
+    register_filter(EvenUids())
+    try:
+        assert _parser().parse_args(["s", "o", "--even-uids"]).even_uids
+        sel = select(tmp_path / "pool_scores", tmp_path / "even", "none", even_uids=True, dedup_eps=0.05,
+                     dedup_clusters=8)
+        got = set(pq.read_table(tmp_path / "even" / "selection.parquet")["uid"].to_pylist())
+        uids = dict(zip(pool_t["key"], pool_t["uid"]))
+        assert got == {uids[k] for k in kept if uids[k] % 2 == 0} and sel["counts"]["kept_by_even_uids"] == len(
+            [u for u in pool_t["uid"] if u % 2 == 0])
+        with pytest.raises(ValueError, match="option dedup_eps belongs to filter 'semdedup'"):
+            register_filter(type("Clash", (EvenUids,), {"name": "clash", "options": (Option("dedup_eps", 0, ""),)})())
+    finally:
+        _REGISTRY.pop("even_uids", None)
+    with pytest.raises(ValueError, match="unknown option even_uids"):
+        select(tmp_path / "pool_scores", tmp_path / "never", "none", even_uids=True)
+
     score_shards(str(pool / "train.json"), str(checkpoint), tmp_path / "bare", batch_size=256)
     score_shards(str(tmp_path / "test" / "test.json"), str(coca_checkpoint), tmp_path / "other", batch_size=128,
                  embeddings=True)

@@ -16,9 +16,10 @@ Rules:
   guess of the noise rate. The fit uses at most 1M scores drawn at random.
 - `--per-entry-rule ENTRIES`: the score rule runs inside each entry's group of captions (each
   sample in its rarest matched entry; vlp/curate/rules.py), so the cut is calibrated per concept.
-- `--balance`, `--dedup-eps`, `--decontaminate`: MetaCLIP's balancing, SemDeDup and removal of near
-  duplicates of evaluation images (vlp/curate/rules.py), combined with the score rule (`--rule none`
-  for none): a sample is kept when every rule keeps it.
+- Filters (vlp/curate/filters, one module each, registered): `--min-caption-words`, `--balance`,
+  `--dedup-eps`, `--decontaminate`: caption length, MetaCLIP's balancing, SemDeDup and removal of
+  near duplicates of evaluation images (vlp/curate/rules.py), combined with the score rule
+  (`--rule none` for none): a sample is kept when every rule keeps it.
 A sample without a score (the trainer would have dropped it) is never kept.
 - `--weights` (gmm): instead of a hard cut, each kept sample gets its clean posterior as weight,
   the probability that it is in an epoch (NCR and DivideMix weigh pairs by this posterior); with
@@ -41,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from vlp.curate.filters import Context, filter_defaults, filters
+from vlp.curate.filters.base import entries
 from vlp.data.manifest import DataError
 from vlp.data.selection import write_selection
 from vlp.extras import MissingExtraError, require
@@ -108,81 +111,6 @@ def _histogram(scores: np.ndarray, keep: np.ndarray, bins: int = 40) -> dict[str
             "dropped": np.histogram(scores[~keep], edges)[0].tolist()}
 
 
-def _matrix(column: Any, dtype: Any = np.float32) -> np.ndarray:
-    col = column.combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(dtype, copy=False)
-
-
-def _entries(path: str | Path) -> list[str]:
-    try:
-        return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    except OSError as e:
-        raise DataError(f"cannot read the entry list '{path}': {e}") from None
-
-
-def _check_embeddings(scores_dir: str | Path, role: str, model: str | None = None) -> str:
-    """The scoring model of a finished run made with --embeddings (and by `model`, if named)."""
-    from vlp.curate.score import scoring_meta
-
-    meta, _ = scoring_meta(scores_dir)
-    if not meta.get("embeddings"):
-        raise DataError(f"{role} '{scores_dir}' was scored without --embeddings; score it again with them")
-    if model is not None and meta["model"] != model:
-        raise DataError(f"{role} '{scores_dir}' was scored by model {meta['model']}, the pool by {model}: "
-                        "near duplicates are only comparable in one model's embedding space")
-    return meta["model"]
-
-
-def _image_embeddings(scores_dir: str | Path, dtype: Any = np.float32):
-    """(image embeddings, keys) per scoring shard, in uid order."""
-    from vlp.curate.score import iter_scores
-
-    return ((_matrix(t["image_emb"], dtype), t["key"].to_pylist())
-            for t in iter_scores(scores_dir, ["key", "image_emb"]))
-
-
-def _decontaminate(scores_dir: str | Path, model: str, eval_dirs: list[str | Path], min_sim: float,
-                   max_removed: float):
-    from vlp.curate.rules import decontaminate_keep
-
-    emb, keys = [], []
-    for d in eval_dirs:
-        for e, k in _image_embeddings(d):
-            emb.append(e)
-            keys += [f"{Path(d).name}:{x}" for x in k]
-    ev = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
-    keep, info = decontaminate_keep(_image_embeddings(scores_dir), ev, keys, min_sim, max_removed)
-    return keep, {**info, "eval_scores": [str(d) for d in eval_dirs]}
-
-
-def _filters(table: Any, scores_dir: str | Path, meta: dict[str, Any], uid: np.ndarray, counts: dict[str, int],
-             found: dict[str, Any], o: dict[str, Any]) -> np.ndarray:
-    """The rules beside the score cut (caption length, balance, SemDeDup, decontamination): one keep mask."""
-    from vlp.curate.rules import balance_keep, semdedup_stream
-
-    keep = np.ones(len(uid), dtype=bool)
-    rules = []
-    if o["min_caption_words"] > 0:
-        rules.append(("caption_words", lambda: (table["caption_words"].to_numpy() >= o["min_caption_words"], None)))
-    if o["balance"]:
-        rules.append(("balance", lambda: balance_keep(table["caption"].to_pylist(), uid, _entries(o["balance"]),
-                                                      o["per_entry"], o["seed"])))
-    if o["dedup_eps"] > 0:
-        rules.append(("semdedup", lambda: semdedup_stream(lambda: (m for m, _ in _image_embeddings(scores_dir, np.float16)),
-                                                          len(uid), o["dedup_eps"], o["dedup_clusters"], o["seed"])))
-    if o["decontaminate"]:
-        rules.append(("decontamination", lambda: _decontaminate(scores_dir, meta["model"], o["decontaminate"],
-                                                                o["decontaminate_min_sim"],
-                                                                o["decontaminate_max_removed"])))
-    for name, run in rules:
-        ok, info = run()
-        if info is not None:
-            found[name] = info
-        counts[f"kept_by_{name}"] = int(ok.sum())
-        keep &= ok
-    return keep
-
-
 def _score_rule(table: Any, scores: np.ndarray, rule: str, found: dict[str, Any], per_entry_rule: Any,
                 min_group: int, weights: bool, rule_kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """The score rule's keep mask (what it found goes to `found`), and the clean posteriors with `weights`."""
@@ -191,7 +119,7 @@ def _score_rule(table: Any, scores: np.ndarray, rule: str, found: dict[str, Any]
     if rule == "none":
         return np.ones(len(scores), dtype=bool), None
     if per_entry_rule:
-        group, names = group_of(table["caption"].to_pylist(), _entries(per_entry_rule), min_group)
+        group, names = group_of(table["caption"].to_pylist(), entries(per_entry_rule), min_group)
         keep, found[rule] = grouped_rule_keep(scores, group, names, rule, **rule_kw)
         return keep, None
     if weights:  # the weight of a kept sample is its clean posterior
@@ -202,37 +130,33 @@ def _score_rule(table: Any, scores: np.ndarray, rule: str, found: dict[str, Any]
 
 
 def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: float = 0.3,
-           min_score: float = 0.0, min_posterior: float = 0.5, min_caption_words: int = 0,
-           balance: str | Path | None = None, per_entry: int = 20_000, dedup_eps: float = 0.0,
-           dedup_clusters: int = 100, per_entry_rule: str | Path | None = None, min_group: int = 100,
-           decontaminate: list[str | Path] | None = None, decontaminate_min_sim: float = 0.95,
-           decontaminate_max_removed: float = 0.05, weights: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Apply `rule` ("none": no score cut), then optionally caption length, MetaCLIP balancing, SemDeDup
-    and decontamination against evaluation sets (vlp.curate.rules) to a finished scoring run; a sample
-    is kept if every rule keeps it. `weights` (gmm): each kept sample is in an epoch with probability
-    its clean posterior (a weighted selection, vlp.data.selection)."""
+           min_score: float = 0.0, min_posterior: float = 0.5, per_entry_rule: str | Path | None = None,
+           min_group: int = 100, weights: bool = False, seed: int = 0, **filter_options: Any) -> dict[str, Any]:
+    """Apply `rule` ("none": no score cut) and every active filter (vlp.curate.filters: caption length,
+    MetaCLIP balancing, SemDeDup, decontamination, ...; `filter_options` are their options) to a finished
+    scoring run; a sample is kept if all of them keep it. `weights` (gmm): each kept sample is in an
+    epoch with probability its clean posterior (a weighted selection, vlp.data.selection)."""
     if per_entry_rule and rule == "none":
         raise ValueError(f"--per-entry-rule {per_entry_rule}: there is no score rule to apply per entry "
                          "(--rule none); name one (gmm, top, threshold) or drop --per-entry-rule")
     if weights and (rule != "gmm" or per_entry_rule):
         raise ValueError(f"--weights: the weights are the gmm rule's clean posteriors over the whole pool; "
                          f"{'--per-entry-rule' if per_entry_rule else f'--rule {rule}'} has none")
-    from vlp.curate.rules import check_decontaminate
+    known = filter_defaults()
+    unknown = sorted(set(filter_options) - set(known))
+    if unknown:
+        raise ValueError(f"select: unknown option {unknown[0]} (filter options: {', '.join(known)})")
+    o = {**known, **filter_options}
+    active = [f for f in filters() if f.active(o)]
+    for f in active:  # refused before any work
+        f.check(o, scores_dir)
     from vlp.curate.score import read_scores
-
-    if dedup_eps > 0:
-        _check_embeddings(scores_dir, "the pool (--dedup-eps)")
-    if decontaminate:  # refused before any work: both sides need embeddings from one model
-        check_decontaminate(decontaminate_min_sim, decontaminate_max_removed)
-        pool_model = _check_embeddings(scores_dir, "the pool")
-        for d in decontaminate:
-            _check_embeddings(d, "--decontaminate", pool_model)
 
     require("pyarrow.parquet", "vlp.curate select")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:  # the embeddings are never read whole: SemDeDup and decontamination stream them per shard
+    try:  # the embeddings are never read whole: the filters that need them stream them per shard
         table, meta = read_scores(scores_dir, ["uid", "key", "score", "caption", "caption_words"])
     except (KeyError, pa.ArrowInvalid) as e:
         raise DataError(f"'{scores_dir}' lacks a column these rules need ({e})") from None
@@ -242,11 +166,13 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     rule_kw = dict(fraction=fraction, min_score=min_score, min_posterior=min_posterior, seed=seed)
     keep, post = _score_rule(table, scores, rule, found, per_entry_rule, min_group, weights, rule_kw)
     counts = {"pool": int(meta["num_samples"]), "scored": int(len(uid)), f"kept_by_{rule}": int(keep.sum())}
-    keep &= _filters(table, scores_dir, meta, uid, counts, found, dict(
-        min_caption_words=min_caption_words, balance=balance, per_entry=per_entry, dedup_eps=dedup_eps,
-        dedup_clusters=dedup_clusters, decontaminate=list(decontaminate or []),
-        decontaminate_min_sim=decontaminate_min_sim, decontaminate_max_removed=decontaminate_max_removed,
-        seed=seed))
+    ctx = Context(table, scores_dir, meta, uid, seed)
+    for f in active:
+        ok, info = f.keep(ctx, o)
+        if info is not None:
+            found[f.name] = info
+        counts[f"kept_by_{f.name}"] = int(ok.sum())
+        keep &= ok
     mask = np.zeros(int(meta["num_samples"]), dtype=bool)
     mask[uid[keep]] = True
     w = None
@@ -263,7 +189,7 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     return sel
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m vlp.curate select", description=__doc__.split("\n\n")[0])
     ap.add_argument("scores", help="output directory of `python -m vlp.curate score`")
     ap.add_argument("out_dir")
@@ -271,38 +197,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.3, help="top: fraction kept")
     ap.add_argument("--min-score", type=float, default=0.0, help="threshold: lowest kept score")
     ap.add_argument("--min-posterior", type=float, default=0.5, help="gmm: lowest kept clean posterior")
-    ap.add_argument("--min-caption-words", type=int, default=0)
-    ap.add_argument("--balance", help="MetaCLIP balancing over this entry list (one entry per line)")
-    ap.add_argument("--per-entry", type=int, default=20_000, help="balance: samples kept per entry (MetaCLIP's t)")
-    ap.add_argument("--dedup-eps", type=float, default=0.0, help="SemDeDup: remove near duplicates above "
-                    "cosine 1 - eps (scores made with --embeddings); 0: off")
-    ap.add_argument("--dedup-clusters", type=int, default=100, help="SemDeDup: k-means clusters")
     ap.add_argument("--per-entry-rule", metavar="ENTRIES", help="apply the score rule inside each entry's group "
                     "of captions (one entry per line; each sample in its rarest matched entry)")
     ap.add_argument("--min-group", type=int, default=100,
                     help="per-entry-rule: entries with fewer samples are judged as one pooled group")
-    ap.add_argument("--decontaminate", action="append", metavar="EVAL_SCORES",
-                    help="drop near duplicates of this evaluation set's images: the output of `vlp.curate score "
-                    "EVAL_SPEC EVAL_SCORES --embeddings` with the pool's checkpoint (needs the pool scored "
-                    "with --embeddings too); repeat for several sets")
-    ap.add_argument("--decontaminate-min-sim", type=float, default=0.95,
-                    help="decontaminate: image cosine at and above which a sample is a near duplicate")
-    ap.add_argument("--decontaminate-max-removed", type=float, default=0.05,
-                    help="decontaminate: refuse (write nothing) when more than this share of the pool would go")
     ap.add_argument("--weights", action="store_true",
                     help="gmm: write per-sample weights, each kept sample's clean posterior; training draws each "
                     "sample into an epoch with that probability (lower --min-posterior to keep the doubtful)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    for f in filters():  # each filter's own options (vlp/curate/filters)
+        group = ap.add_argument_group(f"filter {f.name}")
+        for opt in f.options:
+            kw: dict[str, Any] = {"dest": opt.name, "default": opt.default, "help": opt.help}
+            kw.update({k: v for k, v in (("type", opt.type), ("action", opt.action), ("metavar", opt.metavar)) if v})
+            group.add_argument("--" + opt.name.replace("_", "-"), **kw)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         sel = select(args.scores, args.out_dir, args.rule, fraction=args.fraction, min_score=args.min_score,
-                     min_posterior=args.min_posterior, min_caption_words=args.min_caption_words,
-                     balance=args.balance, per_entry=args.per_entry, dedup_eps=args.dedup_eps,
-                     dedup_clusters=args.dedup_clusters, per_entry_rule=args.per_entry_rule,
-                     min_group=args.min_group, decontaminate=args.decontaminate,
-                     decontaminate_min_sim=args.decontaminate_min_sim,
-                     decontaminate_max_removed=args.decontaminate_max_removed, weights=args.weights,
-                     seed=args.seed)
+                     min_posterior=args.min_posterior, per_entry_rule=args.per_entry_rule, min_group=args.min_group,
+                     weights=args.weights, seed=args.seed, **{k: getattr(args, k) for k in filter_defaults()})
     except (DataError, FileNotFoundError, ValueError, MissingExtraError) as e:
         print(f"vlp.curate select: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,93 @@
+"""Selection filters: the rules `vlp.curate select` applies beside the score cut, one module each.
+
+A filter names its options (they become `select` keywords and `--dashed-flags`), says when it is on,
+checks its inputs before any work, and returns a keep mask over the scored rows. A sample is kept
+when the score rule and every active filter keep it. A new filter is one module here plus its line
+in `registry._BUILTIN` (or `register_filter` from user code before `select` runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlp.data.manifest import DataError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a filter: `select(..., name=...)` and `--name-with-dashes` on the command line."""
+
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    action: str | None = None  # argparse action ("append": repeatable)
+    metavar: str | None = None
+
+
+@dataclass
+class Context:
+    """What a filter reads: the scoring run's table (uid, key, score, caption, caption_words rows),
+    its directory and meta, the uid of each row, and the run's seed."""
+
+    table: Any
+    scores_dir: str | Path
+    meta: dict[str, Any]
+    uid: np.ndarray
+    seed: int
+
+
+class Filter:
+    """Subclass with `name`, `options`, `active` and `keep` (and `check` for inputs to refuse early)."""
+
+    name: str = ""
+    options: tuple[Option, ...] = ()
+
+    def active(self, o: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def check(self, o: dict[str, Any], scores_dir: str | Path) -> None:
+        """Refuse bad options or inputs before the scores are read (default: nothing to check)."""
+
+    def keep(self, ctx: Context, o: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """bool per row of ctx.table, and what the filter found (for report.json; None: nothing)."""
+        raise NotImplementedError
+
+
+def entries(path: str | Path) -> list[str]:
+    """An entry list: one entry per line, blank lines and # comments skipped."""
+    try:
+        return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as e:
+        raise DataError(f"cannot read the entry list '{path}': {e}") from None
+
+
+def matrix(column: Any, dtype: Any = np.float32) -> np.ndarray:
+    col = column.combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(dtype, copy=False)
+
+
+def check_embeddings(scores_dir: str | Path, role: str, model: str | None = None) -> str:
+    """The scoring model of a finished run made with --embeddings (and by `model`, if named)."""
+    from vlp.curate.score import scoring_meta
+
+    meta, _ = scoring_meta(scores_dir)
+    if not meta.get("embeddings"):
+        raise DataError(f"{role} '{scores_dir}' was scored without --embeddings; score it again with them")
+    if model is not None and meta["model"] != model:
+        raise DataError(f"{role} '{scores_dir}' was scored by model {meta['model']}, the pool by {model}: "
+                        "near duplicates are only comparable in one model's embedding space")
+    return meta["model"]
+
+
+def image_embeddings(scores_dir: str | Path, dtype: Any = np.float32):
+    """(image embeddings, keys) per scoring shard, in uid order: never the whole column at once."""
+    from vlp.curate.score import iter_scores
+
+    return ((matrix(t["image_emb"], dtype), t["key"].to_pylist())
+            for t in iter_scores(scores_dir, ["key", "image_emb"]))
