@@ -20,10 +20,10 @@ Rules:
   `--dedup-eps`, `--decontaminate`: caption length, MetaCLIP's balancing, SemDeDup and removal of
   near duplicates of evaluation images (vlp/curate/rules.py), combined with the score rule
   (`--rule none` for none): a sample is kept when every rule keeps it.
-A sample without a score (the trainer would have dropped it) is never kept.
 - `--weights` (gmm): instead of a hard cut, each kept sample gets its clean posterior as weight,
   the probability that it is in an epoch (NCR and DivideMix weigh pairs by this posterior); with
   `--min-posterior 0.05` the doubtful pairs stay, seen less often.
+A sample without a score (the trainer would have dropped it) is never kept.
 
 Writes OUT/mask.npy and OUT/selection.json (read by training), OUT/selection.parquet (uid, key of
 every kept sample) and OUT/report.json (counts per rule, score histograms of kept and dropped).
