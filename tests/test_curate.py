@@ -431,6 +431,13 @@ def test_a_weighted_selection_draws_each_sample_into_an_epoch_with_its_weight(tm
     (tmp_path / "w2" / "weights.npy").write_bytes(b"not an array")
     with pytest.raises(DataError, match="weights.npy"):
         Selection(tmp_path / "w2").kept_in(0, 0)
+    np.save(tmp_path / "w" / "mask.npy", np.zeros(3, np.uint8))  # 24 bits for 1,000 samples
+    with pytest.raises(DataError, match="mask.npy' holds \\(3,\\) uint8 where 125 uint8"):
+        Selection(tmp_path / "w").kept_in(0, 0)
+    meta = json.loads((tmp_path / "w" / "selection.json").read_text())
+    (tmp_path / "w" / "selection.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}))
+    with pytest.raises(DataError, match="selection.json' lacks fingerprint"):
+        Selection(tmp_path / "w")
 
 
 def test_gmm_posterior_recovers_a_known_mixture():

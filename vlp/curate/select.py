@@ -52,10 +52,12 @@ RULES = ("threshold", "top", "gmm")
 GMM_FIT_MAX = 1_000_000
 
 
-def gmm_keep(scores: np.ndarray, min_posterior: float = 0.5, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """Samples whose posterior under the higher-mean of two Gaussians is >= min_posterior."""
+def gmm_keep(scores: np.ndarray, min_posterior: float = 0.5,
+             seed: int = 0) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """Samples whose posterior under the higher-mean of two Gaussians is >= min_posterior; what the
+    fit found; and the posteriors (a weighted selection's weights)."""
     post, info = gmm_posterior(scores, seed)
-    return post >= min_posterior, info
+    return post >= min_posterior, info, post
 
 
 def gmm_posterior(scores: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
@@ -84,7 +86,8 @@ def rule_keep(scores: np.ndarray, rule: str, *, fraction: float = 0.3, min_score
         cut = float(np.partition(scores, len(scores) - k)[len(scores) - k]) if len(scores) else 0.0
         return scores >= cut, {"fraction": fraction, "cut": cut}
     if rule == "gmm":
-        return gmm_keep(scores, min_posterior, seed)
+        keep, info, _ = gmm_keep(scores, min_posterior, seed)
+        return keep, info
     raise DataError(f"unknown selection rule '{rule}' (known: {', '.join(RULES)})")
 
 
@@ -123,8 +126,8 @@ def _score_rule(table: Any, scores: np.ndarray, rule: str, found: dict[str, Any]
         keep, found[rule] = grouped_rule_keep(scores, group, names, rule, **rule_kw)
         return keep, None
     if weights:  # the weight of a kept sample is its clean posterior
-        post, found[rule] = gmm_posterior(scores, rule_kw["seed"])
-        return post >= rule_kw["min_posterior"], post
+        keep, found[rule], post = gmm_keep(scores, rule_kw["min_posterior"], rule_kw["seed"])
+        return keep, post
     keep, found[rule] = rule_keep(scores, rule, **rule_kw)
     return keep, None
 

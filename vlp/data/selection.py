@@ -35,6 +35,7 @@ from vlp.data.manifest import DataError, num_samples_from_manifest
 from vlp.data.position import ShardTable
 
 MASK, META, WEIGHTS = "mask.npy", "selection.json", "weights.npy"
+_META_KEYS = ("num_samples", "kept", "shards", "sizes", "fingerprint")
 LEVELS = 255  # a weight is stored as k / 255, k in 0..255
 
 
@@ -96,12 +97,16 @@ def write_selection(out_dir: str | Path, keep: np.ndarray, shards: list[str], si
 def read_meta(path: str | Path, where: str = "select") -> dict[str, Any]:
     p = Path(path) / META
     try:
-        return json.loads(p.read_text())
+        meta = json.loads(p.read_text())
     except FileNotFoundError:
         raise DataError(f"{where}: '{path}' is not a selection (no {META}); make one with "
                         "`python -m vlp.curate select`") from None
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{where}: cannot read '{p}': {e}") from None
+    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+    if missing:
+        raise DataError(f"{where}: '{p}' lacks {', '.join(missing)}: not a selection written by `vlp.curate select`")
+    return meta
 
 
 class Selection:
@@ -113,31 +118,34 @@ class Selection:
         self._bits: np.ndarray | None = None
         self._levels: np.ndarray | None = None
         self.offsets = np.concatenate([[0], np.cumsum(self.meta["sizes"])]).astype(np.int64)
+        self._salt = int(self.fingerprint, 16)  # seeds a weighted selection's per-epoch draw
+
+    def _open(self, name: str, length: int, dtype: type) -> np.ndarray:
+        """Memory-map `name` of this selection, refusing (naming the file) one that cannot be read or
+        does not hold `length` values of `dtype`."""
+        where = self.path / name
+        try:
+            arr = np.load(where, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.where}: cannot read '{where}': {e}") from None
+        if arr.shape != (length,) or arr.dtype != dtype:
+            raise DataError(f"{self.where}: '{where}' holds {arr.shape} {arr.dtype} where {length} {np.dtype(dtype)} "
+                            f"are due for {self.meta['num_samples']} samples: the file is damaged or from another "
+                            "selection")
+        return arr
 
     @property
     def bits(self) -> np.ndarray:
+        """The kept bits, packed (8 samples a byte)."""
         if self._bits is None:
-            try:
-                self._bits = np.load(self.path / MASK, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{self.where}: cannot read '{self.path / MASK}': {e}") from None
-            if len(self._bits) != -(-int(self.meta["num_samples"]) // 8):
-                raise DataError(f"{self.where}: '{self.path / MASK}' holds {len(self._bits) * 8} bits for "
-                                f"{self.meta['num_samples']} samples: the file is damaged or from another selection")
+            self._bits = self._open(MASK, -(-int(self.meta["num_samples"]) // 8), np.uint8)
         return self._bits
 
     @property
     def levels(self) -> np.ndarray:
         """uint8 per sample: its weight in 255ths (weighted selections only)."""
         if self._levels is None:
-            try:
-                self._levels = np.load(self.path / WEIGHTS, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{self.where}: cannot read '{self.path / WEIGHTS}': {e}") from None
-            if self._levels.shape != (int(self.meta["num_samples"]),) or self._levels.dtype != np.uint8:
-                raise DataError(f"{self.where}: '{self.path / WEIGHTS}' holds {self._levels.shape} "
-                                f"{self._levels.dtype} for {self.meta['num_samples']} samples: the file is damaged "
-                                "or from another selection")
+            self._levels = self._open(WEIGHTS, int(self.meta["num_samples"]), np.uint8)
         return self._levels
 
     def __getstate__(self) -> dict[str, Any]:
@@ -183,8 +191,7 @@ class Selection:
         raw = np.unpackbits(self.bits[lo // 8:(hi + 7) // 8])
         keep = raw[lo % 8: lo % 8 + (hi - lo)].astype(bool)
         if self.weighted:
-            salt = int(self.fingerprint, 16)
-            keep &= epoch_draw(np.arange(lo, hi), epoch, salt) < np.asarray(self.levels[lo:hi], np.int64)
+            keep &= epoch_draw(np.arange(lo, hi), epoch, self._salt) < np.asarray(self.levels[lo:hi], np.int64)
         return keep
 
 
