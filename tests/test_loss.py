@@ -89,13 +89,24 @@ def test_small_loss_drops_the_largest_loss_pairs_as_anchors_and_ramps():
         SmallLossClipLoss(drop=1.0)
 
 
+TWO_PROCESS_LOSSES = ["clip", "clip_tiled", "siglip", "siglip_tiled", "soft_clip", "small_loss"]
+TWO_PROCESS_SIZES = ["4,4", "5,3"]
+
+
+@pytest.fixture(scope="module")
+def two_process_grads(tmp_path_factory):
+    """Every loss and split of the batch over 2 real processes, in one torchrun launch."""
+    out = tmp_path_factory.mktemp("grads")
+    cases = [f"{loss}:{sizes}" for loss in TWO_PROCESS_LOSSES for sizes in TWO_PROCESS_SIZES]
+    torchrun(2, str(ROOT / "tests/workers/loss_grad.py"), str(out), *cases, timeout=300)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["clip", "clip_tiled", "siglip", "siglip_tiled", "soft_clip", "small_loss"])
-@pytest.mark.parametrize("sizes", ["4,4", "5,3"])
-def test_two_process_gradients_equal_full_batch(tmp_path, sizes, loss):
-    out = tmp_path / "grads.pt"
-    torchrun(2, str(ROOT / "tests/workers/loss_grad.py"), str(out), sizes, loss, timeout=180)
-    got = torch.load(out, weights_only=True)
+@pytest.mark.parametrize("loss", TWO_PROCESS_LOSSES)
+@pytest.mark.parametrize("sizes", TWO_PROCESS_SIZES)
+def test_two_process_gradients_equal_full_batch(two_process_grads, sizes, loss):
+    got = torch.load(two_process_grads / f"{loss}-{sizes}.pt", weights_only=True)
     # reference: the plain (untiled) loss on the full batch in one process
     plain = loss.removesuffix("_tiled")
     ref = dict(zip(["loss", "g_img", "g_txt", "g_s", "g_b"], loss_and_grads(*make_problem(), plain)))
@@ -104,7 +115,6 @@ def test_two_process_gradients_equal_full_batch(tmp_path, sizes, loss):
         a, b = got[name], ref[name]
         rel = ((a - b).norm() / b.norm()).item()
         assert rel <= 1e-5, f"{loss} {name}: relative error {rel:.2e} with sizes {sizes}"
-
 
 
 @pytest.mark.parametrize("form", ["per_row", "summed"])

@@ -173,7 +173,7 @@ def _lines(path: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # 80-100 s; the SIGTERM and kill -9 restart tests cover each fault once
+@pytest.mark.extended  # 80-100 s; the SIGTERM restart test and test_multinode's kill -9 cover each fault once
 def test_chaos_random_sigterms_and_kills_end_with_the_uninterrupted_weights(tmp_path, digits_shards_dir):
     """Five faults at random steps, each a SIGTERM or a SIGKILL to a random rank, under torchrun
     --max-restarts; after each the group must restart and train on before the next is sent."""

@@ -70,6 +70,9 @@ def test_elastic_resume_consumes_every_key_once(tmp_path, digits_shards_dir, bef
     assert (run_dir / "model.safetensors").is_file()
 
 
+# extended: test_multinode.py kills a rank with SIGKILL under torchrun and checks the restart resumes from a
+# checkpoint with the uninterrupted run's keys and weights; this adds the single-node, static-rendezvous case
+@pytest.mark.extended
 def test_torchrun_restarts_after_kill9_and_resumes_exactly(tmp_path, digits_shards_dir):
     """kill -9 of one rank: torchrun restarts the group, `--resume latest` picks up the newest
     checkpoint, the steps after it are redone, and the final weights equal an uninterrupted run."""

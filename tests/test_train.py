@@ -218,13 +218,8 @@ def test_resume_on_another_world_size(tmp_path, digits_shards_dir):
     assert proc.returncode == 2 and "written by 2 ranks" in proc.stderr and "Traceback" not in proc.stderr
     proc = train(zero1, digits_shards_dir, 2, resume=True, check=False, **{"train.steps": 8})
     assert proc.returncode != 0 and "train.zero_stage=1" in proc.stderr  # torchrun reports exit 1
-    run_dir = tmp_path / "elastic"
-    train(run_dir, digits_shards_dir, 2, **{"train.steps": 8, "train.stop_after_steps": 4})
-    # without ZeRO the full state is in one file: resume on 1 rank, restarting the epoch
-    proc = train(run_dir, digits_shards_dir, 1, resume=True, **{"train.steps": 8})
-    assert "written by 2 ranks, resuming on 1" in proc.stdout
-    assert read_meta(find_latest(run_dir / "checkpoints"))["step"] == 8
-    assert (run_dir / "model.safetensors").is_file()
+    # without ZeRO the full state is in one file and resumes on another world size: test_resume.py's
+    # elastic resume (2 ranks -> 1 and 1 -> 2, each key once over the epoch)
 
 
 def test_resume_from_checkpoint_dir_uses_its_saved_config(tmp_path, digits_shards_dir):

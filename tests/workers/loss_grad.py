@@ -35,21 +35,25 @@ def loss_and_grads(x_img, x_txt, w_img, w_txt, loss: str = "clip", scale: float 
 
 
 def main() -> None:
-    out, sizes, loss = sys.argv[1], [int(v) for v in sys.argv[2].split(",")], sys.argv[3]
+    """argv: an output directory, then cases "loss:sizes" (sizes: the ranks' shares of the 8 pairs, e.g.
+    5,3); each case's averaged results go to <dir>/<loss>-<sizes>.pt. One launch serves every case."""
+    out, cases = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    assert len(sizes) == world and sum(sizes) == 8
     x_img, x_txt, w_img, w_txt = make_problem()
-    lo = sum(sizes[:rank])
-    sl = slice(lo, lo + sizes[rank])
-    results = loss_and_grads(x_img[sl], x_txt[sl], w_img, w_txt, loss)
-    for t in results:  # what the data-parallel engine does: average over ranks
-        dist.all_reduce(t)
-        t /= world
-    if rank == 0:
-        torch.save(dict(zip(["loss", "g_img", "g_txt", "g_s", "g_b"], results)), out)
+    for case in cases:
+        loss, spec = case.split(":")
+        sizes = [int(v) for v in spec.split(",")]
+        assert len(sizes) == world and sum(sizes) == 8, case
+        lo = sum(sizes[:rank])
+        sl = slice(lo, lo + sizes[rank])
+        results = loss_and_grads(x_img[sl], x_txt[sl], w_img, w_txt, loss)
+        for t in results:  # what the data-parallel engine does: average over ranks
+            dist.all_reduce(t)
+            t /= world
+        if rank == 0:
+            torch.save(dict(zip(["loss", "g_img", "g_txt", "g_s", "g_b"], results)), f"{out}/{loss}-{spec}.pt")
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
