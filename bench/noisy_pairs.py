@@ -3,6 +3,7 @@
     python bench/noisy_pairs.py                          # Fashion-MNIST captions, r = 0.5
     python bench/noisy_pairs.py --rates 0.2 0.5 0.8
     python bench/noisy_pairs.py --quick                  # a fifth of the budget: a smoke run
+    python bench/noisy_pairs.py --methods select --fresh --train-seeds 0 1 2   # means over 3 training seeds
 
 Protocol (DESIGN.md; NCR and after): the captions of a random fraction r of the training pairs are
 permuted among themselves (`python -m vlp.curate noise`, images stay, the corrupted keys are kept).
@@ -34,7 +35,10 @@ Runs per r:
 Reported: top-1 per run, the share of the clean-noisy gap a route recovers ((route - noisy) /
 (clean - noisy)), and for the scorer its ROC AUC at telling corrupted pairs (by the kept key list)
 from the rest, plus precision (clean share of the kept) and recall (kept share of the clean) of the
-selection. Every figure comes from real CLI runs, started as a user would.
+selection. Every figure comes from real CLI runs, started as a user would. One run on noisy pairs
+moves by points with the training seed (and with the machine's arithmetic: the same noisy run gave
+72.43% on one machine and 69.91% on another), so `--train-seeds` repeats every run per seed
+(`train.seed`: initialization and data order) and reports the gap of the means beside each seed's.
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ def _run(cmd: list[str], log: Path) -> str:
     return out
 
 
-def train(run_dir: Path, shards: Path, steps: int, extra: list[str], log: Path) -> None:
+def train(run_dir: Path, shards: Path, steps: int, extra: list[str], log: Path, seed: int = 0) -> None:
+    if seed:  # the training seed: initialization and data order (train.seed)
+        extra = [*extra, f"train.seed={seed}"]
     if (run_dir / "model.safetensors").is_file():  # finished before: the bench reuses what it made
         made_on = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_shards"]
         if made_on != str(shards):
@@ -163,7 +169,7 @@ def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str
         upto = int(round(a.steps * share))
         phase = work / (f"select-{name(1)}-phase1" if k == 1 else f"select-{name(k)}{rs}-phase{k}")
         train(phase, noisy / "train.json", upto - done, ([f"data.select={sel}"] if sel else []) + init,
-              work / f"{phase.name}.log")
+              work / f"{phase.name}.log", a.train_seed)
         scores = work / f"scores-{name(k)}{'' if k == 1 else rs}"
         _run([PY, "-m", "vlp.curate", "score", str(noisy / "train.json"), str(scores), "--checkpoint", str(phase),
               "--workers", "1"], work / f"score-{scores.name}.log")
@@ -174,8 +180,98 @@ def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str
               f"kept {det['kept']}, precision {det['precision']:.3f}", flush=True)
         done, init = upto, ([] if a.fresh and k == 1 else [f"model.init_from.path={phase}"])
     route = work / f"select-{prefix}{name(len(a.rounds))}{rs}"
-    train(route, noisy / "train.json", a.steps - done, [f"data.select={sel}", *init, *extra], work / f"{route.name}.log")
+    train(route, noisy / "train.json", a.steps - done, [f"data.select={sel}", *init, *extra], work / f"{route.name}.log",
+          a.train_seed)
     return zeroshot(route, a.test_samples, work / f"{route.name}.eval.log"), det
+
+
+def bench_seed(a, work: Path, clean: Path) -> list[dict]:
+    """Every run of the bench for one training seed (`a.train_seed`): clean, noisy and the routes."""
+    ts = a.train_seed
+    clean_tag = f"s{a.steps}" + (f"-t{ts}" if ts else "")  # the clean run does not depend on the noise seed
+    tag = clean_tag + (f"-seed{a.seed}" if a.seed else "")  # every run on noisy shards does
+    train(work / f"clean-{clean_tag}", clean / "train.json", a.steps, [], work / f"clean-{clean_tag}.log", ts)
+    top_clean = zeroshot(work / f"clean-{clean_tag}", a.test_samples, work / f"clean-{clean_tag}.eval.log")
+    rows = [{"r": 0.0, "method": "clean", "top1": top_clean}]
+    print(f"clean: top-1 {top_clean:.2%}", flush=True)
+    for r in a.rates:
+        noisy = work / f"noisy-r{r}-seed{a.seed}"
+        if not (noisy / "train.json").is_file():
+            _run([PY, "-m", "vlp.curate", "noise", str(clean / "train.json"), str(noisy), "--rate", str(r),
+                  "--seed", str(a.seed)], work / f"noise-r{r}-seed{a.seed}.log")
+        corrupted = set(json.loads((noisy / "corrupted.json").read_text())["keys"])
+        base = work / f"noisy-r{r}-{tag}"
+        train(base, noisy / "train.json", a.steps, [], work / f"{base.name}.log", ts)
+        top_noisy = zeroshot(base, a.test_samples, work / f"{base.name}.eval.log")
+        rows.append({"r": r, "method": "noisy", "top1": top_noisy})
+        print(f"r={r} noisy: top-1 {top_noisy:.2%}", flush=True)
+        if "soft_clip" in a.methods:
+            soft = work / f"soft-r{r}-{tag}"
+            train(soft, noisy / "train.json", a.steps, ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"],
+                  work / f"{soft.name}.log", ts)
+            top = zeroshot(soft, a.test_samples, work / f"{soft.name}.eval.log")
+            rows.append({"r": r, "method": f"soft_clip (alpha {a.alpha})", "top1": top})
+            print(f"r={r} soft_clip: top-1 {top:.2%}", flush=True)
+        if "small_loss" in a.methods:
+            drop = r if a.drop is None else a.drop
+            small = work / (f"small-r{r}-{tag}" + ("" if a.drop is None else f"-d{drop}"))
+            train(small, noisy / "train.json", a.steps, ["loss.name=small_loss", f"small_loss.drop={drop}"],
+                  work / f"{small.name}.log", ts)
+            top = zeroshot(small, a.test_samples, work / f"{small.name}.eval.log")
+            rows.append({"r": r, "method": f"small_loss (drop {drop})", "top1": top})
+            print(f"r={r} small_loss: top-1 {top:.2%}", flush=True)
+        if "oracle" in a.methods:  # the bound of selection: the intact pairs only, the whole budget on them
+            sel = oracle_selection(noisy, corrupted, work / f"selection-r{r}-{tag}-oracle")
+            run = work / f"oracle-r{r}-{tag}"
+            train(run, noisy / "train.json", a.steps, [f"data.select={sel}"], work / f"{run.name}.log", ts)
+            top = zeroshot(run, a.test_samples, work / f"{run.name}.eval.log")
+            rows.append({"r": r, "method": "oracle selection (the intact pairs, from scratch)", "top1": top})
+            print(f"r={r} oracle selection: top-1 {top:.2%}", flush=True)
+        routes = (("select", [], ""), ("select+soft_clip", ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], "soft-"),
+                  ("select+small_loss", ["loss.name=small_loss", f"small_loss.drop={a.select_drop}"],
+                   f"small{a.select_drop}-"))
+        for method, extra, prefix in routes:
+            if method in a.methods:
+                top, det = select_route(work, tag, r, noisy, a, extra, corrupted, prefix)
+                label = (f"score-select-continue{method[6:].replace('+', ' + ')} ({a.select}, scored at "
+                         f"{', '.join(f'{x:.0%}' for x in a.rounds)}{', fresh weights after the first' if a.fresh else ''})")
+                rows.append({"r": r, "method": label, "top1": top, **det})
+                print(f"r={r} {label}: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, kept {det['kept']} "
+                      f"(precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
+    return [{**row, "train_seed": ts} for row in rows]
+
+
+def report(rows: list[dict]) -> None:
+    """One table of every run (each gap against the clean and noisy runs of its own training seed),
+    and with several training seeds one of the means over them (the gap of the means, and its spread)."""
+    top = {(row["train_seed"], row["r"], row["method"]): row["top1"] for row in rows}
+
+    def gap(ts: int, r: float, method: str) -> float:
+        lo, hi = top[(ts, r, "noisy")], top[(ts, 0.0, "clean")]
+        return (top[(ts, r, method)] - lo) / max(hi - lo, 1e-9)
+
+    print("\n| train seed | r | method | zero-shot top-1 | gap recovered | scorer ROC AUC | kept | precision | recall |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        g = "" if row["method"] in ("clean", "noisy") else f"{gap(row['train_seed'], row['r'], row['method']):.0%}"
+        det = (f"{row['auc_clean_vs_corrupted']:.3f} | {row['kept']} | {row['precision']:.3f} | {row['recall']:.3f}"
+               if "kept" in row else " |  |  | ")
+        print(f"| {row['train_seed']} | {row['r']} | {row['method']} | {row['top1']:.2%} | {g} | {det} |")
+    seeds = sorted({row["train_seed"] for row in rows})
+    if len(seeds) < 2:
+        return
+    print(f"\nMeans over training seeds {', '.join(map(str, seeds))} (gap: of the means; sd: of the per-seed gaps)")
+    print("| r | method | mean top-1 | sd top-1 | gap recovered | sd gap |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r, method in dict.fromkeys((row["r"], row["method"]) for row in rows):
+        runs = np.array([top[(ts, r, method)] for ts in seeds if (ts, r, method) in top])
+        g = sd = ""
+        if method not in ("clean", "noisy") and len(runs) == len(seeds):
+            lo = np.mean([top[(ts, r, "noisy")] for ts in seeds])
+            hi = np.mean([top[(ts, 0.0, "clean")] for ts in seeds])
+            g = f"{(runs.mean() - lo) / max(hi - lo, 1e-9):.0%}"
+            sd = f"{np.std([gap(ts, r, method) for ts in seeds], ddof=1):.0%}"
+        print(f"| {r} | {method} | {runs.mean():.2%} | {runs.std(ddof=1) if len(runs) > 1 else 0:.2%} | {g} | {sd} |")
 
 
 def main() -> int:
@@ -186,6 +282,9 @@ def main() -> int:
     ap.add_argument("--rounds", nargs="+", type=float, default=[0.25, 0.5],
                     help="select: the shares of the budget at which the pool is (re)scored and selected")
     ap.add_argument("--seed", type=int, default=0, help="noise seed")
+    ap.add_argument("--train-seeds", nargs="+", type=int, default=[0],
+                    help="training seeds (train.seed: initialization and data order); every run is repeated per "
+                         "seed and the means reported, since one run's top-1 on noisy pairs moves by points")
     ap.add_argument("--test-samples", type=int, default=0, help="test images scored (0: all 10,000)")
     ap.add_argument("--methods", nargs="+", default=["small_loss", "select"],
                     choices=["small_loss", "select", "soft_clip", "select+soft_clip", "select+small_loss", "oracle"],
@@ -209,67 +308,13 @@ def main() -> int:
     _run([PY, "-m", "vlp.data.build", "fashion-mnist", str(clean), "--split", "train", "--no-progress"],
          work / "build.log")
     (work / "entries.txt").write_text("".join(f"{e}\n" for e in class_entries()))
-    clean_tag = f"s{a.steps}"  # the clean run does not depend on the noise seed
-    tag = clean_tag + (f"-seed{a.seed}" if a.seed else "")  # every run on noisy shards does
-    train(work / f"clean-{clean_tag}", clean / "train.json", a.steps, [], work / f"clean-{clean_tag}.log")
-    top_clean = zeroshot(work / f"clean-{clean_tag}", a.test_samples, work / f"clean-{clean_tag}.eval.log")
-    rows = [{"r": 0.0, "method": "clean", "top1": top_clean}]
-    print(f"clean: top-1 {top_clean:.2%}", flush=True)
-    for r in a.rates:
-        noisy = work / f"noisy-r{r}-seed{a.seed}"
-        if not (noisy / "train.json").is_file():
-            _run([PY, "-m", "vlp.curate", "noise", str(clean / "train.json"), str(noisy), "--rate", str(r),
-                  "--seed", str(a.seed)], work / f"noise-r{r}-seed{a.seed}.log")
-        corrupted = set(json.loads((noisy / "corrupted.json").read_text())["keys"])
-        base = work / f"noisy-r{r}-{tag}"
-        train(base, noisy / "train.json", a.steps, [], work / f"{base.name}.log")
-        top_noisy = zeroshot(base, a.test_samples, work / f"{base.name}.eval.log")
-        rows.append({"r": r, "method": "noisy", "top1": top_noisy})
-        print(f"r={r} noisy: top-1 {top_noisy:.2%}", flush=True)
-        if "soft_clip" in a.methods:
-            soft = work / f"soft-r{r}-{tag}"
-            train(soft, noisy / "train.json", a.steps, ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"],
-                  work / f"{soft.name}.log")
-            top = zeroshot(soft, a.test_samples, work / f"{soft.name}.eval.log")
-            rows.append({"r": r, "method": f"soft_clip (alpha {a.alpha})", "top1": top})
-            print(f"r={r} soft_clip: top-1 {top:.2%}", flush=True)
-        if "small_loss" in a.methods:
-            drop = r if a.drop is None else a.drop
-            small = work / (f"small-r{r}-{tag}" + ("" if a.drop is None else f"-d{drop}"))
-            train(small, noisy / "train.json", a.steps, ["loss.name=small_loss", f"small_loss.drop={drop}"],
-                  work / f"{small.name}.log")
-            top = zeroshot(small, a.test_samples, work / f"{small.name}.eval.log")
-            rows.append({"r": r, "method": f"small_loss (drop {drop})", "top1": top})
-            print(f"r={r} small_loss: top-1 {top:.2%}", flush=True)
-        if "oracle" in a.methods:  # the bound of selection: the intact pairs only, the whole budget on them
-            sel = oracle_selection(noisy, corrupted, work / f"selection-r{r}-{tag}-oracle")
-            run = work / f"oracle-r{r}-{tag}"
-            train(run, noisy / "train.json", a.steps, [f"data.select={sel}"], work / f"{run.name}.log")
-            top = zeroshot(run, a.test_samples, work / f"{run.name}.eval.log")
-            rows.append({"r": r, "method": "oracle selection (the intact pairs, from scratch)", "top1": top})
-            print(f"r={r} oracle selection: top-1 {top:.2%}", flush=True)
-        routes = (("select", [], ""), ("select+soft_clip", ["loss.name=soft_clip", f"soft_clip.alpha={a.alpha}"], "soft-"),
-                  ("select+small_loss", ["loss.name=small_loss", f"small_loss.drop={a.select_drop}"],
-                   f"small{a.select_drop}-"))
-        for method, extra, prefix in routes:
-            if method in a.methods:
-                top, det = select_route(work, tag, r, noisy, a, extra, corrupted, prefix)
-                label = (f"score-select-continue{method[6:].replace('+', ' + ')} ({a.select}, scored at "
-                         f"{', '.join(f'{x:.0%}' for x in a.rounds)}{', fresh weights after the first' if a.fresh else ''})")
-                rows.append({"r": r, "method": label, "top1": top, **det})
-                print(f"r={r} {label}: top-1 {top:.2%}, AUC {det['auc_clean_vs_corrupted']:.3f}, kept {det['kept']} "
-                      f"(precision {det['precision']:.3f}, recall {det['recall']:.3f})", flush=True)
-    print("\n| r | method | zero-shot top-1 | gap recovered | scorer ROC AUC | kept | precision | recall |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    noisy_of = {row["r"]: row["top1"] for row in rows if row["method"] == "noisy"}
-    for row in rows:
-        gap = ""
-        if row["method"] not in ("clean", "noisy"):
-            gap = f"{(row['top1'] - noisy_of[row['r']]) / max(top_clean - noisy_of[row['r']], 1e-9):.0%}"
-        det = (f"{row['auc_clean_vs_corrupted']:.3f} | {row['kept']} | {row['precision']:.3f} | {row['recall']:.3f}"
-               if "kept" in row else " |  |  | ")
-        print(f"| {row['r']} | {row['method']} | {row['top1']:.2%} | {gap} | {det} |")
-    (work / f"results-{tag}.json").write_text(json.dumps(rows, indent=1))
+    rows: list[dict] = []
+    for ts in a.train_seeds:
+        a.train_seed = ts
+        rows += bench_seed(a, work, clean)
+    report(rows)
+    seeds = "" if a.train_seeds == [0] else "-t" + "-".join(map(str, a.train_seeds))
+    (work / f"results-s{a.steps}{f'-seed{a.seed}' if a.seed else ''}{seeds}.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 
