@@ -152,7 +152,7 @@ def class_entries() -> list[str]:
 
 
 def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str], corrupted: set[str],
-                 prefix: str = ""):
+                 prefix: str = "", ts: int = 0):
     """score -> select -> continue at the same total budget: train on the noisy shards up to the first share
     of `a.rounds`, score the whole pool with that checkpoint, select, continue on the selection (weights
     from `model.init_from`) up to the next share, score the whole pool again, ...; `extra` goes to the
@@ -169,7 +169,7 @@ def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str
         upto = int(round(a.steps * share))
         phase = work / (f"select-{name(1)}-phase1" if k == 1 else f"select-{name(k)}{rs}-phase{k}")
         train(phase, noisy / "train.json", upto - done, ([f"data.select={sel}"] if sel else []) + init,
-              work / f"{phase.name}.log", a.train_seed)
+              work / f"{phase.name}.log", ts)
         scores = work / f"scores-{name(k)}{'' if k == 1 else rs}"
         _run([PY, "-m", "vlp.curate", "score", str(noisy / "train.json"), str(scores), "--checkpoint", str(phase),
               "--workers", "1"], work / f"score-{scores.name}.log")
@@ -180,14 +180,12 @@ def select_route(work: Path, tag: str, r: float, noisy: Path, a, extra: list[str
               f"kept {det['kept']}, precision {det['precision']:.3f}", flush=True)
         done, init = upto, ([] if a.fresh and k == 1 else [f"model.init_from.path={phase}"])
     route = work / f"select-{prefix}{name(len(a.rounds))}{rs}"
-    train(route, noisy / "train.json", a.steps - done, [f"data.select={sel}", *init, *extra], work / f"{route.name}.log",
-          a.train_seed)
+    train(route, noisy / "train.json", a.steps - done, [f"data.select={sel}", *init, *extra], work / f"{route.name}.log", ts)
     return zeroshot(route, a.test_samples, work / f"{route.name}.eval.log"), det
 
 
-def bench_seed(a, work: Path, clean: Path) -> list[dict]:
-    """Every run of the bench for one training seed (`a.train_seed`): clean, noisy and the routes."""
-    ts = a.train_seed
+def bench_seed(a, work: Path, clean: Path, ts: int) -> list[dict]:
+    """Every run of the bench for training seed `ts`: clean, noisy and the routes."""
     clean_tag = f"s{a.steps}" + (f"-t{ts}" if ts else "")  # the clean run does not depend on the noise seed
     tag = clean_tag + (f"-seed{a.seed}" if a.seed else "")  # every run on noisy shards does
     train(work / f"clean-{clean_tag}", clean / "train.json", a.steps, [], work / f"clean-{clean_tag}.log", ts)
@@ -232,7 +230,7 @@ def bench_seed(a, work: Path, clean: Path) -> list[dict]:
                    f"small{a.select_drop}-"))
         for method, extra, prefix in routes:
             if method in a.methods:
-                top, det = select_route(work, tag, r, noisy, a, extra, corrupted, prefix)
+                top, det = select_route(work, tag, r, noisy, a, extra, corrupted, prefix, ts)
                 label = (f"score-select-continue{method[6:].replace('+', ' + ')} ({a.select}, scored at "
                          f"{', '.join(f'{x:.0%}' for x in a.rounds)}{', fresh weights after the first' if a.fresh else ''})")
                 rows.append({"r": r, "method": label, "top1": top, **det})
@@ -310,8 +308,7 @@ def main() -> int:
     (work / "entries.txt").write_text("".join(f"{e}\n" for e in class_entries()))
     rows: list[dict] = []
     for ts in a.train_seeds:
-        a.train_seed = ts
-        rows += bench_seed(a, work, clean)
+        rows += bench_seed(a, work, clean, ts)
     report(rows)
     seeds = "" if a.train_seeds == [0] else "-t" + "-".join(map(str, a.train_seeds))
     (work / f"results-s{a.steps}{f'-seed{a.seed}' if a.seed else ''}{seeds}.json").write_text(json.dumps(rows, indent=1))
