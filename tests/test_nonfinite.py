@@ -95,11 +95,22 @@ def test_rewind_reloads_the_checkpoint_and_never_trains_on_the_step(tmp_path, di
     assert all(torch.isfinite(v.float()).all() for v in _state(run_dir, 6).values())
 
 
+@pytest.fixture(scope="module")
+def one_process_keys(digits_shards_dir, tmp_path_factory) -> list[list[str]]:
+    """The keys of each of the first 3 steps of an unfaulted 1-process fp32 run. The data order does not
+    depend on the ZeRO stage or precision; if it did, the keys planted below would miss step 3 and the
+    tests' step-3 assertions would fail."""
+    run_dir = tmp_path_factory.mktemp("nonfinite") / "one-process"
+    run(["python", "train.py", *_args(run_dir, digits_shards_dir, **{
+        "train.steps": 3, "train.checkpoint_every_n_steps": 0, "data.log_consumed_keys": "true"})])
+    return [row["keys"] for row in _consumed(run_dir, 0)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero, precision", [(3, "fp32"), (1, "bf16")])
-def test_deepspeeds_own_optimizers_skip_too(tmp_path, digits_shards_dir, zero, precision):
+def test_deepspeeds_own_optimizers_skip_too(tmp_path, digits_shards_dir, zero, precision, one_process_keys):
     """ZeRO and bf16 take DeepSpeed's overflow test rather than vlp's fp32 guard (one process)."""
-    first = _consumed_first_key(tmp_path / "ref", digits_shards_dir, zero, precision)
+    first = one_process_keys[2][0]
     run_dir = tmp_path / "nan"
     proc = run(["python", "train.py", *_args(run_dir, digits_shards_dir, **{
         "train.zero_stage": zero, "train.precision": precision, "train.stop_after_steps": 3})], env=_nan(first))
@@ -107,19 +118,10 @@ def test_deepspeeds_own_optimizers_skip_too(tmp_path, digits_shards_dir, zero, p
     _assert_equal_and_finite(_state(run_dir, 2), _state(run_dir, 3))
 
 
-def _consumed_first_key(run_dir: Path, shards: Path, zero: int, precision: str) -> str:
-    run(["python", "train.py", *_args(run_dir, shards, **{
-        "train.zero_stage": zero, "train.precision": precision, "train.steps": 3,
-        "train.checkpoint_every_n_steps": 0, "data.log_consumed_keys": "true"})])
-    return _consumed(run_dir, 0)[2]["keys"][0]
-
-
 @pytest.mark.slow
-def test_stop_policy_names_the_step_and_keys_and_publishes_nothing_nonfinite(tmp_path, digits_shards_dir):
-    ref = tmp_path / "ref"
-    run(["python", "train.py", *_args(ref, digits_shards_dir, **{
-        "train.steps": 3, "train.checkpoint_every_n_steps": 0, "data.log_consumed_keys": "true"})])
-    planted = _consumed(ref, 0)[2]["keys"][7]
+def test_stop_policy_names_the_step_and_keys_and_publishes_nothing_nonfinite(tmp_path, digits_shards_dir,
+                                                                             one_process_keys):
+    planted = one_process_keys[2][7]
     run_dir = tmp_path / "stop"
     proc = run(["python", "train.py", *_args(run_dir, digits_shards_dir, **{"train.nonfinite.policy": "stop"})],
                env=_nan(planted), check=False)

@@ -136,20 +136,16 @@ def test_bad_input_fails_fast_with_named_input(tmp_path, digits_shards_dir, extr
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path, digits_shards_dir):
-    run_dir = tmp_path / "arch"
-    train(run_dir, digits_shards_dir, **{"train.steps": 2})
-    proc = train(run_dir, digits_shards_dir, resume=True, check=False,
-                 **{"train.steps": 4, "model.overrides": "{text: {layers: 3}}"})
-    assert proc.returncode == 2
-    assert "step_00000002" in proc.stderr and "clip-nano" in proc.stderr
-
-
-def test_existing_run_needs_resume(tmp_path, digits_shards_dir):
+def test_existing_run_needs_resume_and_a_checkpoint_of_another_model_is_refused(tmp_path, digits_shards_dir):
+    """One 2-step run, refused twice: started again without --resume, and resumed with another model."""
     run_dir = tmp_path / "again"
     train(run_dir, digits_shards_dir, **{"train.steps": 2})
     proc = train(run_dir, digits_shards_dir, check=False, **{"train.steps": 2})
     assert proc.returncode == 2 and "--resume latest" in proc.stderr
+    proc = train(run_dir, digits_shards_dir, resume=True, check=False,
+                 **{"train.steps": 4, "model.overrides": "{text: {layers: 3}}"})
+    assert proc.returncode == 2
+    assert "step_00000002" in proc.stderr and "clip-nano" in proc.stderr
 
 
 def test_wandb_offline_logging_without_network(tmp_path, digits_shards_dir):
