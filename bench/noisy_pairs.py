@@ -10,7 +10,7 @@ Protocol (DESIGN.md; NCR and after): the captions of a random fraction r of the 
 permuted among themselves (`python -m vlp.curate noise`, images stay, the corrupted keys are kept).
 Every run gets the same total training budget, the demo's (configs/demo.yaml: 2 epochs of 60,000
 pairs at batch 128, 937 optimizer steps, one process), and is scored by `python -m vlp.eval
-zeroshot` on the 10,000 held-out test images, with prompts disjoint from the training captions.
+--tasks zeroshot` on the 10,000 held-out test images, with prompts disjoint from the training captions.
 
 Runs per r:
   clean     the demo on the clean shards (once, the ceiling)
@@ -55,6 +55,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,48 +78,57 @@ def _run(cmd: list[str], log: Path) -> str:
     return out
 
 
+def fashion_entries() -> list[str]:
+    """Every class name and synonym the Fashion-MNIST captions use (vlp/data/captions.py)."""
+    from vlp.data.captions import FASHION_CLASSNAMES, FASHION_SYNONYMS
+
+    out: list[str] = []
+    for names, cls in zip(FASHION_SYNONYMS, FASHION_CLASSNAMES):
+        out += [e for e in (*names, cls) if e.casefold() not in {o.casefold() for o in out}]
+    return out
+
+
+def clipart_entries() -> list[str]:
+    from vlp.data.clipart import CLASSNAMES
+
+    return list(CLASSNAMES)
+
+
 @dataclass(frozen=True)
 class Bench:
-    """What differs between the bench's datasets: the config every run starts from, the default budget,
-    the caption member, the shards it builds and how a run is scored."""
+    """What differs between the bench's datasets: the config every run starts from, the default budget, the
+    caption member, the shards it builds and how a run is scored."""
 
-    name: str
+    name: str  # the `vlp.data.build` source
     config: str
     steps: int
+    entries: Callable[[], list[str]]  # the entry list for `--per-entry-rule`, as a user would list their concepts
     text_key: str = "txt"
     train_args: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("train",)  # the splits the bench builds
+    manifest: str = "train.json"  # the training manifest, under the built folder
+    subdir: str = ""  # the bench's folder under --work
+    eval_dataset: str = ""  # what `vlp.eval --datasets` reads; "": the built folder
+    eval_args: tuple[str, ...] = ("--tasks", "zeroshot")
 
     def build(self, work: Path) -> Path:
         """Build the clean shards (the builder skips what it built before); returns their training manifest."""
         out = work / self.name
-        splits = ["train"] if self.name == "fashion-mnist" else ["train", "test"]
-        for split in splits:
+        for split in self.splits:
             _run([PY, "-m", "vlp.data.build", self.name, str(out), "--split", split, "--no-progress"],
                  work / f"build-{split}.log")
-        return out / "train.json" if self.name == "fashion-mnist" else out / "train" / "train.json"
-
-    def entries(self) -> list[str]:
-        """The entry list for `--per-entry-rule`: the concepts the training captions name, as a user would
-        list those of their domain (Fashion-MNIST: every class name and synonym of vlp/data/captions.py)."""
-        if self.name == "clipart":
-            from vlp.data.clipart import CLASSNAMES
-
-            return list(CLASSNAMES)
-        from vlp.data.captions import FASHION_CLASSNAMES, FASHION_SYNONYMS
-
-        out: list[str] = []
-        for names, cls in zip(FASHION_SYNONYMS, FASHION_CLASSNAMES):
-            out += [e for e in (*names, cls) if e.casefold() not in {o.casefold() for o in out}]
-        return out
+        return out / self.manifest
 
 
 BENCHES = {
-    # the demo: 2 epochs of 60,000 pairs at batch 128, one process
-    "fashion-mnist": Bench("fashion-mnist", "configs/demo.yaml", 937),
+    # the demo: 2 epochs of 60,000 pairs at batch 128, one process; the runs sit in --work itself
+    "fashion-mnist": Bench("fashion-mnist", "configs/demo.yaml", 937, fashion_entries, eval_dataset="fashion-mnist"),
     # the clipart demo's model at batch 128 on the 10,000 scenes' layout captions (syn.txt): 300 steps,
     # about 4 epochs; scored by zero-shot class of the largest object and by retrieval of the 1,000 test
     # scenes' own captions
-    "clipart": Bench("clipart", "configs/clipart_demo.yaml", 300, "syn.txt", ("data.batch_size=128",)),
+    "clipart": Bench("clipart", "configs/clipart_demo.yaml", 300, clipart_entries, "syn.txt", ("data.batch_size=128",),
+                     splits=("train", "test"), manifest="train/train.json", subdir="clipart",
+                     eval_args=("--tasks", "zeroshot,retrieval", "--option", "retrieval.text_key=syn.txt")),
 }
 
 
@@ -136,25 +146,21 @@ def train(a, run_dir: Path, shards: Path, steps: int, extra: list[str], log: Pat
 
 
 def evaluate(a, run_dir: Path, log: Path) -> dict:
-    """{"top1": zero-shot top-1} on the held-out test images; for clipart with the retrieval recalls of the
-    test scenes' own captions beside it (recall@5, CLIP_benchmark's headline: `t2i_r5` text -> image,
-    `i2t_r5` image -> text)."""
+    """{"top1": zero-shot top-1} on the held-out test images; with the retrieval task (clipart) also the
+    recalls of the test scenes' own captions (recall@5, CLIP_benchmark's headline: `t2i_r5` text -> image,
+    `i2t_r5` image -> text). Cached in RUN/zeroshot.json."""
     cache = run_dir / "zeroshot.json"
     if not cache.is_file():
         extra = ["--max-samples", str(a.test_samples)] if a.test_samples else []
-        if a.bench.name == "fashion-mnist":
-            out = _run([PY, "-m", "vlp.eval", "zeroshot", "--checkpoint", str(run_dir), "--dataset", "fashion-mnist",
-                        "--split", "test", *extra], log)
-            cache.write_text(out.strip().splitlines()[-1])
-        else:
-            data = a.work / a.bench.name
-            _run([PY, "-m", "vlp.eval", "--checkpoint", str(run_dir), "--tasks", "zeroshot,retrieval", "--datasets",
-                  str(data), "--option", f"retrieval.text_key={a.bench.text_key}", "--out", str(run_dir / "eval"),
-                  "--no-report", "--workers", "1", *extra], log)
-            res = {e["task"]: e["metrics"] for e in json.loads((run_dir / "eval" / "results.json").read_text())["results"]}
-            cache.write_text(json.dumps({"top1": res["zeroshot"]["top1"],
-                                         "t2i_r5": res["retrieval"]["image_retrieval_recall@5"],
-                                         "i2t_r5": res["retrieval"]["text_retrieval_recall@5"]}))
+        _run([PY, "-m", "vlp.eval", "--checkpoint", str(run_dir), *a.bench.eval_args, "--datasets",
+              a.bench.eval_dataset or str(a.work / a.bench.name), "--out", str(run_dir / "eval"), "--no-report",
+              "--workers", "1", *extra], log)
+        res = {e["task"]: e["metrics"] for e in json.loads((run_dir / "eval" / "results.json").read_text())["results"]}
+        got = {"top1": res["zeroshot"]["top1"]}
+        if "retrieval" in res:
+            got |= {"t2i_r5": res["retrieval"]["image_retrieval_recall@5"],
+                    "i2t_r5": res["retrieval"]["text_retrieval_recall@5"]}
+        cache.write_text(json.dumps(got))
     got = json.loads(cache.read_text())
     return {k: float(got[k]) for k in ("top1", "t2i_r5", "i2t_r5") if k in got}
 
@@ -368,7 +374,7 @@ def main() -> int:
     a.steps = a.steps or a.bench.steps
     if a.quick:
         a.steps, a.test_samples = a.steps // 5, 2000
-    a.work = work = (a.work / ("" if a.dataset == "fashion-mnist" else a.dataset)).resolve()
+    a.work = work = (a.work / a.bench.subdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     clean = a.bench.build(work)
     (work / "entries.txt").write_text("".join(f"{e}\n" for e in a.bench.entries()))
