@@ -258,11 +258,35 @@ def test_semdedup_streamed_in_several_passes_equals_the_in_memory_run():
     copies = np.repeat(base[:40], 2, axis=0) + 1e-3 * rng.normal(size=(80, 24)).astype(np.float32)
     emb = rng.permutation(np.concatenate([base, copies]))
     whole, info = semdedup_keep(emb, eps=0.01, clusters=6, seed=3)
-    cuts = [0, 7, 130, 131, 300, 480]  # uneven scoring shards
-    streamed, sinfo = semdedup_stream(lambda: (emb[a:b] for a, b in zip(cuts, cuts[1:])), len(emb), eps=0.01,
-                                      clusters=6, seed=3, max_rows=90)
+    cuts = [0, 7, 7, 130, 131, 300, 480]  # uneven scoring shards, one with no rows
+    shards = [lambda a=a, b=b: emb[a:b] for a, b in zip(cuts, cuts[1:])]
+    streamed, sinfo = semdedup_stream(shards, np.diff(cuts).tolist(), eps=0.01, clusters=6, seed=3, max_rows=90)
     assert streamed.tolist() == whole.tolist() and info["removed"] == sinfo["removed"] == 80  # 2 of each 3
     assert sinfo["buckets"] > 3 and info["buckets"] == 1  # spilled to several buckets, against one in memory
+
+
+def test_semdedup_under_torchrun_equals_one_process(tmp_path, digits_shards_dir, checkpoint):
+    """`torchrun --nproc_per_node=2 -m vlp.curate select --dedup-eps`: the k-means sample (4 clusters: a
+    sample of the rows, not all), the assignment and the buckets split over 2 ranks (files through the
+    output directory) give the one-process selection bit for bit, spilled to several buckets or not; the
+    spill directory is removed. (With every row in the sample, the test above ties the rule to the
+    whole column held in memory.)"""
+    import pyarrow.parquet as pq
+
+    score_shards(str(digits_shards_dir / "train.json"), str(checkpoint), tmp_path / "scores", batch_size=128,
+                 embeddings=True)
+    one = select(tmp_path / "scores", tmp_path / "one", "none", dedup_eps=0.05, dedup_clusters=4)
+    small = select(tmp_path / "scores", tmp_path / "small", "none", dedup_eps=0.05, dedup_clusters=4,
+                   dedup_bucket_rows=150)
+    torchrun(2, "-m", "vlp.curate", "select", str(tmp_path / "scores"), str(tmp_path / "two"), "--rule", "none",
+             "--dedup-eps", "0.05", "--dedup-clusters", "4", "--dedup-bucket-rows", "400")
+    two = json.loads((tmp_path / "two" / "selection.json").read_text())
+    found = [json.loads((tmp_path / d / "report.json").read_text())["found"]["semdedup"] for d in ("one", "small", "two")]
+    assert found[0]["buckets"] == 1 and found[1]["buckets"] > 1 and found[2]["buckets"] >= 2  # each path taken
+    assert 0 < found[0]["removed"] == found[1]["removed"] == found[2]["removed"]
+    assert one["fingerprint"] == small["fingerprint"] == two["fingerprint"] and one["kept"] == two["kept"] < 1500
+    assert pq.read_table(tmp_path / "two" / "selection.parquet").equals(pq.read_table(tmp_path / "one" / "selection.parquet"))
+    assert not (tmp_path / "two" / ".semdedup-spill").exists()
 
 
 def test_decontamination_removes_exactly_what_a_brute_force_search_finds():
@@ -274,8 +298,8 @@ def test_decontamination_removes_exactly_what_a_brute_force_search_finds():
     planted = [7, 50, 123, 299]
     pool[planted] = ev[[3, 3, 20, 39]] * 2.5 + 1e-3 * rng.normal(size=(4, 16)).astype(np.float32)
     keys = [f"k{i}" for i in range(300)]
-    chunks = [(pool[a:b], keys[a:b]) for a, b in ((0, 100), (100, 101), (101, 300))]  # uneven scoring shards
-    keep, info = decontaminate_keep(chunks, ev, [f"e{j}" for j in range(40)], min_sim=0.9)
+    chunks = [(a, pool[a:b], keys[a:b]) for a, b in ((0, 100), (100, 101), (101, 300))]  # uneven scoring shards
+    keep, info = decontaminate_keep(chunks, 300, ev, [f"e{j}" for j in range(40)], min_sim=0.9)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     nearest = (unit(pool) @ unit(ev).T).max(1)
     assert keep.tolist() == (nearest < 0.9).tolist() and not keep[planted].any()
@@ -283,10 +307,10 @@ def test_decontamination_removes_exactly_what_a_brute_force_search_finds():
     assert {c["key"]: c["eval_key"] for c in info["closest"]}["k123"] == "e20"
     assert [c["cosine"] for c in info["closest"]] == sorted((c["cosine"] for c in info["closest"]), reverse=True)
     with pytest.raises(DataError, match="min-sim"):
-        decontaminate_keep(chunks, ev, [], min_sim=1.5)
+        decontaminate_keep(chunks, 300, ev, [], min_sim=1.5)
     with pytest.raises(DataError, match=r"would remove 100.0% of the pool"):  # a cut that tells nothing apart
-        decontaminate_keep(chunks, ev, [f"e{j}" for j in range(40)], min_sim=-1.0)
-    assert decontaminate_keep(chunks, ev, [f"e{j}" for j in range(40)], min_sim=-1.0, max_removed=1.0)[0].sum() == 0
+        decontaminate_keep(chunks, 300, ev, [f"e{j}" for j in range(40)], min_sim=-1.0)
+    assert decontaminate_keep(chunks, 300, ev, [f"e{j}" for j in range(40)], min_sim=-1.0, max_removed=1.0)[0].sum() == 0
 
 
 def _contaminated_pool(tmp_path: Path, train: Path, test: Path, planted: int) -> tuple[Path, list[str]]:
@@ -331,6 +355,11 @@ def test_select_decontaminates_against_a_scored_evaluation_set(tmp_path, digits_
     assert sel["kept"] == len(pool_t["key"]) - len(removed) == sel["counts"]["kept_by_decontamination"]
     found = json.loads((tmp_path / "sel" / "report.json").read_text())["found"]["decontamination"]
     assert found["removed"] == len(removed) and found["eval_images"] == len(eval_t["key"])
+    # under torchrun each rank searches its own pool shards: the same selection and the same closest pairs
+    torchrun(2, "-m", "vlp.curate", "select", str(tmp_path / "pool_scores"), str(tmp_path / "two"), "--rule", "none",
+             "--decontaminate", str(tmp_path / "eval_scores"), "--decontaminate-min-sim", "0.999")
+    assert json.loads((tmp_path / "two" / "selection.json").read_text())["fingerprint"] == sel["fingerprint"]
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["found"]["decontamination"] == found
     # SemDeDup streams the same embeddings per scoring shard: equal to the in-memory rule, row for row
     from vlp.curate.rules import semdedup_keep
 

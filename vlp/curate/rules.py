@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlp.curate.ranks import Ranks, save_atomic
 from vlp.data.manifest import DataError, stable_seed
 from vlp.extras import require
 
@@ -108,89 +110,137 @@ def group_of(captions: Sequence[str], entries: Sequence[str], min_group: int = 1
 
 def semdedup_keep(emb: np.ndarray, eps: float, clusters: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """SemDeDup keep mask over unit embeddings `emb` [n, d] held in memory."""
-    return semdedup_stream(lambda: iter([emb]), len(emb), eps, clusters, seed)
+    return semdedup_stream([lambda: emb], [len(emb)], eps, clusters, seed)
 
 
-def semdedup_stream(chunks: Callable[[], Iterable[np.ndarray]], n: int, eps: float, clusters: int, seed: int = 0,
-                    max_rows: int = 4_000_000) -> tuple[np.ndarray, dict[str, Any]]:
-    """SemDeDup over embeddings too large to hold: `chunks()` yields the n rows again (one scoring shard
-    at a time) on every call. Pass 1 draws the k-means training sample (every row up to 256 per
-    centroid, faiss' own cap), pass 2 assigns each row to its centroid (8 bytes per row kept); clusters
-    are then grouped into buckets of at most `max_rows` rows in all, pass 3 writes each row to its
-    bucket's spill file (in the rows' own dtype, in a temporary directory) and each bucket is read back once and
-    deduplicated. Memory: max_rows embeddings (or the largest cluster); I/O: three reads of the
-    column and one write of it."""
+def semdedup_stream(shards: Sequence[Callable[[], np.ndarray]], sizes: Sequence[int], eps: float, clusters: int,
+                    seed: int = 0, max_rows: int = 4_000_000, ranks: Ranks | None = None,
+                    spill_dir: str | Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """SemDeDup over embeddings too large to hold: `shards[i]()` loads scoring shard i's rows (sizes[i]
+    of them), one shard at a time. Pass 1 draws the k-means training sample (about 256 rows per
+    centroid, seeded per shard), pass 2 assigns each row to its centroid (8 bytes per row kept); clusters
+    are grouped into buckets of at most `max_rows` rows (and at most n / ranks rows, so every rank gets
+    work), pass 3 writes each row to its bucket's spill file (in the rows' own dtype) and each bucket is
+    read back once and deduplicated. Under several `ranks` each pass covers that rank's shards (i mod
+    world), each bucket is deduplicated by one rank, and the files go through `spill_dir`, which every
+    rank must see; the mask does not depend on the number of ranks. Memory per rank: max_rows
+    embeddings (or the largest cluster) and 8 bytes per row of its shards; I/O: three reads of the
+    column and one write of it in all."""
+    ranks = ranks or Ranks()
+    n = int(sum(sizes))
     if n == 0:
         return np.zeros(0, dtype=bool), {"eps": eps, "clusters": 0, "largest_cluster": 0, "removed": 0, "buckets": 0}
     k = max(1, min(int(clusters), n))
-    assign, to_centroid = _kmeans_assign(chunks, n, k, seed)
-    sizes = np.bincount(assign, minlength=k)
-    bucket = np.cumsum(sizes) // max(int(max_rows), 1)  # clusters grouped by cumulative size
+    lo = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    filled = [i for i, size in enumerate(sizes) if size]  # a shard whose samples were all skipped has no rows
+    mine = [i for i in filled if ranks.mine(i)]
+    with ranks.shared_dir(spill_dir, "vlp-semdedup-") as tmp:
+        index = _centroids(shards, mine, filled, n, k, seed, ranks, tmp)
+        own = {}
+        for i in mine:
+            sim, a = index.search(_unit(shards[i]()), 1)
+            own[i] = (a.ravel().astype(np.int64), sim.ravel())
+        assigned = [a for a, _ in own.values()]
+        csize = ranks.sum(np.bincount(np.concatenate(assigned), minlength=k) if assigned else np.zeros(k))
+        cap = max(min(int(max_rows), -(-n // ranks.world)), 1)
+        bucket = (np.cumsum(csize) - csize) // cap  # clusters grouped by where they start
+        removed = [_dedup(*b, eps) for b in _buckets(shards, own, lo, csize, bucket, ranks, tmp, index.d)]
+        removed = np.concatenate([np.zeros(0, np.int64), *(x for part in ranks.gather(removed, tmp, "removed")
+                                                            for x in part)])
     keep = np.ones(n, dtype=bool)
-    buckets = 0
-    for rows, emb in _buckets(chunks, bucket[assign], sizes[assign] > 1):
-        buckets += 1
-        for c in np.unique(assign[rows]):
-            at = np.flatnonzero(assign[rows] == c)
-            at = at[np.argsort(to_centroid[rows[at]], kind="stable")]  # farthest from the centroid first
-            earlier = np.triu(emb[at] @ emb[at].T, k=1)  # [a, b]: a before b
-            keep[rows[at]] = ~(earlier.max(axis=0) > 1.0 - eps)
-    return keep, {"eps": eps, "clusters": k, "largest_cluster": int(sizes.max(initial=0)),
-                  "removed": int((~keep).sum()), "buckets": buckets}
+    keep[removed] = False
+    return keep, {"eps": eps, "clusters": k, "largest_cluster": int(csize.max(initial=0)),
+                  "removed": int((~keep).sum()), "buckets": len(np.unique(bucket[csize > 1]))}
 
 
-def _kmeans_assign(chunks: Callable[[], Iterable[np.ndarray]], n: int, k: int,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means on a sample of the rows, then each row's centroid and cosine to it."""
+def _centroids(shards: Sequence[Callable[[], np.ndarray]], mine: list[int], filled: list[int], n: int, k: int,
+               seed: int, ranks: Ranks, tmp: Path) -> Any:
+    """Spherical k-means (faiss, on rank 0) on a sample drawn from every shard; an inner-product index
+    of the centroids on every rank."""
     faiss = require("faiss", "SemDeDup (vlp.curate select --dedup-eps)")
     rate = min(1.0, 256 * k / max(n, 1))
-    rng = np.random.default_rng(seed)
-    sample = [c[rng.random(len(c)) < rate] if rate < 1 else c for c in map(_unit, chunks())]
-    km = faiss.Kmeans(sample[0].shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
-    km.train(np.concatenate(sample))
-    del sample
-    assign, to_centroid = np.empty(n, np.int32), np.empty(n, np.float32)
-    lo = 0
-    for c in map(_unit, chunks()):
-        sim, a = km.index.search(c, 1)
-        assign[lo:lo + len(c)], to_centroid[lo:lo + len(c)] = a.ravel(), sim.ravel()
-        lo += len(c)
-    return assign, to_centroid
+
+    def draw(i: int) -> np.ndarray:
+        c = _unit(shards[i]())
+        return c if rate >= 1 else c[np.random.default_rng([seed, i]).random(len(c)) < rate]
+
+    if ranks.world == 1:
+        sample = [draw(i) for i in mine]
+    else:
+        for i in mine:
+            save_atomic(tmp / f"sample-{i}.npy", draw(i))
+        ranks.barrier()
+        sample = [np.load(tmp / f"sample-{i}.npy") for i in filled] if ranks.rank == 0 else []
+    if ranks.rank == 0:
+        sample = np.concatenate(sample)
+        km = faiss.Kmeans(sample.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False)
+        km.train(sample)
+        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        if ranks.world > 1:
+            save_atomic(tmp / "centroids.npy", centroids)
+    ranks.barrier()
+    if ranks.rank != 0:
+        centroids = np.load(tmp / "centroids.npy")
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    return index
 
 
-def _buckets(chunks: Callable[[], Iterable[np.ndarray]], bucket: np.ndarray,
-             wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row numbers, unit embeddings) of each bucket's wanted rows: gathered in memory when there is
-    one bucket, else spilled per bucket in one pass and read back one bucket at a time."""
-    import tempfile
+_SPILLED = (("rows", np.int64), ("cluster", np.int64), ("sim", np.float32), ("emb", None))
 
-    ids = np.unique(bucket[wanted])
-    if len(ids) <= 1:
-        rows = np.flatnonzero(wanted)
-        if len(rows):
-            yield rows, np.concatenate([_unit(c)[wanted[lo:lo + len(c)]] for lo, c in _offsets(chunks())])
+
+def _buckets(shards: Sequence[Callable[[], np.ndarray]], own: dict[int, tuple[np.ndarray, np.ndarray]],
+             lo: np.ndarray, csize: np.ndarray, bucket: np.ndarray, ranks: Ranks, tmp: Path,
+             d: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """(row numbers, unit embeddings, cluster, cosine to the centroid) of the rows in clusters of more
+    than one, per bucket this rank deduplicates, in row order: gathered in memory when one process
+    has one bucket, else spilled by every rank to one file per bucket and read back by its owner."""
+    ids = np.unique(bucket[csize > 1])
+
+    def wanted(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, sim = own[i]
+        w = np.flatnonzero(csize[a] > 1)
+        return w, a[w], sim[w]
+
+    if ranks.world == 1 and len(ids) <= 1:
+        parts = [(lo[i] + w, _unit(shards[i]())[w], a, s) for i in sorted(own) for w, a, s in [wanted(i)] if len(w)]
+        if parts:
+            yield tuple(np.concatenate(x) for x in zip(*parts))
         return
-    with tempfile.TemporaryDirectory(prefix="vlp-semdedup-") as tmp:
-        d, dtype = 0, np.float16
-        for lo, c in _offsets(chunks()):
-            d, dtype = c.shape[1], c.dtype  # spilled as given: the scores' fp16 columns stay fp16
-            part = np.flatnonzero(wanted[lo:lo + len(c)])
-            for b in np.unique(bucket[lo + part]):
-                mine = part[bucket[lo + part] == b]
-                with open(f"{tmp}/{b}.emb", "ab") as f:
-                    f.write(np.ascontiguousarray(c[mine]).tobytes())
-                with open(f"{tmp}/{b}.rows", "ab") as f:
-                    f.write((lo + mine).astype(np.int64).tobytes())
-        for b in ids:
-            yield (np.fromfile(f"{tmp}/{b}.rows", np.int64),
-                   _unit(np.fromfile(f"{tmp}/{b}.emb", dtype).reshape(-1, d)))
+    for i in sorted(own):
+        w, a, s = wanted(i)
+        c = shards[i]() if len(w) else None
+        for b in np.unique(bucket[a]):
+            m = bucket[a] == b
+            for (field, _), x in zip(_SPILLED, (lo[i] + w[m], a[m], s[m], c[w[m]])):
+                with open(tmp / f"b{b}-r{ranks.rank}.{field}", "ab") as f:
+                    f.write(np.ascontiguousarray(x).tobytes())
+    ranks.barrier()
+    for b in ids[ids % ranks.world == ranks.rank]:
+        got = [_read_spill(tmp / f"b{b}-r{r}", d) for r in range(ranks.world) if (tmp / f"b{b}-r{r}.rows").exists()]
+        rows, cl, sim, emb = (np.concatenate(x) for x in zip(*got))
+        order = np.argsort(rows, kind="stable")
+        yield rows[order], _unit(emb[order]), cl[order], sim[order]
 
 
-def _offsets(chunks: Iterable[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-    lo = 0
-    for c in chunks:
-        yield lo, c
-        lo += len(c)
+def _read_spill(stem: Path, d: int) -> list[np.ndarray]:
+    rows = np.fromfile(f"{stem}.rows", np.int64)
+    emb = np.fromfile(f"{stem}.emb", np.uint8)  # the embeddings' own dtype: 2 or 4 bytes per value
+    dtype = {2: np.float16, 4: np.float32}[len(emb) // max(len(rows) * d, 1)] if len(rows) else np.float32
+    return [rows, np.fromfile(f"{stem}.cluster", np.int64), np.fromfile(f"{stem}.sim", np.float32),
+            emb.view(dtype).reshape(len(rows), d)]
+
+
+def _dedup(rows: np.ndarray, emb: np.ndarray, cl: np.ndarray, sim: np.ndarray, eps: float) -> np.ndarray:
+    """The rows removed: per cluster, sorted farthest from the centroid first (ties in row order), a row
+    whose cosine with an earlier one is above 1 - eps."""
+    order = np.lexsort((sim, cl))
+    starts = np.flatnonzero(np.r_[True, np.diff(cl[order]) != 0])
+    out = []
+    for at in np.split(order, starts[1:]):
+        earlier = np.triu(emb[at] @ emb[at].T, k=1)  # [a, b]: a before b
+        out.append(rows[at][earlier.max(axis=0) > 1.0 - eps])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -205,36 +255,46 @@ def check_decontaminate(min_sim: float, max_removed: float) -> None:
                         f"--decontaminate-max-removed {max_removed} a share in [0, 1]")
 
 
-def decontaminate_keep(chunks: Iterable[tuple[np.ndarray, Sequence[str]]], eval_emb: np.ndarray,
-                       eval_keys: Sequence[str], min_sim: float, max_removed: float = 0.05,
-                       examples: int = 20) -> tuple[np.ndarray, dict[str, Any]]:
-    """Keep mask over the training samples of `chunks` ((image embeddings, keys) per scoring shard, in
-    uid order): False where the nearest of `eval_emb` has cosine >= min_sim. The report lists the
-    closest pairs found (training key, evaluation key, cosine). Refused when more than `max_removed`
-    of the pool would go: then the embeddings do not tell copies from look-alikes at this cut."""
+def decontaminate_keep(chunks: Iterable[tuple[int, np.ndarray, Sequence[str]]], n: int, eval_emb: np.ndarray,
+                       eval_keys: Sequence[str], min_sim: float, max_removed: float = 0.05, examples: int = 20,
+                       ranks: Ranks | None = None, spill_dir: str | Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Keep mask over the n training samples: False where the nearest of `eval_emb` has cosine >= min_sim.
+    `chunks` holds (first row, image embeddings, keys) of this rank's scoring shards (every shard for one
+    process); under several `ranks` each streams its own and the removed rows meet through `spill_dir`.
+    The report lists the closest pairs found (training key, evaluation key, cosine). Refused when more
+    than `max_removed` of the pool would go: then the embeddings do not tell copies from look-alikes."""
     faiss = require("faiss", "decontamination (vlp.curate select --decontaminate)")
     check_decontaminate(min_sim, max_removed)
     if not len(eval_emb):
         raise DataError("decontamination: the evaluation scores hold no image embeddings")
+    ranks = ranks or Ranks()
     ev = _unit(eval_emb)
     index = faiss.IndexFlatIP(ev.shape[1])
     index.add(ev)
-    keeps, found = [], []
-    for emb, keys in chunks:
+    removed, found = [], []
+    for lo, emb, keys in chunks:
         if emb.shape[1] != ev.shape[1]:
             raise DataError(f"decontamination: training embeddings have {emb.shape[1]} dimensions, the "
                             f"evaluation ones {ev.shape[1]}: score both with the same checkpoint")
         sim, nearest = index.search(_unit(emb), 1)
-        sim, nearest = sim.ravel(), nearest.ravel()
-        hit = sim >= min_sim
-        keeps.append(~hit)
-        found += [(float(sim[i]), keys[i], eval_keys[nearest[i]]) for i in np.flatnonzero(hit)]
-    keep = np.concatenate(keeps) if keeps else np.zeros(0, dtype=bool)
-    if (~keep).sum() > max_removed * len(keep):
+        hit = np.flatnonzero(sim.ravel() >= min_sim)
+        removed.append(lo + hit)
+        found += [(float(sim[i, 0]), keys[i], eval_keys[nearest[i, 0]]) for i in hit]
+    with ranks.shared_dir(spill_dir, "vlp-decontaminate-") as tmp:
+        parts = ranks.gather((removed, sorted(found, key=_closest)[:examples]), tmp, "decontaminated")
+    keep = np.ones(n, dtype=bool)
+    for rows, _ in parts:
+        for r in rows:
+            keep[r] = False
+    if (~keep).sum() > max_removed * n:
         raise DataError(f"decontamination at cosine >= {min_sim} would remove {(~keep).mean():.1%} of the pool "
                         f"(more than --decontaminate-max-removed {max_removed:.0%}): these image embeddings do "
                         "not separate copies of evaluation images from look-alikes; raise the cut, score with a "
                         "model of more diverse data, or raise the limit if the pool really is contaminated")
-    found.sort(key=lambda f: -f[0])
+    found = sorted((f for _, fs in parts for f in fs), key=_closest)
     return keep, {"min_sim": min_sim, "eval_images": int(len(ev)), "removed": int((~keep).sum()),
                   "closest": [{"key": k, "eval_key": e, "cosine": round(c, 5)} for c, k, e in found[:examples]]}
+
+
+def _closest(found: tuple[float, str, str]) -> tuple[float, str]:
+    return -found[0], found[1]  # the highest cosine first, ties by training key: the same on any number of ranks

@@ -44,8 +44,9 @@ import numpy as np
 
 from vlp.curate.filters import Context, filter_defaults, filters
 from vlp.curate.filters.base import entries
+from vlp.curate.ranks import Ranks
 from vlp.data.manifest import DataError
-from vlp.data.selection import write_selection
+from vlp.data.selection import read_meta, write_selection
 from vlp.extras import MissingExtraError, require
 
 RULES = ("threshold", "top", "gmm")
@@ -134,11 +135,14 @@ def _score_rule(table: Any, scores: np.ndarray, rule: str, found: dict[str, Any]
 
 def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: float = 0.3,
            min_score: float = 0.0, min_posterior: float = 0.5, per_entry_rule: str | Path | None = None,
-           min_group: int = 100, weights: bool = False, seed: int = 0, **filter_options: Any) -> dict[str, Any]:
+           min_group: int = 100, weights: bool = False, seed: int = 0, ranks: Ranks | None = None,
+           **filter_options: Any) -> dict[str, Any]:
     """Apply `rule` ("none": no score cut) and every active filter (vlp.curate.filters: caption length,
     MetaCLIP balancing, SemDeDup, decontamination, ...; `filter_options` are their options) to a finished
     scoring run; a sample is kept if all of them keep it. `weights` (gmm): each kept sample is in an
-    epoch with probability its clean posterior (a weighted selection, vlp.data.selection)."""
+    epoch with probability its clean posterior (a weighted selection, vlp.data.selection). Under
+    several `ranks` (torchrun) every rank calls this, the filters that split work over ranks do so,
+    and rank 0 writes the selection."""
     if per_entry_rule and rule == "none":
         raise ValueError(f"--per-entry-rule {per_entry_rule}: there is no score rule to apply per entry "
                          "(--rule none); name one (gmm, top, threshold) or drop --per-entry-rule")
@@ -157,7 +161,6 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
 
     require("pyarrow.parquet", "vlp.curate select")
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:  # the embeddings are never read whole: the filters that need them stream them per shard
         table, meta = read_scores(scores_dir, ["uid", "key", "score", "caption", "caption_words"])
@@ -169,7 +172,8 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     rule_kw = dict(fraction=fraction, min_score=min_score, min_posterior=min_posterior, seed=seed)
     keep, post = _score_rule(table, scores, rule, found, per_entry_rule, min_group, weights, rule_kw)
     counts = {"pool": int(meta["num_samples"]), "scored": int(len(uid)), f"kept_by_{rule}": int(keep.sum())}
-    ctx = Context(table, scores_dir, meta, uid, seed)
+    ranks = ranks or Ranks()
+    ctx = Context(table, scores_dir, meta, uid, seed, ranks, Path(out_dir))
     for f in active:
         ok, info = f.keep(ctx, o)
         if info is not None:
@@ -184,12 +188,22 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
         w[uid[keep]] = post[keep]
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
             "scores": str(scores_dir), "model": meta["model"], "spec": meta["spec"]}
-    sel = write_selection(out_dir, mask, meta["shards"], meta["sizes"], info, weights=w)
-    out = Path(out_dir)
+    if ranks.rank == 0:
+        _write(Path(out_dir), mask, w, info, meta, table, keep, scores)
+    ranks.barrier()
+    return read_meta(out_dir)
+
+
+def _write(out: Path, mask: np.ndarray, w: np.ndarray | None, info: dict[str, Any], meta: dict[str, Any],
+           table: Any, keep: np.ndarray, scores: np.ndarray) -> None:
+    """The selection (mask, meta, weights), its uid and key list and its report."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_selection(out, mask, meta["shards"], meta["sizes"], info, weights=w)
+    uid = table["uid"].to_numpy()
     pq.write_table(pa.table({"uid": uid[keep], "key": table["key"].filter(pa.array(keep))}), out / "selection.parquet")
-    report = {**info, "histogram": _histogram(scores, keep)}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    return sel
+    (out / "report.json").write_text(json.dumps({**info, "histogram": _histogram(scores, keep)}, indent=1))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,13 +233,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    ranks = Ranks.from_env()  # under torchrun: the filters that can split their work over ranks do
     try:
         sel = select(args.scores, args.out_dir, args.rule, fraction=args.fraction, min_score=args.min_score,
                      min_posterior=args.min_posterior, per_entry_rule=args.per_entry_rule, min_group=args.min_group,
-                     weights=args.weights, seed=args.seed, **{k: getattr(args, k) for k in filter_defaults()})
+                     weights=args.weights, seed=args.seed, ranks=ranks,
+                     **{k: getattr(args, k) for k in filter_defaults()})
     except (DataError, FileNotFoundError, ValueError, MissingExtraError) as e:
         print(f"vlp.curate select: error: {e}", file=sys.stderr)
         return 2
+    if ranks.rank:
+        return 0
     per_epoch = f", about {sel['expected_per_epoch']:.0f} per epoch" if sel["weighted"] else ""
     print(f"kept {sel['kept']} of {sel['num_samples']} samples ({sel['kept'] / max(sel['num_samples'], 1):.1%}"
           f"{per_epoch}): {args.out_dir} (train with data.select={args.out_dir})")

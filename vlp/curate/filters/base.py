@@ -8,13 +8,14 @@ in `registry._BUILTIN` (or `register_filter` from user code before `select` runs
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlp.curate.ranks import Ranks
 from vlp.data.manifest import DataError
 
 
@@ -33,13 +34,16 @@ class Option:
 @dataclass
 class Context:
     """What a filter reads: the scoring run's table (uid, key, score, caption, caption_words rows),
-    its directory and meta, the uid of each row, and the run's seed."""
+    its directory and meta, the uid of each row, and the run's seed; under torchrun, this process's
+    ranks and a directory every rank sees for intermediate files (the output directory)."""
 
     table: Any
     scores_dir: str | Path
     meta: dict[str, Any]
     uid: np.ndarray
     seed: int
+    ranks: Ranks = field(default_factory=Ranks)
+    work_dir: Path | None = None
 
 
 class Filter:
@@ -85,9 +89,35 @@ def check_embeddings(scores_dir: str | Path, role: str, model: str | None = None
     return meta["model"]
 
 
-def image_embeddings(scores_dir: str | Path, dtype: Any = np.float32):
-    """(image embeddings, keys) per scoring shard, in uid order: never the whole column at once."""
-    from vlp.curate.score import iter_scores
+def image_embeddings(scores_dir: str | Path, dtype: Any = np.float32, only: Callable[[int], bool] | None = None,
+                     rows: bool = False) -> Iterator[tuple]:
+    """(image embeddings, keys) per scoring shard, in uid order: never the whole column at once. `only`:
+    the shards (by number) to read; `rows`: (first row, embeddings, keys) instead."""
+    import pyarrow.parquet as pq
 
-    return ((matrix(t["image_emb"], dtype), t["key"].to_pylist())
-            for t in iter_scores(scores_dir, ["key", "image_emb"]))
+    from vlp.curate.score import scoring_meta
+
+    _, files = scoring_meta(scores_dir)
+    lo = 0
+    for i, f in enumerate(files):
+        n = pq.ParquetFile(f).metadata.num_rows
+        if n and (only is None or only(i)):
+            t = pq.read_table(f, columns=["key", "image_emb"])
+            emb, keys = matrix(t["image_emb"], dtype), t["key"].to_pylist()
+            yield (lo, emb, keys) if rows else (emb, keys)
+        lo += n
+
+
+def embedding_shards(scores_dir: str | Path, dtype: Any = np.float32) -> tuple[list[Callable[[], np.ndarray]], list[int]]:
+    """A loader of each scoring shard's image embeddings, in uid order, and each shard's row count (from
+    the Parquet footers: nothing is read until a loader is called)."""
+    import pyarrow.parquet as pq
+
+    from vlp.curate.score import scoring_meta
+
+    _, files = scoring_meta(scores_dir)
+
+    def loader(f: Any) -> Callable[[], np.ndarray]:
+        return lambda: matrix(pq.read_table(f, columns=["image_emb"])["image_emb"], dtype)
+
+    return [loader(f) for f in files], [pq.ParquetFile(f).metadata.num_rows for f in files]

@@ -1,5 +1,6 @@
 """Decontamination: drop pool samples whose image is a near duplicate of an evaluation set's image,
-both scored with embeddings by one model (vlp.curate.rules.decontaminate_keep)."""
+both scored with embeddings by one model (vlp.curate.rules.decontaminate_keep); under torchrun each rank
+searches its own scoring shards of the pool."""
 
 from __future__ import annotations
 
@@ -45,8 +46,11 @@ class Decontaminate(Filter):
                 emb.append(e)
                 keys += [f"{Path(d).name}:{x}" for x in k]
         ev = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
-        keep, info = decontaminate_keep(image_embeddings(ctx.scores_dir), ev, keys, o["decontaminate_min_sim"],
-                                        o["decontaminate_max_removed"])
+        mine = lambda i: ctx.ranks.mine(i)  # noqa: E731  (this rank's scoring shards only)
+        spill = ctx.work_dir / ".decontaminate-spill" if ctx.work_dir is not None and ctx.ranks.world > 1 else None
+        keep, info = decontaminate_keep(image_embeddings(ctx.scores_dir, only=mine, rows=True), len(ctx.uid), ev, keys,
+                                        o["decontaminate_min_sim"], o["decontaminate_max_removed"], ranks=ctx.ranks,
+                                        spill_dir=spill)
         return keep, {**info, "eval_scores": [str(d) for d in o["decontaminate"]]}
 
 
