@@ -25,6 +25,10 @@ Rules:
   `--min-posterior 0.05` the doubtful pairs stay, seen less often.
 A sample without a score (the trainer would have dropped it) is never kept.
 
+Under torchrun (`torchrun --nproc_per_node=N -m vlp.curate select ...`) SemDeDup and decontamination
+split their passes over the ranks by scoring shard and exchange files through OUT (which every rank
+must see); the selection equals one process's, and rank 0 writes it.
+
 Writes OUT/mask.npy and OUT/selection.json (read by training), OUT/selection.parquet (uid, key of
 every kept sample) and OUT/report.json (counts per rule, score histograms of kept and dropped).
 At a billion samples: the score column is 4 bytes per sample (5.6 GB for 1.4B) and the rules are
