@@ -287,6 +287,9 @@ def test_semdedup_under_torchrun_equals_one_process(tmp_path, digits_shards_dir,
     assert one["fingerprint"] == small["fingerprint"] == two["fingerprint"] and one["kept"] == two["kept"] < 1500
     assert pq.read_table(tmp_path / "two" / "selection.parquet").equals(pq.read_table(tmp_path / "one" / "selection.parquet"))
     assert not (tmp_path / "two" / ".semdedup-spill").exists()
+    with pytest.raises(ValueError, match="--dedup-bucket-rows 0: must be at least 1"):  # before any work
+        select(tmp_path / "scores", tmp_path / "bad", "none", dedup_eps=0.05, dedup_bucket_rows=0)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_decontamination_removes_exactly_what_a_brute_force_search_finds():
