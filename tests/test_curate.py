@@ -428,6 +428,30 @@ def test_reshard_writes_exactly_the_selected_samples_byte_for_byte(tmp_path, dig
     assert list(new) == kept  # the source's order, nothing else
     assert all(new[k] == clean[k] for k in kept)
     assert num_samples_from_manifest(str(tmp_path / "out" / "train.json")) == len(kept)
+    # under torchrun each rank writes every other output shard: the same files, byte for byte
+    torchrun(2, "-m", "vlp.data.build", "reshard", str(digits_shards_dir / "train.json"), str(sel),
+             str(tmp_path / "two"), "--shard-size", "100")
+    one = sorted(p.name for p in (tmp_path / "out").glob("*.tar"))
+    assert len(one) == -(-len(kept) // 100) > 2 and sorted(p.name for p in (tmp_path / "two").glob("*.tar")) == one
+    assert all((tmp_path / "two" / n).read_bytes() == (tmp_path / "out" / n).read_bytes() for n in one)
+    shards = lambda d: [(Path(x["url"]).name, x["num_samples"]) for x in json.loads((d / "train.json").read_text())["shards"]]  # noqa: E731
+    assert shards(tmp_path / "two") == shards(tmp_path / "out")
+    assert not list((tmp_path / "two").glob(".*"))  # no temporary files or rank exchange left
+    # a source shard cut short (a moved copy of the shards: names match the selection) is named, not hidden
+    import shutil
+
+    from vlp.data.build import reshard
+
+    shutil.copytree(digits_shards_dir, tmp_path / "cut")
+    manifest = json.loads((tmp_path / "cut" / "train.json").read_text())
+    for x in manifest["shards"]:
+        x["url"] = str(tmp_path / "cut" / Path(x["url"]).name)
+    (tmp_path / "cut" / "train.json").write_text(json.dumps(manifest))
+    victim = Path(manifest["shards"][1]["url"])
+    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 3])
+    with pytest.raises(DataError, match=r"reshard: output shard train-00000[01]\.tar got \d+ samples, the selection "
+                       r"keeps 100 for it: some shards of .* could not be read in full"):
+        reshard(str(tmp_path / "cut" / "train.json"), sel, tmp_path / "short", 100)
 
 
 def test_a_weighted_selection_draws_each_sample_into_an_epoch_with_its_weight(tmp_path):

@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from vlp.curate.ranks import Ranks, save_atomic
 from vlp.data.manifest import DataError, stable_seed
+from vlp.data.ranks import Ranks, save_atomic
 from vlp.extras import require
 
 _WORD = re.compile(r"[\w][\w'\-]*", re.UNICODE)

@@ -48,8 +48,8 @@ import numpy as np
 
 from vlp.curate.filters import Context, filter_defaults, filters
 from vlp.curate.filters.base import entries
-from vlp.curate.ranks import Ranks
 from vlp.data.manifest import DataError
+from vlp.data.ranks import Ranks
 from vlp.data.selection import read_meta, write_selection
 from vlp.extras import MissingExtraError, require
 

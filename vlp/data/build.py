@@ -35,6 +35,7 @@ from tqdm import tqdm
 from vlp.data.captions import make_caption
 from vlp.data.convert import convert, img2dataset_rows, read_captions_table
 from vlp.data.datasets import load_source
+from vlp.data.ranks import Ranks
 
 _PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -255,36 +256,78 @@ def build_clipart_shards(
     return existing
 
 
-def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: int = 10000) -> dict[str, Any]:
+def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: int = 10000,
+            ranks: Ranks | None = None) -> dict[str, Any]:
     """Rewrite only the samples a selection (`python -m vlp.curate select`) keeps, byte for byte and in
     SPEC's order, into `{out_dir}/train-NNNNNN.tar` + `train.json`.
 
     Reading a selection in place (`data.select`) reads every shard each epoch; resharding reads them
     once and writes the kept fraction f, after which an epoch reads f of the bytes: it pays when f
-    is small and the run has several epochs. In place the corpus is stored once (datacomp#11)."""
+    is small and the run has several epochs. In place the corpus is stored once (datacomp#11).
+    Output shard o holds the kept samples o x shard_size up to the next shard's first, so its
+    contents follow from the selection's counts alone: under several `ranks` (torchrun) rank r writes
+    the output shards o with o mod world = r, reading only the input shards they draw from, and the
+    shards are the same bytes as one process writes."""
     from vlp.data.manifest import DataError
     from vlp.data.pipeline import shard_table
-    from vlp.data.position import iter_shard
     from vlp.data.selection import Selection
 
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    ranks = ranks or Ranks()
     sel = Selection(selection, "selection")
     if sel.weighted:
         raise DataError(f"reshard: '{selection}' is a weighted selection, drawn anew each epoch; rewriting "
                         "fixes one set of samples: train on it in place (data.select) or select without --weights")
     table = shard_table(spec)
     sel.check(table)
-
-    def kept() -> Iterator[dict[str, Any]]:
-        for s, url in enumerate(table.urls):
-            for _, raw in iter_shard(url, {int(i) for i in sel.kept_in(s).nonzero()[0]}):
-                yield raw
-
-    shards = _write_shards(kept(), Path(out_dir), "train", shard_size, sel.kept, progress=False)
-    if sum(x["num_samples"] for x in shards) != sel.kept:
-        raise DataError(f"reshard: wrote {sum(x['num_samples'] for x in shards)} samples, the selection keeps "
-                        f"{sel.kept}: some shards of '{spec}' could not be read in full")
+    kept = [np.flatnonzero(sel.kept_in(s)) for s in range(len(table.urls))]  # positions in each input shard
+    starts = np.concatenate([[0], np.cumsum([len(k) for k in kept])]).astype(np.int64)
+    total = int(starts[-1])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"train-{o:06d}.tar" for o in range(-(-total // shard_size))]
+    short = [(o, n) for o in range(ranks.rank, len(names), ranks.world)
+             if (n := _reshard_one(out / names[o], table.urls, kept, starts, o * shard_size,
+                                   min((o + 1) * shard_size, total))) != min(shard_size, total - o * shard_size)]
+    with ranks.shared_dir(out / ".reshard-ranks", "vlp-reshard-") as tmp:
+        short = [x for part in ranks.gather(short, tmp, "short") for x in part]
+    if short:
+        o, n = short[0]
+        raise DataError(f"reshard: output shard {names[o]} got {n} samples, the selection keeps "
+                        f"{min(shard_size, total - o * shard_size)} for it: some shards of '{spec}' could not be "
+                        "read in full")
+    shards = [{"url": str((out / name).resolve()), "num_samples": min(shard_size, total - o * shard_size)}
+              for o, name in enumerate(names)]
     params = {"spec": spec, "selection": str(selection), "fingerprint": sel.fingerprint, "shard_size": shard_size}
-    return _finish(Path(out_dir), "train", f"reshard:{spec}", params, shards, {})
+    if ranks.rank == 0:
+        for stale in out.glob("train-*.tar"):  # an earlier, larger reshard into this directory
+            if stale.name not in set(names):
+                stale.unlink()
+        _finish(out, "train", f"reshard:{spec}", params, shards, {})
+    ranks.barrier()
+    return json.loads((out / "train.json").read_text())
+
+
+def _reshard_one(path: Path, urls: list[str], kept: list[np.ndarray], starts: np.ndarray, lo: int, hi: int) -> int:
+    """Write the kept samples lo..hi-1 (in SPEC's order) as one shard, through a rename; returns how many
+    could be read. Reads only the input shards that hold them (the other samples in those are passed
+    over without reading their data)."""
+    from vlp.data.position import iter_shard
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = 0
+    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:  # ShardWriter's settings in _write_shards
+        for s in range(int(np.searchsorted(starts, lo, side="right")) - 1, len(urls)):
+            if starts[s] >= hi:
+                break
+            part = kept[s][max(lo - starts[s], 0):hi - starts[s]]
+            if len(part):
+                for _, raw in iter_shard(urls[s], {int(i) for i in part}):
+                    writer.write(raw)
+                    n += 1
+    os.replace(tmp, path)
+    return n
 
 
 def _reshard_main(argv: list[str]) -> int:
@@ -294,11 +337,14 @@ def _reshard_main(argv: list[str]) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--shard-size", type=int, default=10000)
     args = ap.parse_args(argv)
+    ranks = Ranks.from_env()  # under torchrun each rank writes every world-th output shard
     try:
-        m = reshard(args.spec, args.selection, args.out_dir, args.shard_size)
+        m = reshard(args.spec, args.selection, args.out_dir, args.shard_size, ranks)
     except (ValueError, FileNotFoundError) as e:
         print(f"vlp-shards reshard: error: {e}", file=sys.stderr)
         return 2
+    if ranks.rank:
+        return 0
     print(f"{m['num_samples']} samples in {len(m['shards'])} shards: {m['pattern']}")
     return 0
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from vlp.curate.ranks import Ranks
 from vlp.data.manifest import DataError
+from vlp.data.ranks import Ranks
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Where this process stands among the ranks of a curation job (`torchrun -m vlp.curate select ...`).
+"""Where this process stands among the ranks of a data job (`torchrun -m vlp.curate select ...`, `torchrun
+-m vlp.data.build reshard ...`).
 
 Scoring shards are dealt to ranks (shard i to rank i mod world size), as `vlp.curate score` deals
 them. Ranks exchange their large intermediate results (k-means samples, spilled embeddings, removed
