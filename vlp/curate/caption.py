@@ -30,7 +30,7 @@ import torch
 import webdataset as wds
 
 from vlp.curate.score import _world, eval_image, shard_entries
-from vlp.data.build import write_manifest
+from vlp.data.build import TAR_SETTINGS, write_manifest
 from vlp.data.manifest import DataError
 from vlp.data.position import iter_shard
 from vlp.data.transforms import eval_transform
@@ -49,7 +49,7 @@ def _caption_shard(url: str, dest: Path, model, tokenizer, transform, key: str, 
             for (i, _), text in zip(part, texts):
                 samples[i][key] = text.strip().encode("utf-8")
     tmp = dest.with_name(f".{dest.name}.tmp")
-    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
+    with wds.TarWriter(str(tmp), **TAR_SETTINGS) as writer:
         for raw in samples:
             writer.write(raw)
     os.replace(tmp, dest)

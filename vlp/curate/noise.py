@@ -18,7 +18,7 @@ import numpy as np
 import webdataset as wds
 
 from vlp.curate.score import shard_entries
-from vlp.data.build import write_manifest
+from vlp.data.build import TAR_SETTINGS, write_manifest
 from vlp.data.manifest import DataError
 from vlp.data.position import iter_shard
 
@@ -57,7 +57,7 @@ def make_noisy(spec: str, out_dir: str | Path, rate: float, seed: int = 0, text_
         name = Path(url).name if not url.startswith("pipe:") else f"shard-{s:06d}.tar"
         tmp = out / f".{name}.tmp"
         count = 0
-        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
+        with wds.TarWriter(str(tmp), **TAR_SETTINGS) as writer:
             for index, raw in iter_shard(url):
                 g = int(offsets[s]) + index
                 if g in new_caption and new_caption[g] != raw[text_key]:

@@ -145,8 +145,7 @@ def semdedup_stream(shards: Sequence[Callable[[], np.ndarray]], sizes: Sequence[
         cap = max(min(int(max_rows), -(-n // ranks.world)), 1)
         bucket = (np.cumsum(csize) - csize) // cap  # clusters grouped by where they start
         removed = [_dedup(*b, eps) for b in _buckets(shards, own, lo, csize, bucket, ranks, tmp, index.d)]
-        removed = np.concatenate([np.zeros(0, np.int64), *(x for part in ranks.gather(removed, tmp, "removed")
-                                                            for x in part)])
+        removed = _rows(x for part in ranks.gather(removed, tmp, "removed") for x in part)
     keep = np.ones(n, dtype=bool)
     keep[removed] = False
     return keep, {"eps": eps, "clusters": k, "largest_cluster": int(csize.max(initial=0)),
@@ -186,7 +185,7 @@ def _centroids(shards: Sequence[Callable[[], np.ndarray]], mine: list[int], fill
     return index
 
 
-_SPILLED = (("rows", np.int64), ("cluster", np.int64), ("sim", np.float32), ("emb", None))
+_SPILLED = (("rows", np.int64), ("cluster", np.int64), ("sim", np.float32), ("emb", None))  # None: as given
 
 
 def _buckets(shards: Sequence[Callable[[], np.ndarray]], own: dict[int, tuple[np.ndarray, np.ndarray]],
@@ -212,9 +211,9 @@ def _buckets(shards: Sequence[Callable[[], np.ndarray]], own: dict[int, tuple[np
         c = shards[i]() if len(w) else None
         for b in np.unique(bucket[a]):
             m = bucket[a] == b
-            for (field, _), x in zip(_SPILLED, (lo[i] + w[m], a[m], s[m], c[w[m]])):
+            for (field, dtype), x in zip(_SPILLED, (lo[i] + w[m], a[m], s[m], c[w[m]])):
                 with open(tmp / f"b{b}-r{ranks.rank}.{field}", "ab") as f:
-                    f.write(np.ascontiguousarray(x).tobytes())
+                    f.write(np.ascontiguousarray(x, dtype=dtype).tobytes())
     ranks.barrier()
     for b in ids[ids % ranks.world == ranks.rank]:
         got = [_read_spill(tmp / f"b{b}-r{r}", d) for r in range(ranks.world) if (tmp / f"b{b}-r{r}.rows").exists()]
@@ -224,11 +223,10 @@ def _buckets(shards: Sequence[Callable[[], np.ndarray]], own: dict[int, tuple[np
 
 
 def _read_spill(stem: Path, d: int) -> list[np.ndarray]:
-    rows = np.fromfile(f"{stem}.rows", np.int64)
+    rows, cl, sim = (np.fromfile(f"{stem}.{field}", dtype) for field, dtype in _SPILLED[:3])
     emb = np.fromfile(f"{stem}.emb", np.uint8)  # the embeddings' own dtype: 2 or 4 bytes per value
     dtype = {2: np.float16, 4: np.float32}[len(emb) // max(len(rows) * d, 1)] if len(rows) else np.float32
-    return [rows, np.fromfile(f"{stem}.cluster", np.int64), np.fromfile(f"{stem}.sim", np.float32),
-            emb.view(dtype).reshape(len(rows), d)]
+    return [rows, cl, sim, emb.view(dtype).reshape(len(rows), d)]
 
 
 def _dedup(rows: np.ndarray, emb: np.ndarray, cl: np.ndarray, sim: np.ndarray, eps: float) -> np.ndarray:
@@ -240,7 +238,12 @@ def _dedup(rows: np.ndarray, emb: np.ndarray, cl: np.ndarray, sim: np.ndarray, e
     for at in np.split(order, starts[1:]):
         earlier = np.triu(emb[at] @ emb[at].T, k=1)  # [a, b]: a before b
         out.append(rows[at][earlier.max(axis=0) > 1.0 - eps])
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    return _rows(out)
+
+
+def _rows(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """Row numbers of several parts as one int64 array (empty when there are none)."""
+    return np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.int64, copy=False)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -283,9 +286,7 @@ def decontaminate_keep(chunks: Iterable[tuple[int, np.ndarray, Sequence[str]]], 
     with ranks.shared_dir(spill_dir, "vlp-decontaminate-") as tmp:
         parts = ranks.gather((removed, sorted(found, key=_closest)[:examples]), tmp, "decontaminated")
     keep = np.ones(n, dtype=bool)
-    for rows, _ in parts:
-        for r in rows:
-            keep[r] = False
+    keep[_rows(r for rows, _ in parts for r in rows)] = False
     if (~keep).sum() > max_removed * n:
         raise DataError(f"decontamination at cosine >= {min_sim} would remove {(~keep).mean():.1%} of the pool "
                         f"(more than --decontaminate-max-removed {max_removed:.0%}): these image embeddings do "

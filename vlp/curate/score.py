@@ -230,12 +230,13 @@ def scoring_meta(scores_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
     return meta, files
 
 
-def iter_scores(scores_dir: str | Path, columns: list[str] | None = None) -> Iterator[Any]:
-    """One Arrow table per scored shard, in uid order: a pass over a column too large to hold whole."""
+def score_files(scores_dir: str | Path) -> list[tuple[Path, int]]:
+    """A finished scoring run's shard files in uid order, each with its row count (from the Parquet
+    footer: no column is read), for passes over a column too large to hold whole."""
     import pyarrow.parquet as pq
 
     _, files = scoring_meta(scores_dir)
-    return (pq.read_table(f, columns=columns) for f in files)
+    return [(f, pq.ParquetFile(f).metadata.num_rows) for f in files]
 
 
 def read_scores(scores_dir: str | Path, columns: list[str] | None = None):

@@ -192,22 +192,22 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
         w[uid[keep]] = post[keep]
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
             "scores": str(scores_dir), "model": meta["model"], "spec": meta["spec"]}
-    if ranks.rank == 0:
-        _write(Path(out_dir), mask, w, info, meta, table, keep, scores)
+    sel = _write(Path(out_dir), mask, w, info, meta, table, keep, scores) if ranks.rank == 0 else None
     ranks.barrier()
-    return read_meta(out_dir)
+    return sel if sel is not None else read_meta(out_dir)
 
 
 def _write(out: Path, mask: np.ndarray, w: np.ndarray | None, info: dict[str, Any], meta: dict[str, Any],
-           table: Any, keep: np.ndarray, scores: np.ndarray) -> None:
-    """The selection (mask, meta, weights), its uid and key list and its report."""
+           table: Any, keep: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """The selection (mask, meta, weights), its uid and key list and its report; returns the meta."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    write_selection(out, mask, meta["shards"], meta["sizes"], info, weights=w)
+    sel = write_selection(out, mask, meta["shards"], meta["sizes"], info, weights=w)
     uid = table["uid"].to_numpy()
     pq.write_table(pa.table({"uid": uid[keep], "key": table["key"].filter(pa.array(keep))}), out / "selection.parquet")
     (out / "report.json").write_text(json.dumps({**info, "histogram": _histogram(scores, keep)}, indent=1))
+    return sel
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -38,6 +38,8 @@ from vlp.data.datasets import load_source
 from vlp.data.ranks import Ranks
 
 _PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# every tar vlp writes (build, reshard, noise, caption): members as given, integer mtime (byte-identical shards for identical inputs, no pax header)
+TAR_SETTINGS = {"encoder": False, "mtime": 0}
 
 
 def encode_image(array: np.ndarray, image_format: str = "png") -> bytes:
@@ -89,10 +91,7 @@ def _write_shards(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{split}-tmp-", dir=out_dir))
     counts: list[int] = []
     try:
-        # integer mtime: byte-identical shards for identical inputs, and no per-member pax header
-        with wds.ShardWriter(
-            str(tmp_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, encoder=False, mtime=0
-        ) as writer:
+        with wds.ShardWriter(str(tmp_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, **TAR_SETTINGS) as writer:
             for sample in tqdm(samples, total=total, desc=f"shards {split}", unit="img", disable=not progress):
                 if writer.count >= shard_size or not counts:
                     counts.append(0)
@@ -286,27 +285,27 @@ def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: i
     total = int(starts[-1])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = [f"train-{o:06d}.tar" for o in range(-(-total // shard_size))]
-    short = [(o, n) for o in range(ranks.rank, len(names), ranks.world)
-             if (n := _reshard_one(out / names[o], table.urls, kept, starts, o * shard_size,
-                                   min((o + 1) * shard_size, total))) != min(shard_size, total - o * shard_size)]
+    shards = [{"url": str((out / f"train-{o:06d}.tar").resolve()), "num_samples": min(shard_size, total - lo)}
+              for o, lo in enumerate(range(0, total, shard_size))]  # what each output shard must hold
+    short = [(o, got) for o in range(ranks.rank, len(shards), ranks.world)
+             if (got := _reshard_one(Path(shards[o]["url"]), table.urls, kept, starts, o * shard_size,
+                                     o * shard_size + shards[o]["num_samples"])) != shards[o]["num_samples"]]
     with ranks.shared_dir(out / ".reshard-ranks", "vlp-reshard-") as tmp:
         short = [x for part in ranks.gather(short, tmp, "short") for x in part]
     if short:
-        o, n = short[0]
-        raise DataError(f"reshard: output shard {names[o]} got {n} samples, the selection keeps "
-                        f"{min(shard_size, total - o * shard_size)} for it: some shards of '{spec}' could not be "
-                        "read in full")
-    shards = [{"url": str((out / name).resolve()), "num_samples": min(shard_size, total - o * shard_size)}
-              for o, name in enumerate(names)]
+        o, got = short[0]
+        raise DataError(f"reshard: output shard {Path(shards[o]['url']).name} got {got} samples, the selection keeps "
+                        f"{shards[o]['num_samples']} for it: some shards of '{spec}' could not be read in full")
     params = {"spec": spec, "selection": str(selection), "fingerprint": sel.fingerprint, "shard_size": shard_size}
+    manifest = None
     if ranks.rank == 0:
+        names = {Path(x["url"]).name for x in shards}
         for stale in out.glob("train-*.tar"):  # an earlier, larger reshard into this directory
-            if stale.name not in set(names):
+            if stale.name not in names:
                 stale.unlink()
-        _finish(out, "train", f"reshard:{spec}", params, shards, {})
+        manifest = _finish(out, "train", f"reshard:{spec}", params, shards, {})
     ranks.barrier()
-    return json.loads((out / "train.json").read_text())
+    return manifest if manifest is not None else json.loads((out / "train.json").read_text())
 
 
 def _reshard_one(path: Path, urls: list[str], kept: list[np.ndarray], starts: np.ndarray, lo: int, hi: int) -> int:
@@ -317,7 +316,7 @@ def _reshard_one(path: Path, urls: list[str], kept: list[np.ndarray], starts: np
 
     tmp = path.with_name(f".{path.name}.tmp")
     n = 0
-    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:  # ShardWriter's settings in _write_shards
+    with wds.TarWriter(str(tmp), **TAR_SETTINGS) as writer:
         for s in range(int(np.searchsorted(starts, lo, side="right")) - 1, len(urls)):
             if starts[s] >= hi:
                 break

@@ -45,6 +45,11 @@ class Context:
     ranks: Ranks = field(default_factory=Ranks)
     work_dir: Path | None = None
 
+    def shared(self, name: str) -> Path | None:
+        """The directory `name` inside work_dir for a filter's files between ranks; None for one process
+        (the filter then uses a private temporary directory)."""
+        return self.work_dir / name if self.work_dir is not None and self.ranks.world > 1 else None
+
 
 class Filter:
     """Subclass with `name`, `options`, `active` and `keep` (and `check` for inputs to refuse early)."""
@@ -95,12 +100,10 @@ def image_embeddings(scores_dir: str | Path, dtype: Any = np.float32, only: Call
     the shards (by number) to read; `rows`: (first row, embeddings, keys) instead."""
     import pyarrow.parquet as pq
 
-    from vlp.curate.score import scoring_meta
+    from vlp.curate.score import score_files
 
-    _, files = scoring_meta(scores_dir)
     lo = 0
-    for i, f in enumerate(files):
-        n = pq.ParquetFile(f).metadata.num_rows
+    for i, (f, n) in enumerate(score_files(scores_dir)):
         if n and (only is None or only(i)):
             t = pq.read_table(f, columns=["key", "image_emb"])
             emb, keys = matrix(t["image_emb"], dtype), t["key"].to_pylist()
@@ -113,11 +116,11 @@ def embedding_shards(scores_dir: str | Path, dtype: Any = np.float32) -> tuple[l
     the Parquet footers: nothing is read until a loader is called)."""
     import pyarrow.parquet as pq
 
-    from vlp.curate.score import scoring_meta
+    from vlp.curate.score import score_files
 
-    _, files = scoring_meta(scores_dir)
+    files = score_files(scores_dir)
 
     def loader(f: Any) -> Callable[[], np.ndarray]:
         return lambda: matrix(pq.read_table(f, columns=["image_emb"])["image_emb"], dtype)
 
-    return [loader(f) for f in files], [pq.ParquetFile(f).metadata.num_rows for f in files]
+    return [loader(f) for f, _ in files], [n for _, n in files]

@@ -47,10 +47,9 @@ class Decontaminate(Filter):
                 keys += [f"{Path(d).name}:{x}" for x in k]
         ev = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
         mine = lambda i: ctx.ranks.mine(i)  # noqa: E731  (this rank's scoring shards only)
-        spill = ctx.work_dir / ".decontaminate-spill" if ctx.work_dir is not None and ctx.ranks.world > 1 else None
         keep, info = decontaminate_keep(image_embeddings(ctx.scores_dir, only=mine, rows=True), len(ctx.uid), ev, keys,
                                         o["decontaminate_min_sim"], o["decontaminate_max_removed"], ranks=ctx.ranks,
-                                        spill_dir=spill)
+                                        spill_dir=ctx.shared(".decontaminate-spill"))
         return keep, {**info, "eval_scores": [str(d) for d in o["decontaminate"]]}
 
 

@@ -34,9 +34,8 @@ class SemDeDup(Filter):
         from vlp.curate.rules import semdedup_stream
 
         shards, sizes = embedding_shards(ctx.scores_dir, np.float16)
-        spill = ctx.work_dir / ".semdedup-spill" if ctx.work_dir is not None and ctx.ranks.world > 1 else None
         return semdedup_stream(shards, sizes, o["dedup_eps"], o["dedup_clusters"], ctx.seed, o["dedup_bucket_rows"],
-                               ctx.ranks, spill)
+                               ctx.ranks, ctx.shared(".semdedup-spill"))
 
 
 register_filter(SemDeDup())
