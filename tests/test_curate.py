@@ -454,6 +454,69 @@ def test_reshard_writes_exactly_the_selected_samples_byte_for_byte(tmp_path, dig
         reshard(str(tmp_path / "cut" / "train.json"), sel, tmp_path / "short", 100)
 
 
+def test_a_killed_reshard_resumes_without_rewriting_the_shards_it_finished(tmp_path, digits_shards_dir, checkpoint,
+                                                                           monkeypatch):
+    import vlp.data.build as build
+
+    spec = str(digits_shards_dir / "train.json")
+    sel = _selection(tmp_path, digits_shards_dir, checkpoint, "sel", fraction=0.3)
+    whole = build.reshard(spec, sel, tmp_path / "whole", 100)
+    names = [Path(x["url"]).name for x in whole["shards"]]
+    assert len(names) == 5
+    real = build._reshard_one
+
+    def dies_at(name):  # writes the shards before `name`, then is killed while writing it
+        def write(path, *args):
+            if path.name == name:
+                path.with_name(f".{path.name}.tmp").write_bytes(b"half a tar")
+                raise KeyboardInterrupt
+            return real(path, *args)
+        return write
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(build, "_reshard_one", dies_at(names[3]))
+        with pytest.raises(KeyboardInterrupt):
+            build.reshard(spec, sel, out, 100)
+    assert not (out / "train.json").exists() and (out / names[2]).is_file() and not (out / names[3]).exists()
+    (out / names[1]).write_bytes((out / names[1]).read_bytes()[:2048])  # damaged after the kill: written again
+    before = {n: (out / n).stat().st_ino for n in names[:3]}
+    # started again, here under torchrun with 2 ranks: only shards 1, 3 and 4 are written
+    proc = torchrun(2, "-m", "vlp.data.build", "reshard", spec, str(sel), str(out), "--shard-size", "100")
+    assert "2 of 5 output shards were finished by an earlier run of this selection and kept" in proc.stderr
+    assert [(out / n).stat().st_ino == before[n] for n in names[:3]] == [True, False, True]
+    assert all((out / n).read_bytes() == (tmp_path / "whole" / n).read_bytes() for n in names)
+    shards = lambda d: [(Path(x["url"]).name, x["num_samples"]) for x in json.loads((d / "train.json").read_text())["shards"]]  # noqa: E731
+    assert shards(out) == shards(tmp_path / "whole")
+    assert not list(out.glob(".*"))  # markers, partial shards and the rank exchange are gone
+    # finished, a rerun writes nothing; another selection into the same directory rewrites every shard
+    again = {n: (out / n).stat().st_ino for n in names}
+    build.reshard(spec, sel, out, 100)
+    assert {n: (out / n).stat().st_ino for n in names} == again
+    other = _selection(tmp_path, digits_shards_dir, checkpoint, "other", fraction=0.2)
+    with monkeypatch.context() as m:
+        m.setattr(build, "_reshard_one", dies_at(names[1]))
+        with pytest.raises(KeyboardInterrupt):
+            build.reshard(spec, other, out, 100)
+    assert not (out / "train.json").exists()  # the first selection's manifest no longer describes the files
+    first = (out / names[0]).stat().st_ino  # written for the other selection before the kill: kept
+    build.reshard(spec, other, out, 100)
+    assert (out / names[0]).stat().st_ino == first
+    build.reshard(spec, other, tmp_path / "other_whole", 100)
+    kept = sorted(p.name for p in (tmp_path / "other_whole").glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.tar")) == kept and len(kept) == 3
+    assert all((out / n).read_bytes() == (tmp_path / "other_whole" / n).read_bytes() for n in kept)
+    # the markers of a killed run name its selection: another selection into that directory keeps none of it
+    with monkeypatch.context() as m:
+        m.setattr(build, "_reshard_one", dies_at(names[3]))
+        with pytest.raises(KeyboardInterrupt):
+            build.reshard(spec, sel, tmp_path / "mixed", 100)
+    left = {n: (tmp_path / "mixed" / n).stat().st_ino for n in names[:3]}
+    build.reshard(spec, other, tmp_path / "mixed", 100)
+    assert all((tmp_path / "mixed" / n).stat().st_ino != left[n] for n in kept)
+    assert all((tmp_path / "mixed" / n).read_bytes() == (tmp_path / "other_whole" / n).read_bytes() for n in kept)
+
+
 def test_a_weighted_selection_draws_each_sample_into_an_epoch_with_its_weight(tmp_path):
     import pickle
 

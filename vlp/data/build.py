@@ -266,7 +266,9 @@ def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: i
     Output shard o holds the kept samples o x shard_size up to the next shard's first, so its
     contents follow from the selection's counts alone: under several `ranks` (torchrun) rank r writes
     the output shards o with o mod world = r, reading only the input shards they draw from, and the
-    shards are the same bytes as one process writes."""
+    shards are the same bytes as one process writes. Each finished shard leaves a marker naming the
+    selection, so a killed reshard started again with the same arguments writes only the shards it had
+    not finished; when all are written the manifest replaces the markers, and a rerun writes nothing."""
     from vlp.data.manifest import DataError
     from vlp.data.pipeline import shard_table
     from vlp.data.selection import Selection
@@ -280,32 +282,82 @@ def reshard(spec: str, selection: str | Path, out_dir: str | Path, shard_size: i
                         "fixes one set of samples: train on it in place (data.select) or select without --weights")
     table = shard_table(spec)
     sel.check(table)
+    out = Path(out_dir)
+    params = {"spec": spec, "fingerprint": sel.fingerprint, "shard_size": shard_size}
+    if (done := _existing_manifest(out, "train", params)) is not None:
+        return done
+    if ranks.rank == 0:  # an earlier reshard's manifest would name shards about to be overwritten
+        (out / "train.json").unlink(missing_ok=True)
     kept = [np.flatnonzero(sel.kept_in(s)) for s in range(len(table.urls))]  # positions in each input shard
     starts = np.concatenate([[0], np.cumsum([len(k) for k in kept])]).astype(np.int64)
     total = int(starts[-1])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / _RESHARD_DONE).mkdir(parents=True, exist_ok=True)
     shards = [{"url": str((out / f"train-{o:06d}.tar").resolve()), "num_samples": min(shard_size, total - lo)}
               for o, lo in enumerate(range(0, total, shard_size))]  # what each output shard must hold
-    short = [(o, got) for o in range(ranks.rank, len(shards), ranks.world)
-             if (got := _reshard_one(Path(shards[o]["url"]), table.urls, kept, starts, o * shard_size,
-                                     o * shard_size + shards[o]["num_samples"])) != shards[o]["num_samples"]]
+    short, reused = _reshard_mine(shards, ranks, params, table.urls, kept, starts)
     with ranks.shared_dir(out / ".reshard-ranks", "vlp-reshard-") as tmp:
         short = [x for part in ranks.gather(short, tmp, "short") for x in part]
     if short:
         o, got = short[0]
         raise DataError(f"reshard: output shard {Path(shards[o]['url']).name} got {got} samples, the selection keeps "
                         f"{shards[o]['num_samples']} for it: some shards of '{spec}' could not be read in full")
-    params = {"spec": spec, "selection": str(selection), "fingerprint": sel.fingerprint, "shard_size": shard_size}
-    manifest = None
+    reused, manifest = int(ranks.sum(np.array([reused]))[0]), None
     if ranks.rank == 0:
-        names = {Path(x["url"]).name for x in shards}
-        for stale in out.glob("train-*.tar"):  # an earlier, larger reshard into this directory
-            if stale.name not in names:
-                stale.unlink()
-        manifest = _finish(out, "train", f"reshard:{spec}", params, shards, {})
+        manifest = _reshard_finish(out, spec, params, shards, str(selection))
+        if reused:
+            print(f"reshard: {reused} of {len(shards)} output shards were finished by an earlier run of this "
+                  "selection and kept", file=sys.stderr)
     ranks.barrier()
     return manifest if manifest is not None else json.loads((out / "train.json").read_text())
+
+
+_RESHARD_DONE = ".reshard-done"  # one marker per finished output shard of an unfinished reshard
+
+
+def _reshard_mine(shards: list, ranks: Ranks, params: dict, urls: list[str], kept: list[np.ndarray],
+                  starts: np.ndarray) -> tuple[list[tuple[int, int]], int]:
+    """This rank's output shards (o mod world = rank), each written unless an earlier run finished it:
+    the (shard, count) of those that came out short, and how many were kept from the earlier run."""
+    short, reused, size = [], 0, params["shard_size"]
+    for o in range(ranks.rank, len(shards), ranks.world):
+        path, want = Path(shards[o]["url"]), shards[o]["num_samples"]
+        if _reshard_finished(path, params, want):
+            reused += 1
+        elif (got := _reshard_one(path, urls, kept, starts, o * size, o * size + want)) != want:
+            short.append((o, got))
+        else:
+            _mark_finished(path, params, want)
+    return short, reused
+
+
+def _reshard_finished(path: Path, params: dict, want: int) -> bool:
+    """Whether `path` is an output shard that an earlier run with `params` finished (its marker names the
+    same selection and count, and the file has the size the marker recorded)."""
+    try:
+        mark = json.loads((path.parent / _RESHARD_DONE / f"{path.name}.json").read_text())
+        size = path.stat().st_size
+    except (OSError, json.JSONDecodeError):
+        return False
+    return mark == {"params": params, "num_samples": want, "bytes": size}
+
+
+def _mark_finished(path: Path, params: dict, n: int) -> None:
+    mark = path.parent / _RESHARD_DONE / f"{path.name}.json"
+    tmp = mark.with_name(f".{mark.name}.tmp")
+    tmp.write_text(json.dumps({"params": params, "num_samples": n, "bytes": path.stat().st_size}))
+    os.replace(tmp, mark)
+
+
+def _reshard_finish(out: Path, spec: str, params: dict, shards: list, selection: str) -> dict[str, Any]:
+    """Rank 0, once every output shard is written: the manifest, then away with the markers and with what
+    an earlier run left (a larger reshard's extra shards, a killed run's partial shards)."""
+    names = {Path(x["url"]).name for x in shards}
+    manifest = _finish(out, "train", f"reshard:{spec}", params, shards, {"selection": selection})
+    for stale in [*out.glob("train-*.tar"), *out.glob(".train-*.tar.tmp")]:
+        if stale.name not in names:
+            stale.unlink()
+    shutil.rmtree(out / _RESHARD_DONE, ignore_errors=True)
+    return manifest
 
 
 def _reshard_one(path: Path, urls: list[str], kept: list[np.ndarray], starts: np.ndarray, lo: int, hi: int) -> int:
