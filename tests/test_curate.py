@@ -26,7 +26,7 @@ from tests.test_resume import train as train_run
 from tests.test_train import assert_same_weights, weights
 from vlp.curate.noise import corrupted_keys, make_noisy
 from vlp.curate.score import read_scores, score_shards
-from vlp.curate.select import gmm_posterior, rule_keep, select
+from vlp.curate.select import gmm_posterior, grouped_rule_keep, rule_keep, select
 from vlp.data.manifest import DataError
 from vlp.data.position import iter_shard
 from vlp.data.selection import Selection, write_selection
@@ -235,6 +235,45 @@ def test_per_entry_rule_cuts_inside_each_entry_group():
     assert found["groups"] == 4 and found["largest"]["cat"] == {"samples": 4, "kept": 2, "fraction": 0.5,
                                                                 "cut": pytest.approx(0.2)}
     assert rule_keep(s, "top", fraction=0.5)[0][6:10].sum() == 0  # one pool-wide cut keeps no cat
+
+
+def test_caption_rules_read_per_shard_and_split_over_ranks_equal_the_rules_on_the_whole_table(
+        tmp_path, digits_shards_dir, checkpoint):
+    """`select` holds only uid and score whole; the caption filters (length, balancing) and the per-entry
+    rule read the captions one scoring shard at a time, each rank its own shards. One process and
+    `torchrun --nproc_per_node=2` must give what the in-memory rules give on the whole caption column."""
+    import pyarrow.parquet as pq
+
+    from vlp.curate.rules import balance_keep, group_of
+
+    score_shards(str(digits_shards_dir / "train.json"), str(checkpoint), tmp_path / "scores", batch_size=128)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "handwritten", "photo",
+             *map(str, range(10))]
+    (tmp_path / "entries.txt").write_text("\n".join(names) + "\n")
+    entries_file = str(tmp_path / "entries.txt")
+    # the reference: every rule on the whole table in memory
+    table, _ = read_scores(tmp_path / "scores", ["uid", "key", "score", "caption", "caption_words"])
+    captions, uid = table["caption"].to_pylist(), table["uid"].to_numpy()
+    scores = table["score"].to_numpy().astype(np.float32)
+    group, groups = group_of(captions, names, min_group=30)
+    by_group, _ = grouped_rule_keep(scores, group, groups, "top", fraction=0.6)
+    balanced, info = balance_keep(captions, uid, names, per_entry=40, seed=0)
+    want = by_group & balanced & (table["caption_words"].to_numpy() >= 3)
+    assert 0 < want.sum() < by_group.sum() and info["head"][0]["matched"] > 40  # every rule removes something
+    kw = dict(fraction=0.6, per_entry_rule=entries_file, min_group=30, balance=entries_file, per_entry=40,
+              min_caption_words=3)
+    one = select(tmp_path / "scores", tmp_path / "one", "top", **kw)
+    torchrun(2, "-m", "vlp.curate", "select", str(tmp_path / "scores"), str(tmp_path / "two"), "--rule", "top",
+             "--fraction", "0.6", "--per-entry-rule", entries_file, "--min-group", "30", "--balance", entries_file,
+             "--per-entry", "40", "--min-caption-words", "3")
+    for d in ("one", "two"):
+        got = pq.read_table(tmp_path / d / "selection.parquet")
+        assert got["uid"].to_pylist() == uid[want].tolist()
+        assert got["key"].to_pylist() == [k for k, w in zip(table["key"].to_pylist(), want) if w]
+        report = json.loads((tmp_path / d / "report.json").read_text())
+        assert report["found"]["balance"] == info and report["counts"]["kept"] == int(want.sum())
+    assert json.loads((tmp_path / "two" / "selection.json").read_text())["fingerprint"] == one["fingerprint"]
+    assert not list((tmp_path / "two").glob(".*"))  # the ranks' exchange directories are gone
 
 
 def test_semdedup_removes_planted_near_duplicates_and_keeps_one_of_each():

@@ -74,38 +74,91 @@ def match_entries(captions: Sequence[str], entries: Sequence[str]) -> list[list[
     return out
 
 
-def balance_keep(captions: Sequence[str], uids: np.ndarray, entries: Sequence[str], per_entry: int,
-                 seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """MetaCLIP balancing: keep mask and per-entry counts (matched, kept)."""
+Parts = list[tuple[int, Any]]  # (first row, values of that row and the next ones): this rank's share of a column
+
+
+def _match_parts(parts: Iterable[tuple[int, Sequence[str]]], entries: Sequence[str]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, entry ids, offsets) per part of captions: row j of a part matches ids[offsets[j]:offsets[j + 1]],
+    in ascending order. Numpy arrays, not lists per caption, so a rank holds 4 bytes per match and 8 per row."""
+    out = []
+    for lo, captions in parts:
+        matches = match_entries(captions, entries)
+        lens = np.fromiter((len(m) for m in matches), np.int64, len(matches))
+        ids = np.fromiter((e for m in matches for e in m), np.int32, int(lens.sum()))
+        out.append((lo, ids, np.concatenate([[0], np.cumsum(lens)])))
+    return out
+
+
+def _entry_counts(matched: list[tuple[int, np.ndarray, np.ndarray]], n_entries: int, ranks: Ranks) -> np.ndarray:
+    local = np.zeros(n_entries, dtype=np.int64)
+    for _, ids, _ in matched:
+        local += np.bincount(ids, minlength=n_entries)
+    return ranks.sum(local)
+
+
+def balance_parts(parts: Iterable[tuple[int, Sequence[str]]], uids: np.ndarray, entries: Sequence[str],
+                  per_entry: int, seed: int = 0, ranks: Ranks | None = None) -> tuple[Parts, dict[str, Any]]:
+    """MetaCLIP balancing of this rank's parts of the caption column (`uids`: every row's uid): the keep
+    mask of each part, and the per-entry counts (matched, kept) over all ranks. Counts are summed over
+    the ranks before any draw, so the masks do not depend on how the rows are split."""
     if per_entry <= 0:
         raise DataError(f"--per-entry must be positive, got {per_entry}")
-    matches = match_entries(captions, entries)
-    counts = np.bincount([e for m in matches for e in m], minlength=len(entries))
-    keep = np.zeros(len(captions), dtype=bool)
-    for i, m in enumerate(matches):
-        if m:
-            rng = np.random.default_rng(stable_seed("balance", seed, int(uids[i])))
-            draws = rng.random(len(m))
-            keep[i] = bool(np.any(draws < per_entry / counts[m]))
-    kept_counts = np.bincount([e for i, m in enumerate(matches) if keep[i] for e in m], minlength=len(entries))
-    top = np.argsort(-counts)[:20]
-    return keep, {"per_entry": per_entry, "entries": len(entries), "matched_samples": int(sum(bool(m) for m in matches)),
-                  "entries_matched": int((counts > 0).sum()),
-                  "head": [{"entry": entries[i], "matched": int(counts[i]), "kept": int(kept_counts[i])} for i in top
-                           if counts[i]]}
+    ranks = ranks or Ranks()
+    matched = _match_parts(parts, entries)
+    counts = _entry_counts(matched, len(entries), ranks)
+    out, kept_counts, n_matched = [], np.zeros(len(entries), dtype=np.int64), 0
+    for lo, ids, off in matched:
+        lens = np.diff(off)
+        keep = np.zeros(len(lens), dtype=bool)
+        for j in np.flatnonzero(lens):
+            m = ids[off[j]:off[j + 1]]
+            rng = np.random.default_rng(stable_seed("balance", seed, int(uids[lo + j])))
+            keep[j] = bool(np.any(rng.random(len(m)) < per_entry / counts[m]))
+        kept_counts += np.bincount(ids[np.repeat(keep, lens)], minlength=len(entries))
+        n_matched += int((lens > 0).sum())
+        out.append((lo, keep))
+    kept_counts = ranks.sum(kept_counts)
+    top = np.argsort(-counts, kind="stable")[:20]
+    return out, {"per_entry": per_entry, "entries": len(entries),
+                 "matched_samples": int(ranks.sum(np.array([n_matched]))[0]), "entries_matched": int((counts > 0).sum()),
+                 "head": [{"entry": entries[i], "matched": int(counts[i]), "kept": int(kept_counts[i])} for i in top
+                          if counts[i]]}
+
+
+def balance_keep(captions: Sequence[str], uids: np.ndarray, entries: Sequence[str], per_entry: int,
+                 seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """MetaCLIP balancing of captions held in memory: keep mask and per-entry counts (matched, kept)."""
+    parts, info = balance_parts([(0, captions)], uids, entries, per_entry, seed)
+    return parts[0][1], info
+
+
+def group_parts(parts: Iterable[tuple[int, Sequence[str]]], entries: Sequence[str], min_group: int = 100,
+                ranks: Ranks | None = None) -> tuple[Parts, list[str]]:
+    """Group id per row of this rank's parts of the caption column (its rarest matched entry over all
+    ranks' counts) and the groups' names; groups smaller than `min_group` over all ranks are pooled into
+    one ("<small entries>"), unmatched captions form "<no entry>"."""
+    ranks = ranks or Ranks()
+    matched = _match_parts(parts, entries)
+    counts = _entry_counts(matched, len(entries), ranks)
+    groups, sizes = [], np.zeros(len(entries), dtype=np.int64)
+    for lo, ids, off in matched:
+        group = np.full(len(off) - 1, -1, dtype=np.int64)
+        for j in np.flatnonzero(np.diff(off)):
+            m = ids[off[j]:off[j + 1]]
+            group[j] = m[np.lexsort((m, counts[m]))[0]]  # the rarest; ties: the first in the list
+        sizes += np.bincount(group[group >= 0], minlength=len(entries))
+        groups.append((lo, group))
+    sizes = ranks.sum(sizes)
+    for _, group in groups:
+        group[(group >= 0) & (sizes[np.maximum(group, 0)] < min_group)] = len(entries)
+        group[group < 0] = len(entries) + 1
+    return groups, [*entries, "<small entries>", "<no entry>"]
 
 
 def group_of(captions: Sequence[str], entries: Sequence[str], min_group: int = 100) -> tuple[np.ndarray, list[str]]:
-    """Group id per caption (its rarest matched entry) and the groups' names; groups smaller than
-    `min_group` are pooled into one ("<small entries>"), unmatched captions form "<no entry>"."""
-    matches = match_entries(captions, entries)
-    counts = np.bincount([e for m in matches for e in m], minlength=len(entries))
-    group = np.array([min(m, key=lambda e: (counts[e], e)) if m else -1 for m in matches], dtype=np.int64)
-    sizes = np.bincount(group[group >= 0], minlength=len(entries))
-    small = (group >= 0) & (sizes[np.maximum(group, 0)] < min_group)
-    group[small] = len(entries)
-    group[group < 0] = len(entries) + 1
-    return group, [*entries, "<small entries>", "<no entry>"]
+    """`group_parts` of captions held in memory."""
+    parts, names = group_parts([(0, captions)], entries, min_group)
+    return parts[0][1], names
 
 
 def semdedup_keep(emb: np.ndarray, eps: float, clusters: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:

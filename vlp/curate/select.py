@@ -25,15 +25,17 @@ Rules:
   `--min-posterior 0.05` the doubtful pairs stay, seen less often.
 A sample without a score (the trainer would have dropped it) is never kept.
 
-Under torchrun (`torchrun --nproc_per_node=N -m vlp.curate select ...`) SemDeDup and decontamination
-split their passes over the ranks by scoring shard and exchange files through OUT (which every rank
-must see); the selection equals one process's, and rank 0 writes it.
+Under torchrun (`torchrun --nproc_per_node=N -m vlp.curate select ...`) the caption filters, the
+per-entry rule's matching, SemDeDup and decontamination split their passes over the ranks by scoring
+shard and exchange files through OUT (which every rank must see); the selection equals one
+process's, and rank 0 writes it.
 
 Writes OUT/mask.npy and OUT/selection.json (read by training), OUT/selection.parquet (uid, key of
 every kept sample) and OUT/report.json (counts per rule, score histograms of kept and dropped).
-At a billion samples: the score column is 4 bytes per sample (5.6 GB for 1.4B) and the rules are
-one vectorized pass over it (top: a partition for the quantile; gmm: a fit on 1M samples, then a
-closed-form posterior per row); the mask is 1 bit per sample.
+At a billion samples: the uid and score columns, the only ones held whole, are 12 bytes per sample
+(17 GB for 1.4B) and the score rules are one vectorized pass over them (top: a partition for the
+quantile; gmm: a fit on 1M samples, then a closed-form posterior per row); captions and keys are
+read one scoring shard at a time; the mask is 1 bit per sample.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def gmm_posterior(scores: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[s
     fit = scores if len(scores) <= GMM_FIT_MAX else rng.choice(scores, GMM_FIT_MAX, replace=False)
     gm = GaussianMixture(2, random_state=seed, tol=1e-5, max_iter=500).fit(fit.reshape(-1, 1).astype(np.float64))
     hi = int(np.argmax(gm.means_.ravel()))
-    post = gm.predict_proba(scores.reshape(-1, 1).astype(np.float64))[:, hi]
+    post = np.empty(len(scores), dtype=np.float64)
+    for lo in range(0, len(scores), GMM_FIT_MAX):  # in chunks: sklearn's temporaries are several [n, 2] arrays
+        post[lo:lo + GMM_FIT_MAX] = gm.predict_proba(scores[lo:lo + GMM_FIT_MAX].reshape(-1, 1).astype(np.float64))[:, hi]
     info = {"means": gm.means_.ravel().tolist(), "stds": np.sqrt(gm.covariances_.ravel()).tolist(),
             "weights": gm.weights_.tolist(), "clean_component": hi}
     return post, info
@@ -119,15 +123,16 @@ def _histogram(scores: np.ndarray, keep: np.ndarray, bins: int = 40) -> dict[str
             "dropped": np.histogram(scores[~keep], edges)[0].tolist()}
 
 
-def _score_rule(table: Any, scores: np.ndarray, rule: str, found: dict[str, Any], per_entry_rule: Any,
+def _score_rule(ctx: Context, scores: np.ndarray, rule: str, found: dict[str, Any], per_entry_rule: Any,
                 min_group: int, weights: bool, rule_kw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """The score rule's keep mask (what it found goes to `found`), and the clean posteriors with `weights`."""
-    from vlp.curate.rules import group_of
+    from vlp.curate.rules import group_parts
 
     if rule == "none":
         return np.ones(len(scores), dtype=bool), None
-    if per_entry_rule:
-        group, names = group_of(table["caption"].to_pylist(), entries(per_entry_rule), min_group)
+    if per_entry_rule:  # each rank groups its shards' captions; the rule then runs on the whole score column
+        parts, names = group_parts(ctx.my_captions(), entries(per_entry_rule), min_group, ctx.ranks)
+        group = ctx.assemble(parts, "groups", np.int64)
         keep, found[rule] = grouped_rule_keep(scores, group, names, rule, **rule_kw)
         return keep, None
     if weights:  # the weight of a kept sample is its clean posterior
@@ -166,18 +171,19 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
     require("pyarrow.parquet", "vlp.curate select")
     import pyarrow as pa
 
-    try:  # the embeddings are never read whole: the filters that need them stream them per shard
-        table, meta = read_scores(scores_dir, ["uid", "key", "score", "caption", "caption_words"])
+    try:  # only uid and score are read whole: captions, keys and embeddings are read per shard where needed
+        table, meta = read_scores(scores_dir, ["uid", "score"])
     except (KeyError, pa.ArrowInvalid) as e:
         raise DataError(f"'{scores_dir}' lacks a column these rules need ({e})") from None
     uid = table["uid"].to_numpy()
     scores = table["score"].to_numpy().astype(np.float32)
+    table = pa.table({"uid": uid, "score": scores})  # the same columns over the arrays, so Arrow's copy is freed
     found: dict[str, Any] = {}
     rule_kw = dict(fraction=fraction, min_score=min_score, min_posterior=min_posterior, seed=seed)
-    keep, post = _score_rule(table, scores, rule, found, per_entry_rule, min_group, weights, rule_kw)
-    counts = {"pool": int(meta["num_samples"]), "scored": int(len(uid)), f"kept_by_{rule}": int(keep.sum())}
     ranks = ranks or Ranks()
     ctx = Context(table, scores_dir, meta, uid, seed, ranks, Path(out_dir))
+    keep, post = _score_rule(ctx, scores, rule, found, per_entry_rule, min_group, weights, rule_kw)
+    counts = {"pool": int(meta["num_samples"]), "scored": int(len(uid)), f"kept_by_{rule}": int(keep.sum())}
     for f in active:
         ok, info = f.keep(ctx, o)
         if info is not None:
@@ -192,20 +198,28 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
         w[uid[keep]] = post[keep]
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
             "scores": str(scores_dir), "model": meta["model"], "spec": meta["spec"]}
-    sel = _write(Path(out_dir), mask, w, info, meta, table, keep, scores) if ranks.rank == 0 else None
+    sel = _write(Path(out_dir), mask, w, info, meta, keep, scores) if ranks.rank == 0 else None
     ranks.barrier()
     return sel if sel is not None else read_meta(out_dir)
 
 
 def _write(out: Path, mask: np.ndarray, w: np.ndarray | None, info: dict[str, Any], meta: dict[str, Any],
-           table: Any, keep: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
-    """The selection (mask, meta, weights), its uid and key list and its report; returns the meta."""
+           keep: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """The selection (mask, meta, weights), its uid and key list (read and written one scoring shard at
+    a time) and its report; returns the meta."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from vlp.curate.score import score_files
+
     sel = write_selection(out, mask, meta["shards"], meta["sizes"], info, weights=w)
-    uid = table["uid"].to_numpy()
-    pq.write_table(pa.table({"uid": uid[keep], "key": table["key"].filter(pa.array(keep))}), out / "selection.parquet")
+    schema, lo = pa.schema([("uid", pa.int64()), ("key", pa.string())]), 0
+    with pq.ParquetWriter(out / "selection.parquet", schema) as writer:
+        for f, n in score_files(info["scores"]):
+            if n:
+                part = pq.read_table(f, columns=["uid", "key"]).filter(pa.array(keep[lo:lo + n]))
+                writer.write_table(part.cast(schema))
+            lo += n
     (out / "report.json").write_text(json.dumps({**info, "histogram": _histogram(scores, keep)}, indent=1))
     return sel
 

@@ -1,5 +1,6 @@
 """MetaCLIP's balancing: at most `per_entry` samples per entry of a list, drawn with probability
-t / count (vlp.curate.rules.balance_keep)."""
+t / count (vlp.curate.rules.balance_parts). Each rank matches the captions of its own scoring shards;
+the entry counts are summed over the ranks before any draw."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ class Balance(Filter):
         return bool(o["balance"])
 
     def keep(self, ctx: Context, o: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any] | None]:
-        from vlp.curate.rules import balance_keep
+        from vlp.curate.rules import balance_parts
 
-        return balance_keep(ctx.table["caption"].to_pylist(), ctx.uid, entries(o["balance"]), o["per_entry"], ctx.seed)
+        parts, info = balance_parts(ctx.my_captions(), ctx.uid, entries(o["balance"]), o["per_entry"], ctx.seed,
+                                    ctx.ranks)
+        return ctx.assemble(parts, "balance"), info
 
 
 register_filter(Balance())

@@ -33,9 +33,11 @@ class Option:
 
 @dataclass
 class Context:
-    """What a filter reads: the scoring run's table (uid, key, score, caption, caption_words rows),
-    its directory and meta, the uid of each row, and the run's seed; under torchrun, this process's
-    ranks and a directory every rank sees for intermediate files (the output directory)."""
+    """What a filter reads: the scoring run's table (its uid and score columns, held whole), its directory
+    and meta, the uid of each row, and the run's seed; under torchrun, this process's ranks and a
+    directory every rank sees for intermediate files (the output directory). Other columns (captions,
+    caption statistics, embeddings) are read one scoring shard at a time, each rank its own shards
+    (`my_column`), and per-row results meet again through `assemble`."""
 
     table: Any
     scores_dir: str | Path
@@ -49,6 +51,33 @@ class Context:
         """The directory `name` inside work_dir for a filter's files between ranks; None for one process
         (the filter then uses a private temporary directory)."""
         return self.work_dir / name if self.work_dir is not None and self.ranks.world > 1 else None
+
+    def my_column(self, name: str) -> Iterator[tuple[int, Any]]:
+        """(first row, the column `name` of that scoring shard) for each of this rank's scoring shards
+        (i mod world), one shard at a time: a column too large to hold whole (captions, keys) is read
+        in parts, split over the ranks."""
+        import pyarrow.parquet as pq
+
+        from vlp.curate.score import score_files
+
+        lo = 0
+        for i, (f, n) in enumerate(score_files(self.scores_dir)):
+            if n and self.ranks.mine(i):
+                yield lo, pq.read_table(f, columns=[name])[name]
+            lo += n
+
+    def my_captions(self) -> Iterator[tuple[int, list[str]]]:
+        return ((lo, col.to_pylist()) for lo, col in self.my_column("caption"))
+
+    def assemble(self, parts: list[tuple[int, np.ndarray]], name: str, dtype: Any = bool) -> np.ndarray:
+        """One value per row of the table from every rank's parts (first row, values): exchanged as files
+        through `shared(name)` under several ranks."""
+        with self.ranks.shared_dir(self.shared(name), f"vlp-{name}-") as tmp:
+            every = [p for rank_parts in self.ranks.gather(parts, tmp, name) for p in rank_parts]
+        out = np.zeros(len(self.uid), dtype=dtype)
+        for lo, values in every:
+            out[lo:lo + len(values)] = values
+        return out
 
 
 class Filter:

@@ -18,7 +18,8 @@ class CaptionWords(Filter):
         return o["min_caption_words"] > 0
 
     def keep(self, ctx: Context, o: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any] | None]:
-        return ctx.table["caption_words"].to_numpy() >= o["min_caption_words"], None
+        parts = [(lo, col.to_numpy() >= o["min_caption_words"]) for lo, col in ctx.my_column("caption_words")]
+        return ctx.assemble(parts, "caption_words"), None
 
 
 register_filter(CaptionWords())
