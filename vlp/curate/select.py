@@ -198,24 +198,22 @@ def select(scores_dir: str | Path, out_dir: str | Path, rule: str, *, fraction: 
         w[uid[keep]] = post[keep]
     info = {"rule": rule, "found": found, "counts": {**counts, "kept": int(mask.sum())},
             "scores": str(scores_dir), "model": meta["model"], "spec": meta["spec"]}
-    sel = _write(Path(out_dir), mask, w, info, meta, keep, scores) if ranks.rank == 0 else None
+    sel = _write(Path(out_dir), mask, w, info, meta, ctx.files, keep, scores) if ranks.rank == 0 else None
     ranks.barrier()
     return sel if sel is not None else read_meta(out_dir)
 
 
 def _write(out: Path, mask: np.ndarray, w: np.ndarray | None, info: dict[str, Any], meta: dict[str, Any],
-           keep: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+           files: list[tuple[Path, int]], keep: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """The selection (mask, meta, weights), its uid and key list (read and written one scoring shard at
     a time) and its report; returns the meta."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlp.curate.score import score_files
-
     sel = write_selection(out, mask, meta["shards"], meta["sizes"], info, weights=w)
     schema, lo = pa.schema([("uid", pa.int64()), ("key", pa.string())]), 0
     with pq.ParquetWriter(out / "selection.parquet", schema) as writer:
-        for f, n in score_files(info["scores"]):
+        for f, n in files:  # the scoring shards with their row counts (Context.files)
             if n:
                 part = pq.read_table(f, columns=["uid", "key"]).filter(pa.array(keep[lo:lo + n]))
                 writer.write_table(part.cast(schema))

@@ -334,17 +334,25 @@ def _reshard_finished(path: Path, params: dict, want: int) -> bool:
     """Whether `path` is an output shard that an earlier run with `params` finished (its marker names the
     same selection and count, and the file has the size the marker recorded)."""
     try:
-        mark = json.loads((path.parent / _RESHARD_DONE / f"{path.name}.json").read_text())
-        size = path.stat().st_size
+        return json.loads(_marker(path).read_text()) == _mark(path, params, want)
     except (OSError, json.JSONDecodeError):
         return False
-    return mark == {"params": params, "num_samples": want, "bytes": size}
+
+
+def _marker(path: Path) -> Path:
+    return path.parent / _RESHARD_DONE / f"{path.name}.json"
+
+
+def _mark(path: Path, params: dict, n: int) -> dict[str, Any]:
+    """What the marker of the finished output shard `path` (n samples) records: written after the shard, compared
+    on a resume."""
+    return {"params": params, "num_samples": n, "bytes": path.stat().st_size}
 
 
 def _mark_finished(path: Path, params: dict, n: int) -> None:
-    mark = path.parent / _RESHARD_DONE / f"{path.name}.json"
+    mark = _marker(path)
     tmp = mark.with_name(f".{mark.name}.tmp")
-    tmp.write_text(json.dumps({"params": params, "num_samples": n, "bytes": path.stat().st_size}))
+    tmp.write_text(json.dumps(_mark(path, params, n)))
     os.replace(tmp, mark)
 
 

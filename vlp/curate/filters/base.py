@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +53,22 @@ class Context:
         (the filter then uses a private temporary directory)."""
         return self.work_dir / name if self.work_dir is not None and self.ranks.world > 1 else None
 
+    @cached_property
+    def files(self) -> list[tuple[Path, int]]:
+        """The scoring shard files in uid order with their row counts, read from the Parquet footers once
+        for every filter of the run (vlp.curate.score.score_files)."""
+        from vlp.curate.score import score_files
+
+        return score_files(self.scores_dir)
+
     def my_column(self, name: str) -> Iterator[tuple[int, Any]]:
         """(first row, the column `name` of that scoring shard) for each of this rank's scoring shards
         (i mod world), one shard at a time: a column too large to hold whole (captions, keys) is read
         in parts, split over the ranks."""
         import pyarrow.parquet as pq
 
-        from vlp.curate.score import score_files
-
         lo = 0
-        for i, (f, n) in enumerate(score_files(self.scores_dir)):
+        for i, (f, n) in enumerate(self.files):
             if n and self.ranks.mine(i):
                 yield lo, pq.read_table(f, columns=[name])[name]
             lo += n
